@@ -1,0 +1,329 @@
+"""The Typer app: thin commands that parse options, call cifarcam.pipeline and print.
+
+Exit codes: 0 ok, 1 runtime error, 2 usage or config error, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cifarcam import __version__
+from cifarcam.errors import EXIT_RUNTIME, EXIT_SIGINT, CifarcamError
+
+app = typer.Typer(
+    name="cifarcam",
+    help="Train a ResNet on CIFAR-10, plot its curves, find its mistakes and explain them with Grad-CAM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(highlight=False, soft_wrap=True)
+
+RunOpt = Annotated[
+    str, typer.Option("--run", help="Run name: a folder under --runs-dir.", show_default=False)
+]
+RunsDirOpt = Annotated[
+    Path, typer.Option("--runs-dir", envvar="CIFARCAM_RUNS_DIR", help="Folder holding the runs.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+CheckpointOpt = Annotated[
+    str, typer.Option("--checkpoint", help="Which checkpoint: last or best (best needs --val-split).")
+]
+CountOpt = Annotated[int, typer.Option("--count", help="How many misclassified test images.")]
+
+T = TypeVar("T")
+
+
+def fail(message: str, hint: str | None, code: int) -> typer.Exit:
+    typer.echo(f"Error: {message}", err=True)
+    if hint:
+        typer.echo(f"Hint: {hint}", err=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn known failures into one 'Error: ...' line and the documented exit code."""
+    try:
+        yield
+    except CifarcamError as error:
+        raise fail(error.message, error.hint, error.exit_code) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", None, EXIT_SIGINT) from None
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        raise fail(f"{error.strerror or error}{where}", None, EXIT_RUNTIME) from None
+    except Exception as error:
+        if os.environ.get("CIFARCAM_DEBUG"):
+            raise
+        raise fail(
+            f"unexpected {type(error).__name__}: {error}",
+            "set CIFARCAM_DEBUG=1 for the traceback, and please report it",
+            EXIT_RUNTIME,
+        ) from None
+
+
+def guarded(action: Callable[[], T]) -> T:
+    with user_errors():
+        return action()
+
+
+def _rundir(runs_dir: Path, run: str) -> Any:
+    from cifarcam.rundir import RunDir
+
+    return RunDir(runs_dir, run)
+
+
+@app.command()
+def train(
+    run: RunOpt,
+    runs_dir: RunsDirOpt = Path("runs"),
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="'cifar10' (torchvision download) or PATH of an image-folder tree "
+            "(PATH/train/<class>/*, PATH/test/<class>/*).",
+            show_default="cifar10",
+        ),
+    ] = None,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Where CIFAR-10 is downloaded and decoded images are cached.",
+            show_default="$CIFARCAM_DATA_DIR or ~/.cache/cifarcam",
+        ),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="resnet18 or resnet34.", show_default="resnet18")] = None,
+    width: Annotated[
+        int | None,
+        typer.Option(
+            help="Channels of layer1 (64 = standard ResNet; 16 trains ~10x faster).", show_default="64"
+        ),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.", show_default="20")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.", show_default="512")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate of the one-cycle schedule.", show_default="0.4")
+    ] = None,
+    subset: Annotated[
+        int | None,
+        typer.Option(
+            help="Train on a class-balanced, seeded subset of N training images.", show_default="all"
+        ),
+    ] = None,
+    val_split: Annotated[
+        int | None,
+        typer.Option(
+            help="Hold out N class-balanced training images for validation; keeps best.safetensors.",
+            show_default="0",
+        ),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.", show_default="auto")] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Random seed (init, data order, augmentation, subsets).", show_default="0"),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="JSON config file; command-line options override it.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier training of this run.")
+    ] = False,
+) -> None:
+    """Train a model and write config, metrics and checkpoints into the run directory.
+
+    Example: cifarcam train --run r1 --data ~/cifar10-folder --subset 2000 --width 16 --epochs 2
+    """
+    from cifarcam import pipeline
+    from cifarcam.config import build_config, merge_overrides, read_config_file
+
+    def action() -> None:
+        base = read_config_file(config) if config else {}
+        resolved = build_config(
+            merge_overrides(
+                base,
+                {
+                    "data": data,
+                    "data_dir": data_dir,
+                    "model": model,
+                    "width": width,
+                    "epochs": epochs,
+                    "batch_size": batch_size,
+                    "lr": lr,
+                    "subset": subset,
+                    "val_split": val_split,
+                    "device": device,
+                    "seed": seed,
+                },
+            )
+        )
+        rundir = _rundir(runs_dir, run)
+        with _training_progress(resolved.epochs) as callbacks:
+            epochs_done = pipeline.train(
+                resolved,
+                rundir,
+                overwrite=overwrite,
+                command=shlex.join(["cifarcam", *sys.argv[1:]]),
+                callbacks=callbacks,
+            )
+        last = epochs_done[-1]
+        console.print(
+            f"Finished: test accuracy {last['test_acc']:.2%}, test loss {last['test_loss']:.4f}. "
+            f"Run directory: {rundir.path}"
+        )
+
+    guarded(action)
+
+
+@contextmanager
+def _training_progress(total_epochs: int) -> Iterator[Any]:
+    from cifarcam.pipeline import TrainCallbacks
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    task = progress.add_task("epoch 1", total=None, loss="-")
+    epoch = {"n": 1}
+
+    def on_start(meta: dict[str, Any]) -> None:
+        console.print(
+            f"Training on {meta['device']} ({meta['precision']}), {meta['train_images']} training images, "
+            f"{meta['test_images']} test images, data: {meta['data']}"
+        )
+
+    def on_step(step: int, steps: int, loss: float | None) -> None:
+        progress.update(task, completed=step, total=steps, description=f"epoch {epoch['n']}/{total_epochs}")
+        if loss is not None:
+            progress.update(task, loss=f"{loss:.4f}")
+
+    def on_epoch(record: dict[str, float]) -> None:
+        line = (
+            f"epoch {int(record['epoch']):>3}/{total_epochs}  lr {record['lr']:.4f}  "
+            f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%}  "
+            f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}"
+        )
+        if "val_acc" in record:
+            line += f"  val acc {record['val_acc']:.2%}"
+        progress.console.print(line + f"  ({record['epoch_time_s']:.1f}s)")
+        epoch["n"] = int(record["epoch"]) + 1
+        progress.reset(task, total=None, loss="-")
+
+    with progress:
+        yield TrainCallbacks(on_start=on_start, on_step=on_step, on_epoch=on_epoch)
+
+
+@app.command()
+def evaluate(
+    run: RunOpt,
+    runs_dir: RunsDirOpt = Path("runs"),
+    checkpoint: CheckpointOpt = "last",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Score a checkpoint on the test set and write evaluation.json.
+
+    Example: cifarcam evaluate --run r1 --checkpoint last
+    """
+    from cifarcam import pipeline
+
+    result = guarded(lambda: pipeline.evaluate(_rundir(runs_dir, run), checkpoint, device))
+    console.print(
+        f"Test accuracy {result['accuracy']:.2%}, mean loss {result['loss']:.4f} "
+        f"({result['num_images']} images, {checkpoint} checkpoint, epoch {result['epoch']})"
+    )
+    table = Table("class", "accuracy")
+    for name, accuracy in result["per_class_accuracy"].items():
+        table.add_row(name, f"{accuracy:.2%}")
+    console.print(table)
+
+
+@app.command()
+def misclassified(
+    run: RunOpt,
+    runs_dir: RunsDirOpt = Path("runs"),
+    count: CountOpt = 10,
+    checkpoint: CheckpointOpt = "last",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Find the most confident mistakes on the test set; write misclassified.json and .png.
+
+    Example: cifarcam misclassified --run r1 --count 10
+    """
+    from cifarcam import pipeline
+
+    rundir = _rundir(runs_dir, run)
+    entries = guarded(lambda: pipeline.misclassified(rundir, count, checkpoint, device))
+    table = Table("test index", "true", "predicted", "confidence")
+    for entry in entries:
+        table.add_row(str(entry["index"]), entry["true"], entry["pred"], f"{entry['confidence']:.1%}")
+    console.print(table)
+    console.print(f"Wrote {rundir.misclassified_json} and {rundir.misclassified_png}")
+
+
+@app.command()
+def gradcam(
+    run: RunOpt,
+    runs_dir: RunsDirOpt = Path("runs"),
+    layer: Annotated[
+        str, typer.Option(help="Module to explain: layer1..layer4 or a dotted name like layer4.1.conv2.")
+    ] = "layer4",
+    count: CountOpt = 10,
+    checkpoint: CheckpointOpt = "last",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Grad-CAM maps for the predicted and the true class of the most confident mistakes.
+
+    Example: cifarcam gradcam --run r1 --layer layer3 --count 10
+    """
+    from cifarcam import pipeline
+
+    paths = guarded(lambda: pipeline.gradcam(_rundir(runs_dir, run), layer, count, checkpoint, device))
+    console.print("Wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@app.command()
+def plot(run: RunOpt, runs_dir: RunsDirOpt = Path("runs")) -> None:
+    """Plot train and test loss and accuracy per epoch into plots/.
+
+    Example: cifarcam plot --run r1
+    """
+    from cifarcam import pipeline
+
+    paths = guarded(lambda: pipeline.plot(_rundir(runs_dir, run)))
+    console.print("Wrote " + ", ".join(str(p) for p in paths))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cifarcam {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """cifarcam: CIFAR-10 ResNet training, curves, mistakes and Grad-CAM over one run directory."""
+
+
+def main() -> None:
+    app()

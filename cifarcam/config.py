@@ -1,0 +1,98 @@
+"""The training configuration: one validated pydantic object, read from and written to JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cifarcam.errors import ConfigError
+
+ModelName = Literal["resnet18", "resnet34"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "bf16", "fp32"]
+
+
+class AugmentConfig(BaseModel):
+    """Batched on-device augmentation applied to every training batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    flip: bool = True  # random horizontal flip, p=0.5
+    translate: int = Field(4, ge=0, le=16)  # max shift in pixels (reflect padding)
+    cutout: int = Field(0, ge=0, le=32)  # side of the zeroed square; 0 = off
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides what `cifarcam train` does. Saved as the run's config.json."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = "cifar10"  # "cifar10" (torchvision) or a path to an image-folder tree
+    data_dir: str | None = None  # where downloads and decode caches go; None = user cache
+    model: ModelName = "resnet18"
+    width: int = Field(64, ge=1, le=1024)  # channels of layer1; 64 = the standard ResNet
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(512, ge=1, le=65_536)
+    lr: float = Field(0.4, gt=0, le=100)  # peak learning rate of the one-cycle schedule
+    warmup: float = Field(0.2, ge=0, le=1)  # fraction of all steps spent rising to the peak
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    subset: int | None = Field(None, ge=10)  # class-balanced training subset size
+    val_split: int = Field(0, ge=0)  # class-balanced validation images held out of training
+    device: DeviceName = "auto"
+    precision: Precision = "auto"  # bf16 autocast where the device supports it
+    channels_last: bool = True
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "config"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        return f"unknown config field '{field}'"
+    return f"invalid value for '{field}': {message} (got {first.get('input')!r})"
+
+
+def build_config(values: dict[str, Any]) -> TrainConfig:
+    """Validate a dict of settings into a TrainConfig; errors name the field."""
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a JSON config file into a dict (validated later, after CLI overrides)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file '{path}': {error.strerror}") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"config file '{path}' is not valid JSON: {error.msg} at line {error.lineno}"
+        ) from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file '{path}' must hold a JSON object")
+    return values
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return base updated with the overrides that were actually given (not None)."""
+    merged = dict(base)
+    merged.update({key: value for key, value in overrides.items() if value is not None})
+    return merged
+
+
+def config_to_json(config: TrainConfig) -> str:
+    return config.model_dump_json(indent=2) + "\n"

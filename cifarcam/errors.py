@@ -1,0 +1,45 @@
+"""User-facing exception types; the CLI turns them into one line and an exit code."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class CifarcamError(Exception):
+    """An expected failure with a message meant for the user.
+
+    `hint` is an optional second line telling the user what to do next.
+    """
+
+    exit_code = EXIT_RUNTIME
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(CifarcamError):
+    """Bad options, config values or names given by the user (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(UsageError):
+    """A config value failed validation."""
+
+
+class DataError(CifarcamError):
+    """A dataset could not be found, downloaded or decoded."""
+
+
+class RunError(CifarcamError):
+    """The run directory is missing something or refuses the operation."""
+
+
+class CheckpointError(CifarcamError):
+    """A checkpoint file is missing, corrupt or does not match the model."""

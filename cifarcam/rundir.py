@@ -1,0 +1,195 @@
+"""The run directory: its paths, JSON records, status and checkpoints.
+
+Layout (the contract between commands):
+  config.json, meta.json, metrics.json, evaluation.json, misclassified.json/.png,
+  checkpoints/{last,best}.safetensors, gradcam/<layer>.{png,json,safetensors}, plots/*.png
+Every file is written atomically, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from cifarcam.errors import CheckpointError, RunError, UsageError
+from cifarcam.fileio import atomic_write_bytes, atomic_write_json
+from cifarcam.models import build_model
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+CHECKPOINT_FORMAT = "cifarcam-checkpoint/1"
+CHECKPOINT_KINDS = ("last", "best")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def validate_run_name(name: str) -> str:
+    """Run names are one plain path component, so a run never writes outside the runs root."""
+    if not _RUN_NAME.fullmatch(name) or ".." in name:
+        raise UsageError(
+            f"invalid run name {name!r}: use letters, digits, '.', '_' and '-' "
+            "(starting with a letter or digit, no '..', at most 100 characters)"
+        )
+    return name
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint's header says about the model it holds."""
+
+    kind: str
+    model: str
+    width: int
+    num_classes: int
+    epoch: int
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    checkpoint_id: str
+
+
+class RunDir:
+    def __init__(self, runs_dir: Path, name: str) -> None:
+        self.name = validate_run_name(name)
+        self.runs_dir = runs_dir
+        self.path = runs_dir / name
+        self.config_path = self.path / "config.json"
+        self.meta_path = self.path / "meta.json"
+        self.metrics_path = self.path / "metrics.json"
+        self.evaluation_path = self.path / "evaluation.json"
+        self.misclassified_json = self.path / "misclassified.json"
+        self.misclassified_png = self.path / "misclassified.png"
+        self.checkpoints_dir = self.path / "checkpoints"
+        self.gradcam_dir = self.path / "gradcam"
+        self.plots_dir = self.path / "plots"
+
+    # -- existence and lifecycle -------------------------------------------------------
+    def require(self) -> RunDir:
+        if not self.path.is_dir():
+            raise RunError(
+                f"run '{self.name}' does not exist in '{self.runs_dir}'",
+                hint=f"run 'cifarcam train --run {self.name}' first",
+            )
+        return self
+
+    def has_training(self) -> bool:
+        return self.meta_path.exists() or self.checkpoint_path("last").exists()
+
+    def start_training(self, overwrite: bool) -> None:
+        """Create the run directory, refusing to replace earlier training unless asked to."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"'{self.path}' exists and is not a directory")
+        if self.has_training():
+            if not overwrite:
+                status = self.read_meta().get("status", "unknown") if self.meta_path.exists() else "unknown"
+                raise RunError(
+                    f"run '{self.name}' already has a training (status: {status})",
+                    hint="pass --overwrite to replace it, or choose another --run name",
+                )
+            shutil.rmtree(self.path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RunError(f"cannot create run directory '{self.path}': {error.strerror}") from None
+
+    # -- JSON records ------------------------------------------------------------------
+    def write_json(self, path: Path, value: Any) -> None:
+        atomic_write_json(path, value)
+
+    def read_json(self, path: Path) -> Any:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunError(f"run '{self.name}' has no {path.name}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RunError(f"'{path}' is not valid JSON ({error})") from None
+
+    def read_meta(self) -> dict[str, Any]:
+        meta = self.read_json(self.meta_path)
+        return meta if isinstance(meta, dict) else {}
+
+    def update_meta(self, **fields: Any) -> dict[str, Any]:
+        meta = self.read_meta() if self.meta_path.exists() else {}
+        meta.update(fields)
+        self.write_json(self.meta_path, meta)
+        return meta
+
+    # -- checkpoints -------------------------------------------------------------------
+    def checkpoint_path(self, kind: str) -> Path:
+        return self.checkpoints_dir / f"{kind}.safetensors"
+
+    def save_checkpoint(self, kind: str, model: nn.Module, info: dict[str, Any]) -> None:
+        tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+        metadata = {key: json.dumps(value) for key, value in info.items()}
+        metadata["format"] = CHECKPOINT_FORMAT
+        metadata["checkpoint_id"] = json.dumps(uuid.uuid4().hex)
+        atomic_write_bytes(self.checkpoint_path(kind), save_safetensors(tensors, metadata=metadata))
+
+    def load_model(self, kind: str = "last") -> tuple[nn.Module, CheckpointInfo]:
+        """Rebuild the model from the checkpoint file alone."""
+        if kind not in CHECKPOINT_KINDS:
+            raise UsageError(f"unknown checkpoint '{kind}'; choose one of: {', '.join(CHECKPOINT_KINDS)}")
+        self.require()
+        path = self.checkpoint_path(kind)
+        if not path.exists():
+            if kind == "best":
+                raise RunError(
+                    f"run '{self.name}' has no best checkpoint (it is kept only with --val-split)",
+                    hint="use --checkpoint last",
+                )
+            raise RunError(
+                f"run '{self.name}' has no checkpoint",
+                hint=f"run 'cifarcam train --run {self.name}' first",
+            )
+        try:
+            data = path.read_bytes()
+            tensors = load_safetensors(data)
+            raw = _read_header_metadata(data)
+            if raw.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError("not a cifarcam checkpoint")
+            meta = {key: json.loads(value) for key, value in raw.items() if key != "format"}
+            info = CheckpointInfo(
+                kind=kind,
+                model=meta["model"],
+                width=int(meta["width"]),
+                num_classes=int(meta["num_classes"]),
+                epoch=int(meta["epoch"]),
+                classes=list(meta["classes"]),
+                mean=tuple(meta["mean"]),
+                std=tuple(meta["std"]),
+                checkpoint_id=str(meta["checkpoint_id"]),
+            )
+        except (SafetensorError, ValueError, KeyError, TypeError, OSError) as error:
+            raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({error})") from None
+        model = build_model(info.model, info.width, info.num_classes)
+        try:
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError:
+            raise CheckpointError(
+                f"checkpoint '{path}' does not match its header ({info.model}, width {info.width})"
+            ) from None
+        return model, info
+
+
+def _read_header_metadata(data: bytes) -> dict[str, str]:
+    """The __metadata__ block of a safetensors file (the format: u64 header length, JSON header)."""
+    if len(data) < 8:
+        raise ValueError("file too short")
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict):
+        raise ValueError("bad metadata")
+    return metadata

@@ -1,0 +1,110 @@
+"""Figures: training curves, the misclassified gallery and Grad-CAM galleries (Agg, no pyplot)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from matplotlib.figure import Figure
+
+from cifarcam.fileio import atomic_write_bytes
+
+TILE_INCHES = 1.6
+
+
+def save_figure(figure: Figure, path: Path, dpi: int = 100) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def to_hwc(image: np.ndarray) -> np.ndarray:
+    """(3, H, W) floats in [0, 1] -> (H, W, 3) uint8."""
+    return (np.clip(image, 0.0, 1.0).transpose(1, 2, 0) * 255).round().astype(np.uint8)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a [0,1] map onto an RGB uint8 image with the JET colormap (red = high)."""
+    heat_bgr = cv2.applyColorMap((np.clip(cam, 0, 1) * 255).round().astype(np.uint8), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB)  # OpenCV colormaps are BGR
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * heat.astype(np.float32)
+    return blended.round().clip(0, 255).astype(np.uint8)
+
+
+def plot_curves(epochs: Sequence[dict[str, Any]], loss_path: Path, accuracy_path: Path) -> None:
+    """Train/test (and validation, when present) loss on one figure, accuracy on another."""
+    xs = [record["epoch"] for record in epochs]
+    for metric, path, label in (
+        ("loss", loss_path, "loss (per-sample mean)"),
+        ("acc", accuracy_path, "accuracy"),
+    ):
+        figure = Figure(figsize=(6, 4))
+        axes = figure.subplots()
+        for split in ("train", "val", "test"):
+            key = f"{split}_{metric}"
+            if all(key in record for record in epochs):
+                scale = 100.0 if metric == "acc" else 1.0
+                axes.plot(xs, [record[key] * scale for record in epochs], marker="o", label=split)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(label + (" (%)" if metric == "acc" else ""))
+        axes.set_title(("Loss" if metric == "loss" else "Accuracy") + " per epoch")
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+        save_figure(figure, path)
+
+
+def misclassified_gallery(
+    images: np.ndarray,
+    true: Sequence[str],
+    pred: Sequence[str],
+    confidence: Sequence[float],
+    path: Path,
+    title: str,
+) -> None:
+    """A grid of (3,H,W) [0,1] images, each titled with its true and predicted label."""
+    count = len(images)
+    columns = min(5, count)
+    rows = (count + columns - 1) // columns
+    figure = Figure(figsize=(columns * TILE_INCHES, rows * TILE_INCHES * 1.25 + 0.4))
+    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+    for index, ax in enumerate(axes):
+        ax.axis("off")
+        if index < count:
+            ax.imshow(to_hwc(images[index]), interpolation="nearest")
+            ax.set_title(f"true: {true[index]}\npred: {pred[index]} ({confidence[index]:.0%})", fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    save_figure(figure, path)
+
+
+def cam_gallery(
+    images: np.ndarray,
+    maps_pred: np.ndarray,
+    maps_true: np.ndarray,
+    true: Sequence[str],
+    pred: Sequence[str],
+    confidence: Sequence[float],
+    path: Path,
+    title: str,
+) -> None:
+    """One row per image: the input, the map for the predicted class, the map for the true class."""
+    count = len(images)
+    figure = Figure(figsize=(3 * TILE_INCHES, count * TILE_INCHES * 1.15 + 0.5))
+    axes = figure.subplots(count, 3, squeeze=False)
+    for row in range(count):
+        picture = to_hwc(images[row])
+        tiles = (
+            (picture, f"true: {true[row]}"),
+            (overlay(picture, maps_pred[row]), f"pred: {pred[row]} ({confidence[row]:.0%})"),
+            (overlay(picture, maps_true[row]), f"map for true: {true[row]}"),
+        )
+        for column, (tile, label) in enumerate(tiles):
+            ax = axes[row][column]
+            ax.imshow(tile, interpolation="nearest")
+            ax.set_title(label, fontsize=8)
+            ax.axis("off")
+    figure.suptitle(title, fontsize=9)
+    save_figure(figure, path)

@@ -1,0 +1,94 @@
+"""Shared fixtures: a synthetic image-folder tree, the shared CIFAR-10 copy when present, runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import pytest
+
+from cifarcam.data import Dataset, synthetic_dataset
+
+SHARED_TARBALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def write_image_folder(dataset: Dataset, root: Path, ext: str = ".png") -> Path:
+    """Write a Dataset as root/{train,test}/<class>/NNNN.png (RGB)."""
+    for split_name, split in (("train", dataset.train), ("test", dataset.test)):
+        counters: dict[int, int] = {}
+        for image, label in zip(split.images.numpy(), split.labels.tolist(), strict=True):
+            folder = root / split_name / dataset.classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            counters[label] = counters.get(label, -1) + 1
+            cv2.imwrite(str(folder / f"{counters[label]:04d}{ext}"), image.transpose(1, 2, 0)[:, :, ::-1])
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode caches go to a per-session temp dir, never the user's cache."""
+    cache = tmp_path_factory.getbasetemp() / "data-cache"
+    monkeypatch.setenv("CIFARCAM_DATA_DIR", str(cache))
+
+
+@pytest.fixture(scope="session")
+def synthetic_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small learnable image-folder tree: 400 train and 200 test 32x32 PNGs in 10 classes."""
+    root = tmp_path_factory.mktemp("synthetic")
+    return write_image_folder(synthetic_dataset(400, 200, seed=3), root)
+
+
+@pytest.fixture(scope="session")
+def cifar_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real CIFAR-10 copy from ../shared/data, unpacked once; the synthetic tree where absent."""
+    override = os.environ.get("CIFARCAM_TEST_CIFAR")
+    if override:
+        return Path(override)
+    if not SHARED_TARBALL.exists():
+        root = tmp_path_factory.mktemp("cifar-fallback")
+        return write_image_folder(synthetic_dataset(2000, 1000, seed=5), root)
+    root = tmp_path_factory.mktemp("cifar10")
+    subprocess.run(["tar", "-xzf", str(SHARED_TARBALL), "-C", str(root)], check=True)
+    return root
+
+
+@pytest.fixture()
+def runs_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "runs"
+    path.mkdir()
+    return path
+
+
+def copy_tree(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_tree: Path) -> Path:
+    """A runs root holding 'tiny': a width-8 ResNet18 trained 2 epochs on the synthetic tree.
+
+    Tests must not modify it; copy it with `copy_tree` first.
+    """
+    from cifarcam.config import build_config
+    from cifarcam.pipeline import train
+    from cifarcam.rundir import RunDir
+
+    root = tmp_path_factory.mktemp("trained")
+    config = build_config(
+        {
+            "data": str(synthetic_tree),
+            "data_dir": str(root / "cache"),
+            "width": 8,
+            "epochs": 2,
+            "batch_size": 64,
+            "lr": 0.05,
+            "val_split": 50,
+            "device": "cpu",
+        }
+    )
+    train(config, RunDir(root / "runs", "tiny"), command="test fixture")
+    return root / "runs"

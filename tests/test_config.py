@@ -1,0 +1,73 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from cifarcam.config import TrainConfig, build_config, merge_overrides, read_config_file
+from cifarcam.errors import ConfigError
+
+
+def test_defaults_are_the_documented_recipe() -> None:
+    config = build_config({})
+    assert (config.model, config.width, config.epochs, config.device) == ("resnet18", 64, 20, "auto")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"epochs": 0}, "invalid value for 'epochs': Input should be greater than or equal to 1 (got 0)"),
+        ({"lr": 0}, "invalid value for 'lr': Input should be greater than 0 (got 0)"),
+        ({"lr": -1.5}, "invalid value for 'lr': Input should be greater than 0 (got -1.5)"),
+        ({"width": 0}, "invalid value for 'width': Input should be greater than or equal to 1 (got 0)"),
+        ({"subset": 5}, "invalid value for 'subset': Input should be greater than or equal to 10 (got 5)"),
+        ({"model": "vgg"}, "invalid value for 'model': Input should be 'resnet18' or 'resnet34' (got 'vgg')"),
+        (
+            {"epochs": "many"},
+            "invalid value for 'epochs': Input should be a valid integer, unable to parse string as an integer (got 'many')",
+        ),
+        (
+            {"augment": {"cutout": 99}},
+            "invalid value for 'augment.cutout': Input should be less than or equal to 32 (got 99)",
+        ),
+        ({"learning_rate": 0.1}, "unknown config field 'learning_rate'"),
+        ({"augment": {"rotate": 10}}, "unknown config field 'augment.rotate'"),
+    ],
+)
+def test_bad_values_name_the_field(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config(values)
+    assert caught.value.message == message
+    assert caught.value.exit_code == 2
+
+
+def test_overrides_win_over_file_and_none_means_not_given(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"epochs": 3, "lr": 0.1}))
+    merged = merge_overrides(read_config_file(path), {"epochs": 5, "lr": None, "width": 16})
+    config = build_config(merged)
+    assert (config.epochs, config.lr, config.width) == (5, 0.1, 16)
+
+
+def test_round_trip_through_json(tmp_path: Path) -> None:
+    config = build_config({"width": 16, "augment": {"cutout": 8}})
+    again = TrainConfig.model_validate_json(config.model_dump_json())
+    assert again == config
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "is not valid JSON: Expecting property name enclosed in double quotes at line 1"),
+        ("[1, 2]", "must hold a JSON object"),
+    ],
+)
+def test_malformed_config_files(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        read_config_file(path)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_config_file(tmp_path / "nope.json")

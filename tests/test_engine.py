@@ -1,0 +1,119 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifarcam.config import build_config
+from cifarcam.data import Split, normalize, synthetic_dataset
+from cifarcam.engine import fit, one_cycle, predict, score, train_one_epoch
+from cifarcam.models import build_model
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def linear_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+
+
+def test_train_loss_is_the_per_sample_mean_over_uneven_batches() -> None:
+    data = synthetic_dataset(23, 1)
+    model = linear_model()
+    config = build_config(
+        {
+            "batch_size": 10,
+            "label_smoothing": 0.0,
+            "augment": {"flip": False, "translate": 0},
+            "channels_last": False,
+        }
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    result = train_one_epoch(
+        model, optimizer, scheduler, data.train, config, MEAN, STD, torch.arange(23), torch.Generator(), None
+    )
+    with torch.no_grad():
+        logits = model(normalize(data.train.images, MEAN, STD))
+    expected = F.cross_entropy(logits, data.train.labels).item()
+    # A mean of the three batch means (10, 10, 3 samples) would differ from this.
+    batch_means = [
+        F.cross_entropy(logits[i : i + 10], data.train.labels[i : i + 10]).item() for i in (0, 10, 20)
+    ]
+    assert abs(sum(batch_means) / 3 - expected) > 1e-3
+    assert result["train_loss"] == pytest.approx(expected, rel=1e-5)
+    assert result["train_acc"] == pytest.approx((logits.argmax(1) == data.train.labels).float().mean().item())
+
+
+def test_score_is_per_sample() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+    labels = torch.tensor([0, 0, 0])
+    result = score(logits, labels)
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, labels).item())
+    assert result["acc"] == pytest.approx(2 / 3)
+
+
+def test_one_cycle_rises_then_falls_to_zero() -> None:
+    factor = one_cycle(100, 0.2)
+    assert factor(0) == pytest.approx(0.1)
+    assert factor(20) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.5)
+    assert factor(100) == 0.0
+
+
+def test_predict_restores_mode_and_tta_views_average() -> None:
+    model = build_model("resnet18", 4).train()
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    plain = predict(model, images, MEAN, STD, batch_size=2)
+    assert model.training and plain.shape == (5, 10)
+    flipped = predict(model, images.flip(3), MEAN, STD, batch_size=2)
+    both = predict(model, images, MEAN, STD, batch_size=2, tta="flip")
+    assert torch.allclose(both, (plain + flipped) / 2, atol=1e-5)
+    assert predict(model, images, MEAN, STD, tta="flip-translate").shape == (5, 10)
+
+
+def test_fit_learns_synthetic_classes_and_yields_flat_records() -> None:
+    data = synthetic_dataset(400, 200, seed=4)
+    torch.manual_seed(0)
+    model = build_model("resnet18", 8)
+    config = build_config({"epochs": 3, "batch_size": 50, "lr": 0.05, "width": 8})
+    records = list(fit(model, data.train, data.test, config, MEAN, STD))
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert set(records[0]) == {
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "epoch_time_s",
+        "eval_time_s",
+    }
+    assert records[-1]["test_acc"] > 0.5  # 10 classes: chance is 0.1
+
+
+def test_fit_is_reproducible_under_a_seed() -> None:
+    data = synthetic_dataset(100, 20, seed=4)
+    config = build_config({"epochs": 1, "batch_size": 25, "lr": 0.05, "width": 4, "augment": {"cutout": 8}})
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_model("resnet18", 4)
+        list(fit(model, data.train, data.test, config, MEAN, STD, amp_dtype=torch.bfloat16))
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_bf16_forward_matches_fp32_within_tolerance() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 16).eval()
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    fp32 = predict(model, images, MEAN, STD)
+    bf16 = predict(model, images, MEAN, STD, amp_dtype=torch.bfloat16)
+    probs32, probs16 = fp32.softmax(1), bf16.softmax(1)
+    assert (probs32 - probs16).abs().max().item() < 0.05
+    assert (fp32 - bf16).abs().max().item() < 0.1 * fp32.abs().max().item() + 0.05
+
+
+def test_splits_are_dataclasses_of_tensors() -> None:
+    split = Split(torch.zeros(3, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1, 2]))
+    assert len(split.select(torch.tensor([2]))) == 1

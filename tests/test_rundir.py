@@ -1,0 +1,100 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifarcam.errors import CheckpointError, RunError, UsageError
+from cifarcam.fileio import atomic_open, atomic_write_json
+from cifarcam.models import build_model
+from cifarcam.rundir import RunDir, validate_run_name
+
+HEADER = {
+    "model": "resnet18",
+    "width": 8,
+    "num_classes": 10,
+    "classes": [str(i) for i in range(10)],
+    "mean": [0.5] * 3,
+    "std": [0.25] * 3,
+    "epoch": 3,
+}
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "m.json"
+    atomic_write_json(target, {"a": 1})
+    atomic_write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 2}
+    assert os.listdir(tmp_path) == ["m.json"]
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
+    target = tmp_path / "m.json"
+    atomic_write_json(target, {"good": True})
+    with pytest.raises(RuntimeError), atomic_open(target) as handle:
+        handle.write(b'{"half": ')
+        raise RuntimeError("disk full")
+    assert json.loads(target.read_text()) == {"good": True}
+    assert os.listdir(tmp_path) == ["m.json"]
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "", "x" * 101, "a b", "/abs"])
+def test_run_names_cannot_escape_the_runs_root(name: str) -> None:
+    with pytest.raises(UsageError, match="invalid run name"):
+        validate_run_name(name)
+
+
+def test_checkpoint_round_trip_is_bit_identical(runs_dir: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 8)
+    model(torch.randn(4, 3, 32, 32))  # update BN running stats so they are not defaults
+    run = RunDir(runs_dir, "r")
+    run.save_checkpoint("last", model, HEADER)
+    loaded, info = run.load_model("last")
+    assert (info.model, info.width, info.epoch, info.mean) == ("resnet18", 8, 3, (0.5, 0.5, 0.5))
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+
+
+def test_truncated_and_garbage_checkpoints_are_reported(runs_dir: Path) -> None:
+    run = RunDir(runs_dir, "r")
+    run.save_checkpoint("last", build_model("resnet18", 8), HEADER)
+    path = run.checkpoint_path("last")
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="is corrupt or truncated"):
+        run.load_model("last")
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="is corrupt or truncated"):
+        run.load_model("last")
+
+
+def test_checkpoint_whose_weights_do_not_match_its_header(runs_dir: Path) -> None:
+    run = RunDir(runs_dir, "r")
+    run.save_checkpoint("last", build_model("resnet18", 8), HEADER | {"width": 16})
+    with pytest.raises(CheckpointError, match=r"does not match its header \(resnet18, width 16\)"):
+        run.load_model("last")
+
+
+def test_missing_run_and_missing_checkpoints(runs_dir: Path) -> None:
+    with pytest.raises(RunError, match="run 'nope' does not exist"):
+        RunDir(runs_dir, "nope").load_model()
+    (runs_dir / "empty").mkdir()
+    with pytest.raises(RunError) as caught:
+        RunDir(runs_dir, "empty").load_model()
+    assert caught.value.message == "run 'empty' has no checkpoint"
+    assert caught.value.hint == "run 'cifarcam train --run empty' first"
+    with pytest.raises(RunError, match="no best checkpoint"):
+        RunDir(runs_dir, "empty").load_model("best")
+
+
+def test_start_training_refuses_to_replace_without_overwrite(runs_dir: Path) -> None:
+    run = RunDir(runs_dir, "r")
+    run.start_training(overwrite=False)
+    run.update_meta(status="finished")
+    with pytest.raises(RunError, match=r"already has a training \(status: finished\)"):
+        run.start_training(overwrite=False)
+    assert run.meta_path.exists()
+    run.start_training(overwrite=True)
+    assert not run.meta_path.exists()

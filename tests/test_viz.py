@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from cifarcam.viz import cam_gallery, misclassified_gallery, overlay, plot_curves
+
+
+def test_overlay_shows_high_as_red_and_low_as_blue() -> None:
+    gray = np.full((32, 32, 3), 128, np.uint8)
+    cam = np.zeros((32, 32))
+    cam[:, 16:] = 1.0
+    out = overlay(gray, cam, alpha=1.0)
+    assert tuple(out[0, 0]) == (0, 0, 128)  # JET at 0 is dark blue in RGB order
+    assert tuple(out[0, 31]) == (128, 0, 0)  # JET at 1 is dark red
+
+
+def read_png(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path))
+    assert image is not None, f"{path} is not a PNG"
+    return image
+
+
+def test_figures_are_written_as_pngs(tmp_path: Path) -> None:
+    epochs = [
+        {"epoch": e, "train_loss": 2.0 / e, "test_loss": 2.2 / e, "train_acc": 0.3 * e, "test_acc": 0.25 * e}
+        for e in (1, 2, 3)
+    ]
+    plot_curves(epochs, tmp_path / "loss.png", tmp_path / "acc.png")
+    images = np.random.default_rng(0).random((4, 3, 32, 32))
+    names = ["cat", "dog", "ship", "frog"]
+    misclassified_gallery(images, names, names[::-1], [0.9, 0.8, 0.7, 0.6], tmp_path / "m.png", "t")
+    maps = np.random.default_rng(1).random((4, 32, 32))
+    cam_gallery(images, maps, maps, names, names, [0.5] * 4, tmp_path / "g.png", "t")
+    for name in ("loss.png", "acc.png", "m.png", "g.png"):
+        height, width, _ = read_png(tmp_path / name).shape
+        assert height > 150 and width > 150
+    assert read_png(tmp_path / "g.png").shape[0] > read_png(tmp_path / "g.png").shape[1]  # 4 rows x 3
