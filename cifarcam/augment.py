@@ -1,14 +1,20 @@
-"""Training augmentation as batched tensor ops on the training device (flip, translate, cutout).
+"""Training augmentation: batched tensor ops on the training device (flip, translate, cutout),
+the default; and albumentations pipelines run per sample in DataLoader workers, the alternative.
 
-Every op draws from an explicit torch.Generator, so a seeded run is reproducible.
+Every op draws from a seeded generator, so a seeded run is reproducible.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, get_worker_info
 
 from cifarcam.config import AugmentConfig
+from cifarcam.data import Split
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -52,3 +58,62 @@ def augment_batch(x: torch.Tensor, config: AugmentConfig, generator: torch.Gener
         x = random_flip(x, generator)
     x = random_translate(x, config.translate, generator)
     return cutout(x, config.cutout, generator)
+
+
+def seed_project_pipeline() -> dict[str, Any]:
+    """The seed project's mix (flip, shift-scale-rotate, coarse dropout) in A.to_dict form.
+
+    Shift-scale-rotate is written as albumentations' Affine, which replaces it in 2.x.
+    """
+    import albumentations as A
+
+    pipeline = A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-15, 15), p=0.5),
+            A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(8, 8), hole_width_range=(8, 8), p=0.5),
+        ]
+    )
+    return dict(A.to_dict(pipeline))
+
+
+class AlbumentationsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+    """Per-sample albumentations over uint8 HWC images; returns uint8 CHW tensors."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, pipeline: dict[str, Any], seed: int) -> None:
+        import albumentations as A
+
+        self.images = images
+        self.labels = labels
+        self.transform = A.from_dict(pipeline)
+        self.transform.set_random_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.transform(image=self.images[index])["image"]
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.labels[index])
+
+
+def _seed_worker(_worker_id: int) -> None:
+    info = get_worker_info()
+    if info is not None:
+        info.dataset.transform.set_random_seed(info.seed % 2**32)  # type: ignore[attr-defined]
+
+
+def albumentations_loader(
+    train: Split, pipeline: dict[str, Any], batch_size: int, workers: int, seed: int
+) -> DataLoader[tuple[torch.Tensor, int]]:
+    """A shuffling DataLoader that applies `pipeline` per image in `workers` processes."""
+    images = train.images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
+    dataset = AlbumentationsDataset(images, train.labels.cpu().numpy(), pipeline, seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_seed_worker,
+        persistent_workers=workers > 0,
+    )

@@ -135,8 +135,17 @@ def train(
         int | None,
         typer.Option(help="Random seed (init, data order, augmentation, subsets).", show_default="0"),
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from a named preset: quick (CPU-sized) or seed-albumentations.", show_default=False
+        ),
+    ] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", help="JSON config file; command-line options override it.")
+        Path | None,
+        typer.Option(
+            "--config", help="JSON config file; it overrides --preset, command-line options override it."
+        ),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an earlier training of this run.")
@@ -147,10 +156,12 @@ def train(
     Example: cifarcam train --run r1 --data ~/cifar10-folder --subset 2000 --width 16 --epochs 2
     """
     from cifarcam import pipeline
-    from cifarcam.config import build_config, merge_overrides, read_config_file
+    from cifarcam.config import build_config, merge_overrides, preset_values, read_config_file
 
     def action() -> None:
-        base = read_config_file(config) if config else {}
+        base = merge_overrides(
+            preset_values(preset) if preset else {}, read_config_file(config) if config else {}
+        )
         resolved = build_config(
             merge_overrides(
                 base,
@@ -236,6 +247,10 @@ def evaluate(
     runs_dir: RunsDirOpt = Path("runs"),
     checkpoint: CheckpointOpt = "last",
     device: DeviceOpt = "auto",
+    tta: Annotated[
+        bool,
+        typer.Option("--tta/--no-tta", help="Also score with 6-view test-time augmentation (flip, shifts)."),
+    ] = True,
 ) -> None:
     """Score a checkpoint on the test set and write evaluation.json.
 
@@ -243,11 +258,15 @@ def evaluate(
     """
     from cifarcam import pipeline
 
-    result = guarded(lambda: pipeline.evaluate(_rundir(runs_dir, run), checkpoint, device))
+    result = guarded(lambda: pipeline.evaluate(_rundir(runs_dir, run), checkpoint, device, tta))
     console.print(
         f"Test accuracy {result['accuracy']:.2%}, mean loss {result['loss']:.4f} "
         f"({result['num_images']} images, {checkpoint} checkpoint, epoch {result['epoch']})"
     )
+    if tta:
+        console.print(
+            f"With test-time augmentation: {result['accuracy_tta']:.2%}, loss {result['loss_tta']:.4f}"
+        )
     table = Table("class", "accuracy")
     for name, accuracy in result["per_class_accuracy"].items():
         table.add_row(name, f"{accuracy:.2%}")

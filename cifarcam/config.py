@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cifarcam.errors import ConfigError
 
@@ -41,6 +41,7 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0, le=1)
+    decay_norm_and_bias: bool = True  # False: BatchNorm weights and biases skip weight decay
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     subset: int | None = Field(None, ge=10)  # class-balanced training subset size
     val_split: int = Field(0, ge=0)  # class-balanced validation images held out of training
@@ -48,7 +49,43 @@ class TrainConfig(BaseModel):
     precision: Precision = "auto"  # bf16 autocast where the device supports it
     channels_last: bool = True
     seed: int = Field(0, ge=0, le=2**63 - 1)
+    compile: bool = False  # torch.compile the training forward pass
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    # An albumentations pipeline (A.to_dict form) run per sample in DataLoader workers;
+    # when set it replaces `augment`. The "seed-albumentations" preset ships one.
+    albumentations: dict[str, Any] | None = None
+    workers: int = Field(2, ge=0, le=64)  # DataLoader workers for the albumentations path
+
+    @field_validator("albumentations")
+    @classmethod
+    def _loads_in_albumentations(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            import albumentations as A
+
+            try:
+                A.from_dict(value)
+            except Exception as error:
+                raise ValueError(
+                    f"not an albumentations pipeline ({type(error).__name__}: {error})"
+                ) from None
+        return value
+
+
+# CPU-sized: the whole chain (20 epochs, evaluate, misclassified, gradcam, plot) in under
+# 10 minutes on 2 cores; see benchmarks/RESULTS.md for its measured time and accuracy.
+QUICK_PRESET: dict[str, Any] = {"width": 16, "subset": 20_000}
+PRESET_NAMES = ("quick", "seed-albumentations")
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """The settings a named preset contributes (config files and options override them)."""
+    if name == "quick":
+        return dict(QUICK_PRESET)
+    if name == "seed-albumentations":
+        from cifarcam.augment import seed_project_pipeline
+
+        return {"albumentations": seed_project_pipeline()}
+    raise ConfigError(f"unknown preset '{name}'; choose one of: {', '.join(PRESET_NAMES)}")
 
 
 def _describe(error: ValidationError) -> str:

@@ -101,7 +101,7 @@ def load_torchvision_cifar10(data_dir: Path) -> Dataset:
     return Dataset(train, test, list(CIFAR10_CLASSES), source="cifar10 (torchvision)")
 
 
-def _list_tree(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]], str]:
+def _list_tree(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]], str]:
     """Class names, files per split with labels, and a fingerprint of names, sizes and mtimes."""
     if not root.is_dir():
         raise DataError(f"data folder '{root}' does not exist")
@@ -123,27 +123,33 @@ def _list_tree(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]
             f"class folders differ between '{root / 'train'}' and '{root / 'test'}': "
             f"{classes} vs {classes_per_split['test']}"
         )
-    files: dict[str, list[tuple[Path, int]]] = {}
+    files: dict[str, list[tuple[str, int]]] = {}
     for split in ("train", "test"):
-        entries: list[tuple[Path, int]] = []
+        entries: list[tuple[str, int]] = []
         for label, name in enumerate(classes):
             class_dir = root / split / name
-            for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
-                if entry.name.startswith("."):
-                    continue
-                stat = entry.stat()
-                digest.update(f"{split}/{name}/{entry.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-                entries.append((Path(entry.path), label))
+            listing = sorted(
+                (entry for entry in os.scandir(class_dir) if not entry.name.startswith(".")),
+                key=lambda entry: entry.name,
+            )
+            stats = [entry.stat() for entry in listing]
+            digest.update(
+                "\n".join(
+                    f"{split}/{name}/{entry.name}|{st.st_size}|{st.st_mtime_ns}"
+                    for entry, st in zip(listing, stats, strict=True)
+                ).encode()
+            )
+            entries.extend((entry.path, label) for entry in listing)
         if not entries:
             raise DataError(f"'{root / split}' holds no images")
         files[split] = entries
     return classes, files, digest.hexdigest()[:20]
 
 
-def _decode(path: Path) -> np.ndarray:
+def _decode(path: str) -> np.ndarray:
     import cv2
 
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise DataError(f"'{path}' is not a readable image")
     if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3) or image.dtype != np.uint8:
@@ -151,7 +157,7 @@ def _decode(path: Path) -> np.ndarray:
     return image[:, :, ::-1].transpose(2, 0, 1)  # BGR HWC -> RGB CHW
 
 
-def _decode_all(entries: list[tuple[Path, int]]) -> Split:
+def _decode_all(entries: list[tuple[str, int]]) -> Split:
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         arrays = list(pool.map(_decode, (path for path, _ in entries), chunksize=256))
     images = np.stack(arrays)
@@ -162,7 +168,9 @@ def _decode_all(entries: list[tuple[Path, int]]) -> Split:
 def load_image_folder(root: Path, cache_dir: Path) -> Dataset:
     """Decode PATH/{train,test}/<class>/* once; later loads read a uint8 cache in cache_dir."""
     classes, files, fingerprint = _list_tree(root)
-    cache_path = cache_dir / "imagefolder" / f"{root.resolve().name}-{fingerprint}.npz"
+    # One cache per tree: <folder name>-<path hash>-<content fingerprint>.npz
+    tree_key = f"{root.resolve().name}-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}"
+    cache_path = cache_dir / "imagefolder" / f"{tree_key}-{fingerprint}.npz"
     if cache_path.is_file():
         try:
             with np.load(cache_path) as cached:
@@ -185,6 +193,9 @@ def load_image_folder(root: Path, cache_dir: Path) -> Dataset:
                 for part in ("images", "labels")
             }
             np.savez(handle, **arrays)
+        for stale in cache_path.parent.glob(f"{tree_key}-*.npz"):
+            if stale != cache_path:
+                stale.unlink(missing_ok=True)
     except OSError:
         pass  # a cache we cannot write only costs time on the next run
     return Dataset(splits["train"], splits["test"], classes, source=str(root))

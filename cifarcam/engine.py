@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarcam.augment import augment_batch
-from cifarcam.config import TrainConfig
+from cifarcam.augment import albumentations_loader, augment_batch
+from cifarcam.config import AugmentConfig, TrainConfig
 from cifarcam.data import Split, normalize
 from cifarcam.errors import UsageError
 
@@ -69,46 +69,67 @@ def one_cycle(total_steps: int, warmup: float) -> Callable[[int], float]:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Nesterov SGD; BatchNorm weights and all biases skip weight decay unless configured."""
+    decayed = [p for p in model.parameters() if p.ndim > 1 or config.decay_norm_and_bias]
+    exempt = [p for p in model.parameters() if not (p.ndim > 1 or config.decay_norm_and_bias)]
+    groups = [{"params": decayed, "weight_decay": config.weight_decay}]
+    if exempt:
+        groups.append({"params": exempt, "weight_decay": 0.0})
     return torch.optim.SGD(
-        model.parameters(),
+        groups,
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.nesterov and config.momentum > 0,
-        weight_decay=config.weight_decay,
         foreach=True,
     )
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # normalised float images (N, C, H, W), int64 labels
+
+
+def device_batches(
+    train: Split,
+    order: torch.Tensor,
+    batch_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: AugmentConfig,
+    generator: torch.Generator,
+) -> Iterator[Batch]:
+    """Batches cut from the in-memory dataset in `order` and augmented on its device."""
+    for start in range(0, len(order), batch_size):
+        batch_idx = order[start : start + batch_size]
+        x = augment_batch(normalize(train.images[batch_idx], mean, std), augment, generator)
+        yield x, train.labels[batch_idx]
 
 
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train: Split,
-    config: TrainConfig,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    order: torch.Tensor,
-    generator: torch.Generator,
-    amp_dtype: torch.dtype | None,
+    batches: Iterable[Batch],
+    steps: int,
+    device: torch.device,
+    label_smoothing: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = True,
     on_step: StepCallback | None = None,
 ) -> dict[str, float]:
-    """One pass over `train` in the given order; returns per-sample mean loss and accuracy.
+    """One pass over `batches`; returns the per-sample mean loss and accuracy.
 
     The reported loss is the plain cross-entropy per sample (what test_loss measures too),
-    even when the optimised objective adds label smoothing.
+    even when the optimised objective adds label smoothing. Loss and hits accumulate on the
+    device, so there is no host sync per step except every few steps for the progress bar.
     """
     model.train()
-    device = train.images.device
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    steps = (len(order) + config.batch_size - 1) // config.batch_size
-    eps = config.label_smoothing
-    for step in range(steps):
-        batch_idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-        labels = train.labels[batch_idx]
-        x = augment_batch(normalize(train.images[batch_idx], mean, std), config.augment, generator)
-        x = x.contiguous(memory_format=memory_format)
+    seen = 0
+    eps = label_smoothing
+    for step, (images, labels) in enumerate(batches, start=1):
+        x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             logits = model(x)
         log_probs = F.log_softmax(logits.float(), dim=1)
@@ -120,12 +141,11 @@ def train_one_epoch(
         scheduler.step()
         loss_sum += nll.detach().sum()
         correct += (logits.detach().argmax(1) == labels).sum()
+        seen += labels.shape[0]
         if on_step is not None:
-            report = (step + 1) % _LOSS_REPORT_EVERY == 0 or step + 1 == steps
-            seen = min((step + 1) * config.batch_size, len(order))
-            on_step(step + 1, steps, loss_sum.item() / seen if report else None)
-    count = len(order)
-    return {"train_loss": loss_sum.item() / count, "train_acc": correct.item() / count}
+            report = step % _LOSS_REPORT_EVERY == 0 or step == steps
+            on_step(step, steps, loss_sum.item() / seen if report else None)
+    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
 
 
 def _tta_views(x: torch.Tensor, tta: Tta) -> list[torch.Tensor]:
@@ -199,24 +219,35 @@ def fit(
     )
     order_generator = torch.Generator().manual_seed(config.seed)
     augment_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
+    loader = (
+        albumentations_loader(train, config.albumentations, config.batch_size, config.workers, config.seed)
+        if config.albumentations is not None
+        else None
+    )
+    forward_model = cast(nn.Module, torch.compile(model)) if config.compile else model
     eval_batch = max(config.batch_size, 1024)
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
-        order = torch.randperm(len(train), generator=order_generator).to(device)
-        lr = optimizer.param_groups[0]["lr"]
-        record: dict[str, float] = {"epoch": epoch, "lr": lr}
+        batches: Iterable[Batch]
+        if loader is not None:
+            batches = ((normalize(x.to(device), mean, std), y) for x, y in loader)
+        else:
+            order = torch.randperm(len(train), generator=order_generator).to(device)
+            batches = device_batches(
+                train, order, config.batch_size, mean, std, config.augment, augment_generator
+            )
+        record: dict[str, float] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         record.update(
             train_one_epoch(
-                model,
+                forward_model,
                 optimizer,
                 scheduler,
-                train,
-                config,
-                mean,
-                std,
-                order,
-                augment_generator,
+                batches,
+                steps_per_epoch,
+                device,
+                config.label_smoothing,
                 amp_dtype,
+                config.channels_last,
                 on_step,
             )
         )

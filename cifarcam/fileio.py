@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -13,21 +13,22 @@ from typing import IO, Any
 
 @contextlib.contextmanager
 def atomic_open(path: Path) -> Iterator[IO[bytes]]:
-    """Yield a binary file that replaces `path` only if the block finishes without error."""
+    """Yield a binary file that replaces `path` only if the block finishes without error.
+
+    The temporary file is created with mode 0666 minus the umask, like a plain open().
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Not a `with` here: the file must outlive the block long enough to be renamed.
-    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with handle:
+        with os.fdopen(descriptor, "wb") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(handle.name, path)
+        os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(handle.name)
+            os.unlink(temporary)
         raise
 
 

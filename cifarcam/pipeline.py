@@ -208,8 +208,15 @@ def test_logits(loaded: LoadedRun) -> torch.Tensor:
     return logits
 
 
-def evaluate(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -> dict[str, Any]:
-    """Accuracy, mean loss, per-class accuracy and the confusion matrix on the test set."""
+def evaluate(
+    run: RunDir, checkpoint: str = "last", device_name: str = "auto", tta: bool = True
+) -> dict[str, Any]:
+    """Accuracy, mean loss, per-class accuracy and the confusion matrix on the test set.
+
+    With `tta`, also the accuracy and loss of logits averaged over six views (identity,
+    mirror, and both shifted one pixel up-left and down-right); per-class figures and the
+    confusion matrix are for the single view.
+    """
     loaded = load_run(run, checkpoint, device_name)
     logits = test_logits(loaded)
     labels = loaded.test.labels.cpu()
@@ -231,6 +238,18 @@ def evaluate(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
         "confusion_matrix_rows": "true class",
         "classes": classes,
     }
+    if tta:
+        tta_logits = predict(
+            loaded.model,
+            loaded.test.images,
+            loaded.info.mean,
+            loaded.info.std,
+            amp_dtype=loaded.amp_dtype,
+            tta="flip-translate",
+            channels_last=loaded.channels_last,
+        ).cpu()
+        tta_scores = score(tta_logits, labels)
+        result |= {"accuracy_tta": tta_scores["acc"], "loss_tta": tta_scores["loss"], "tta": "flip-translate"}
     run.write_json(run.evaluation_path, result)
     return result
 

@@ -71,3 +71,23 @@ def test_malformed_config_files(tmp_path: Path, content: str, message: str) -> N
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         read_config_file(tmp_path / "nope.json")
+
+
+def test_presets_and_their_errors() -> None:
+    from cifarcam.config import preset_values
+
+    quick = build_config(preset_values("quick"))
+    assert quick.width < 64 and quick.subset is not None and quick.epochs == 20
+    seeded = build_config(preset_values("seed-albumentations"))
+    names = [t["__class_fullname__"] for t in (seeded.albumentations or {})["transform"]["transforms"]]
+    assert names == ["HorizontalFlip", "Affine", "CoarseDropout"]
+    with pytest.raises(ConfigError, match="unknown preset 'fast'; choose one of: quick, seed-albumentations"):
+        preset_values("fast")
+
+
+def test_a_broken_albumentations_pipeline_is_a_config_error() -> None:
+    broken = {"transform": {"__class_fullname__": "NoSuchTransform", "p": 1.0}}
+    with pytest.raises(
+        ConfigError, match="invalid value for 'albumentations': Value error, not an albumentations pipeline"
+    ):
+        build_config({"albumentations": broken})

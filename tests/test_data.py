@@ -79,6 +79,7 @@ def test_second_load_uses_the_cache_and_changes_invalidate_it(tmp_path: Path) ->
     cv2.imwrite(str(target), np.zeros((32, 32, 3), np.uint8))
     third = load_image_folder(root, cache)
     assert (third.train.images.flatten(1) == 0).all(1).sum() == 1
+    assert len(list((cache / "imagefolder").glob("*.npz"))) == 1  # the stale cache was replaced
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,7 @@ def test_train_evaluate_misclassified_gradcam_plot(cifar_tree: Path, tmp_path: P
     assert evaluation["accuracy"] == pytest.approx(epochs[-1]["test_acc"], abs=2e-3)
     assert evaluation["loss"] == pytest.approx(epochs[-1]["test_loss"], rel=1e-2)
     assert len(evaluation["per_class_accuracy"]) == 10
+    assert 0 <= evaluation["accuracy_tta"] <= 1 and evaluation["loss_tta"] > 0
 
     mistakes = json.loads((run / "misclassified.json").read_text())
     assert len(mistakes) == 10

@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarcam.config import build_config
+from cifarcam.config import AugmentConfig, build_config
 from cifarcam.data import Split, normalize, synthetic_dataset
-from cifarcam.engine import fit, one_cycle, predict, score, train_one_epoch
+from cifarcam.engine import device_batches, fit, make_optimizer, one_cycle, predict, score, train_one_epoch
 from cifarcam.models import build_model
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -19,18 +19,12 @@ def linear_model() -> nn.Module:
 def test_train_loss_is_the_per_sample_mean_over_uneven_batches() -> None:
     data = synthetic_dataset(23, 1)
     model = linear_model()
-    config = build_config(
-        {
-            "batch_size": 10,
-            "label_smoothing": 0.0,
-            "augment": {"flip": False, "translate": 0},
-            "channels_last": False,
-        }
-    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    no_augment = AugmentConfig(flip=False, translate=0, cutout=0)
+    batches = device_batches(data.train, torch.arange(23), 10, MEAN, STD, no_augment, torch.Generator())
     result = train_one_epoch(
-        model, optimizer, scheduler, data.train, config, MEAN, STD, torch.arange(23), torch.Generator(), None
+        model, optimizer, scheduler, batches, 3, torch.device("cpu"), channels_last=False
     )
     with torch.no_grad():
         logits = model(normalize(data.train.images, MEAN, STD))
@@ -42,6 +36,32 @@ def test_train_loss_is_the_per_sample_mean_over_uneven_batches() -> None:
     assert abs(sum(batch_means) / 3 - expected) > 1e-3
     assert result["train_loss"] == pytest.approx(expected, rel=1e-5)
     assert result["train_acc"] == pytest.approx((logits.argmax(1) == data.train.labels).float().mean().item())
+
+
+def test_norm_and_bias_weight_decay_switch() -> None:
+    model = build_model("resnet18", 4)
+    groups = make_optimizer(model, build_config({"decay_norm_and_bias": False})).param_groups
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
+    assert all(p.ndim == 4 or p.ndim == 2 for p in groups[0]["params"])
+    assert all(p.ndim == 1 for p in groups[1]["params"])
+    assert len(make_optimizer(model, build_config({})).param_groups) == 1
+
+
+def test_albumentations_path_trains_and_is_seeded() -> None:
+    from cifarcam.augment import albumentations_loader, seed_project_pipeline
+
+    data = synthetic_dataset(64, 32, seed=4)
+    pipeline = seed_project_pipeline()
+    first = [x for x, _ in albumentations_loader(data.train, pipeline, 16, 0, seed=3)]
+    again = [x for x, _ in albumentations_loader(data.train, pipeline, 16, 0, seed=3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert first[0].dtype == torch.uint8 and first[0].shape == (16, 3, 32, 32)
+    config = build_config(
+        {"epochs": 1, "batch_size": 16, "lr": 0.05, "albumentations": pipeline, "workers": 1}
+    )
+    torch.manual_seed(0)
+    records = list(fit(build_model("resnet18", 4), data.train, data.test, config, MEAN, STD))
+    assert records[0]["train_loss"] > 0 and 0 <= records[0]["test_acc"] <= 1
 
 
 def test_score_is_per_sample() -> None:

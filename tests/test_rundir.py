@@ -98,3 +98,12 @@ def test_start_training_refuses_to_replace_without_overwrite(runs_dir: Path) -> 
     assert run.meta_path.exists()
     run.start_training(overwrite=True)
     assert not run.meta_path.exists()
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "m.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
