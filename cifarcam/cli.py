@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cifarcam import __version__
-from cifarcam.errors import EXIT_RUNTIME, EXIT_SIGINT, CifarcamError
+from cifarcam.errors import EXIT_RUNTIME, EXIT_SIGINT, CifarcamError, TrainingInterrupted, UsageError
 
 app = typer.Typer(
     name="cifarcam",
@@ -150,6 +151,12 @@ def train(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an earlier training of this run.")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue an interrupted run from its last saved state, with its own config."
+        ),
+    ] = False,
 ) -> None:
     """Train a model and write config, metrics and checkpoints into the run directory.
 
@@ -158,38 +165,52 @@ def train(
     from cifarcam import pipeline
     from cifarcam.config import build_config, merge_overrides, preset_values, read_config_file
 
+    overrides = {
+        "data": data,
+        "data_dir": data_dir,
+        "model": model,
+        "width": width,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "subset": subset,
+        "val_split": val_split,
+        "device": device,
+        "seed": seed,
+    }
+
     def action() -> None:
-        base = merge_overrides(
-            preset_values(preset) if preset else {}, read_config_file(config) if config else {}
-        )
-        resolved = build_config(
-            merge_overrides(
-                base,
-                {
-                    "data": data,
-                    "data_dir": data_dir,
-                    "model": model,
-                    "width": width,
-                    "epochs": epochs,
-                    "batch_size": batch_size,
-                    "lr": lr,
-                    "subset": subset,
-                    "val_split": val_split,
-                    "device": device,
-                    "seed": seed,
-                },
-            )
-        )
         rundir = _rundir(runs_dir, run)
-        with _training_progress(resolved.epochs) as callbacks:
-            epochs_done = pipeline.train(
-                resolved,
-                rundir,
-                overwrite=overwrite,
-                command=shlex.join(["cifarcam", *sys.argv[1:]]),
-                callbacks=callbacks,
+        try:
+            train_or_resume(rundir)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(
+                "stopped at once by a second interrupt; the last completed epoch is saved",
+                hint=f"resume with 'cifarcam train --run {run} --resume'",
+                exit_code=EXIT_SIGINT,
+            ) from None
+
+    def train_or_resume(rundir: Any) -> None:
+        command = shlex.join(["cifarcam", *sys.argv[1:]])
+        if resume:
+            given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+            given += ["--preset"] * bool(preset) + ["--config"] * bool(config) + ["--overwrite"] * overwrite
+            if given:
+                raise UsageError(
+                    f"--resume continues with the run's own config.json; leave out {', '.join(given)}"
+                )
+            with _stop_on_signals() as stop, _training_progress() as callbacks:
+                records = pipeline.resume(rundir, command=command, callbacks=callbacks, stop=stop)
+        else:
+            base = merge_overrides(
+                preset_values(preset) if preset else {}, read_config_file(config) if config else {}
             )
-        last = epochs_done[-1]
+            resolved = build_config(merge_overrides(base, overrides))
+            with _stop_on_signals() as stop, _training_progress() as callbacks:
+                records = pipeline.train(
+                    resolved, rundir, overwrite=overwrite, command=command, callbacks=callbacks, stop=stop
+                )
+        last = records[-1]
         console.print(
             f"Finished: test accuracy {last['test_acc']:.2%}, test loss {last['test_loss']:.4f}. "
             f"Run directory: {rundir.path}"
@@ -199,7 +220,28 @@ def train(
 
 
 @contextmanager
-def _training_progress(total_epochs: int) -> Iterator[Any]:
+def _stop_on_signals() -> Iterator[Any]:
+    """First SIGINT/SIGTERM: finish the step, save, exit 130/143. A second one: stop at once."""
+    from cifarcam.pipeline import StopSignal
+
+    stop = StopSignal()
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.signal is not None:
+            raise KeyboardInterrupt
+        stop.signal = signum
+        typer.echo("Stopping after this step and saving (press Ctrl-C again to stop at once)...", err=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
+def _training_progress() -> Iterator[Any]:
     from cifarcam.pipeline import TrainCallbacks
 
     progress = Progress(
@@ -212,22 +254,24 @@ def _training_progress(total_epochs: int) -> Iterator[Any]:
         transient=True,
     )
     task = progress.add_task("epoch 1", total=None, loss="-")
-    epoch = {"n": 1}
+    epoch = {"n": 1, "total": 0}
 
     def on_start(meta: dict[str, Any]) -> None:
+        epoch["n"], epoch["total"] = meta["start_epoch"], meta["epochs"]
+        resumed = f", resuming at epoch {epoch['n']}" if epoch["n"] > 1 else ""
         console.print(
             f"Training on {meta['device']} ({meta['precision']}), {meta['train_images']} training images, "
-            f"{meta['test_images']} test images, data: {meta['data']}"
+            f"{meta['test_images']} test images, data: {meta['data']}{resumed}"
         )
 
     def on_step(step: int, steps: int, loss: float | None) -> None:
-        progress.update(task, completed=step, total=steps, description=f"epoch {epoch['n']}/{total_epochs}")
+        progress.update(task, completed=step, total=steps, description=f"epoch {epoch['n']}/{epoch['total']}")
         if loss is not None:
             progress.update(task, loss=f"{loss:.4f}")
 
     def on_epoch(record: dict[str, float]) -> None:
         line = (
-            f"epoch {int(record['epoch']):>3}/{total_epochs}  lr {record['lr']:.4f}  "
+            f"epoch {int(record['epoch']):>3}/{epoch['total']}  lr {record['lr']:.4f}  "
             f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%}  "
             f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}"
         )

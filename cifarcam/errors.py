@@ -43,3 +43,19 @@ class RunError(CifarcamError):
 
 class CheckpointError(CifarcamError):
     """A checkpoint file is missing, corrupt or does not match the model."""
+
+
+class TrainingDiverged(CifarcamError):
+    """The training loss became NaN or infinite."""
+
+
+class TrainingInterrupted(CifarcamError):
+    """Training stopped on SIGINT/SIGTERM after saving its state (exit 130 or 143)."""
+
+    def __init__(self, message: str, hint: str | None, exit_code: int) -> None:
+        super().__init__(message, hint)
+        self.exit_code = exit_code
+
+
+class RunLocked(RunError):
+    """Another process is training this run."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -57,9 +59,17 @@ class ResNet(nn.Module):
         return self.linear(out)
 
 
+def _closest(name: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(name, choices, n=1)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
 def build_model(name: str, width: int = 64, num_classes: int = 10) -> ResNet:
     if name not in BLOCKS_PER_STAGE:
-        raise UsageError(f"unknown model '{name}'; choose one of: {', '.join(MODEL_NAMES)}")
+        choices = ", ".join(MODEL_NAMES)
+        raise UsageError(
+            f"unknown model '{name}'; choose one of: {choices}{_closest(name, list(MODEL_NAMES))}"
+        )
     return ResNet(BLOCKS_PER_STAGE[name], width=width, num_classes=num_classes)
 
 
@@ -71,5 +81,5 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
     top_level = [child for child, _ in model.named_children()]
     raise UsageError(
         f"unknown layer '{name}'; top-level layers are: {', '.join(top_level)} "
-        "(dotted names like layer4.1.conv2 reach inside them)"
+        f"(dotted names like layer4.1.conv2 reach inside them){_closest(name, list(modules))}"
     )

@@ -6,6 +6,7 @@ Nothing here prints: progress goes out through callbacks, results come back as v
 from __future__ import annotations
 
 import platform
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +24,27 @@ import cifarcam
 from cifarcam import viz
 from cifarcam.cam import CamExtractor
 from cifarcam.config import TrainConfig, config_to_json
-from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, Split, denormalize, load_dataset, normalize, split_train
-from cifarcam.engine import StepCallback, autocast_dtype, fit, predict, resolve_device, score
-from cifarcam.errors import RunError, UsageError
+from cifarcam.data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    Dataset,
+    Split,
+    denormalize,
+    load_dataset,
+    normalize,
+    split_train,
+)
+from cifarcam.engine import (
+    StepCallback,
+    StopRequested,
+    Trainer,
+    autocast_dtype,
+    memory_format,
+    predict,
+    resolve_device,
+    score,
+)
+from cifarcam.errors import CheckpointError, CifarcamError, RunError, TrainingInterrupted, UsageError
 from cifarcam.fileio import atomic_write_bytes, atomic_write_text
 from cifarcam.models import build_model
 from cifarcam.rundir import CheckpointInfo, RunDir, now_iso
@@ -46,97 +65,186 @@ def _precision_name(amp_dtype: torch.dtype | None) -> str:
     return "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
 
 
+@dataclass
+class StopSignal:
+    """Set `signal` (e.g. from a signal handler) to ask training to stop after the current step."""
+
+    signal: int | None = None
+
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+@dataclass
+class _Prepared:
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    dataset: Dataset
+    train: Split
+    validation: Split | None
+
+
+def _prepare(config: TrainConfig) -> _Prepared:
+    """Everything that can fail on bad input, done before the run directory is touched."""
+    device = resolve_device(config.device)
+    dataset = load_dataset(config.data, _data_dir(config))
+    train_split, validation = split_train(
+        dataset.train, len(dataset.classes), config.subset, config.val_split, config.seed
+    )
+    if len(train_split) == 0:
+        raise UsageError("no training images are left after --val-split")
+    return _Prepared(device, autocast_dtype(device, config.precision), dataset, train_split, validation)
+
+
+def _environment(prepared: _Prepared, command: str) -> dict[str, Any]:
+    device = prepared.device
+    return {
+        "cifarcam_version": cifarcam.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "precision": _precision_name(prepared.amp_dtype),
+        "command": command or " ".join(sys.argv),
+        "data": prepared.dataset.source,
+        "classes": prepared.dataset.classes,
+        "train_images": len(prepared.train),
+        "val_images": len(prepared.validation) if prepared.validation is not None else 0,
+        "test_images": len(prepared.dataset.test),
+    }
+
+
 def train(
     config: TrainConfig,
     run: RunDir,
     overwrite: bool = False,
     command: str = "",
     callbacks: TrainCallbacks | None = None,
+    stop: StopSignal | None = None,
 ) -> list[dict[str, float]]:
     """Train a model as configured, writing config, meta, metrics and checkpoints into `run`."""
-    callbacks = callbacks or TrainCallbacks()
-    device = resolve_device(config.device)
-    amp_dtype = autocast_dtype(device, config.precision)
-    dataset = load_dataset(config.data, _data_dir(config))
-    num_classes = len(dataset.classes)
-    train_split, validation = split_train(
-        dataset.train, num_classes, config.subset, config.val_split, config.seed
-    )
-    if len(train_split) == 0:
-        raise UsageError("no training images are left after --val-split")
+    prepared = _prepare(config)
+    with run.lock():
+        run.start_training(overwrite)
+        atomic_write_text(run.config_path, config_to_json(config))
+        run.update_meta(
+            status="running", started_at=now_iso(), ended_at=None, **_environment(prepared, command)
+        )
+        return _train_loop(config, run, prepared, None, callbacks or TrainCallbacks(), stop)
+
+
+def resume(
+    run: RunDir, command: str = "", callbacks: TrainCallbacks | None = None, stop: StopSignal | None = None
+) -> list[dict[str, float]]:
+    """Continue a run from its last saved state (or from the start if none was saved)."""
+    config = read_config(run)
+    prepared = _prepare(config)
+    with run.lock():
+        run.remove_temporaries()
+        state = run.load_state()
+        if state is not None and state[1]["epoch"] >= config.epochs:
+            run.update_meta(status="finished")
+            return list(state[1]["records"])
+        meta = run.read_meta() if run.meta_path.exists() else {}
+        run.update_meta(
+            status="running",
+            started_at=meta.get("started_at") or now_iso(),
+            resumed_at=[*meta.get("resumed_at", []), now_iso()],
+            ended_at=None,
+            error=None,
+            **_environment(prepared, command),
+        )
+        return _train_loop(config, run, prepared, state, callbacks or TrainCallbacks(), stop)
+
+
+def _train_loop(
+    config: TrainConfig,
+    run: RunDir,
+    prepared: _Prepared,
+    state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+    callbacks: TrainCallbacks,
+    stop: StopSignal | None,
+) -> list[dict[str, float]]:
+    device, dataset = prepared.device, prepared.dataset
     # CIFAR-10's official statistics for every source; each checkpoint keeps its own copy.
     mean, std = CIFAR10_MEAN, CIFAR10_STD
-
-    run.start_training(overwrite)
-    atomic_write_text(run.config_path, config_to_json(config))
-    meta = run.update_meta(
-        status="running",
-        started_at=now_iso(),
-        ended_at=None,
-        cifarcam_version=cifarcam.__version__,
-        torch_version=torch.__version__,
-        python_version=platform.python_version(),
-        device=str(device),
-        device_name=torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        precision=_precision_name(amp_dtype),
-        command=command or " ".join(sys.argv),
-        data=dataset.source,
-        classes=dataset.classes,
-        train_images=len(train_split),
-        val_images=len(validation) if validation is not None else 0,
-        test_images=len(dataset.test),
-    )
-    if callbacks.on_start:
-        callbacks.on_start(meta)
-
     torch.manual_seed(config.seed)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = build_model(config.model, config.width, num_classes).to(device).to(memory_format=memory_format)
+    layout = memory_format(device, prepared.amp_dtype, config.channels_last)
+    model = build_model(config.model, config.width, len(dataset.classes)).to(device).to(memory_format=layout)
+    validation = prepared.validation.to(device) if prepared.validation is not None else None
+    trainer = Trainer(
+        model,
+        prepared.train.to(device),
+        dataset.test.to(device),
+        config,
+        mean,
+        std,
+        validation,
+        prepared.amp_dtype,
+    )
     header = {
         "model": config.model,
         "width": config.width,
-        "num_classes": num_classes,
+        "num_classes": len(dataset.classes),
         "classes": dataset.classes,
         "mean": list(mean),
         "std": list(std),
     }
-    epochs: list[dict[str, float]] = []
+
+    def save_epoch_end(best_val: float) -> float:
+        """The state first (the commit point of an epoch), then what is derived from it."""
+        run.save_state(*trainer.state())
+        epoch_header = header | {"epoch": trainer.epoch}
+        run.save_checkpoint("last", model, epoch_header)
+        val_acc = trainer.records[-1].get("val_acc", -1.0)
+        if validation is not None and val_acc > best_val:
+            run.save_checkpoint("best", model, epoch_header)
+            best_val = val_acc
+        run.write_json(run.metrics_path, {"epochs": trainer.records})
+        return best_val
+
     best_val = -1.0
+    if state is not None:
+        trainer.load_state(*state)
+        earlier = [r["val_acc"] for r in trainer.records[:-1] if "val_acc" in r]
+        best_val = max(earlier, default=-1.0)
+        if trainer.partial is None and trainer.records:
+            best_val = save_epoch_end(best_val)  # heal files a kill may have left one epoch behind
+        else:
+            best_val = max([best_val] + [r["val_acc"] for r in trainer.records[-1:] if "val_acc" in r])
+    if callbacks.on_start:
+        callbacks.on_start(run.read_meta() | {"start_epoch": trainer.epoch + 1, "epochs": config.epochs})
     try:
-        for record in fit(
-            model,
-            train_split.to(device),
-            dataset.test.to(device),
-            config,
-            mean,
-            std,
-            validation=validation.to(device) if validation is not None else None,
-            amp_dtype=amp_dtype,
-            on_step=callbacks.on_step,
-        ):
-            epochs.append(record)
-            run.save_checkpoint("last", model, header | {"epoch": record["epoch"]})
-            if validation is not None and record["val_acc"] > best_val:
-                best_val = record["val_acc"]
-                run.save_checkpoint("best", model, header | {"epoch": record["epoch"]})
-            run.write_json(run.metrics_path, {"epochs": epochs})
+        for record in trainer.epochs(callbacks.on_step, stop.requested if stop else None):
+            best_val = save_epoch_end(best_val)
             if callbacks.on_epoch:
                 callbacks.on_epoch(record)
+    except StopRequested:
+        signal_number = stop.signal if stop and stop.signal else signal.SIGINT
+        name = signal.Signals(signal_number).name
+        where = f"after epoch {trainer.epoch}"
+        if trainer.partial is not None:
+            run.save_state(*trainer.state())  # mid-epoch: resume continues at the next step
+            where = f"at epoch {trainer.partial.epoch}, step {trainer.partial.tally.steps}"
+        run.update_meta(
+            status="interrupted", ended_at=now_iso(), completed_epochs=trainer.epoch, interrupted_by=name
+        )
+        raise TrainingInterrupted(
+            f"interrupted by {name} {where}; the training state is saved",
+            hint=f"resume with 'cifarcam train --run {run.name} --resume'",
+            exit_code=128 + int(signal_number),
+        ) from None
     except KeyboardInterrupt:
-        run.update_meta(status="interrupted", ended_at=now_iso(), completed_epochs=len(epochs))
+        run.update_meta(status="interrupted", ended_at=now_iso(), completed_epochs=trainer.epoch)
         raise
     except BaseException as error:
-        run.update_meta(
-            status="failed",
-            ended_at=now_iso(),
-            completed_epochs=len(epochs),
-            error=f"{type(error).__name__}: {error}",
-        )
+        reason = error.message if isinstance(error, CifarcamError) else f"{type(error).__name__}: {error}"
+        run.update_meta(status="failed", ended_at=now_iso(), completed_epochs=trainer.epoch, error=reason)
         raise
-    run.update_meta(status="finished", ended_at=now_iso(), completed_epochs=len(epochs))
-    return epochs
+    run.update_meta(status="finished", ended_at=now_iso(), completed_epochs=trainer.epoch)
+    return trainer.records
 
 
 # -- commands over a trained run --------------------------------------------------------
@@ -169,18 +277,20 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
     device = resolve_device(device_name)
     model, info = run.load_model(checkpoint)
     config = read_config(run)
+    if (info.model, info.width) != (config.model, config.width):
+        raise CheckpointError(
+            f"checkpoint '{run.checkpoint_path(checkpoint)}' holds {info.model} width {info.width}, "
+            f"but the run's config.json says {config.model} width {config.width}"
+        )
     dataset = load_dataset(config.data, _data_dir(config))
     if dataset.classes != info.classes:
         raise RunError(
             f"the data at '{config.data}' has classes {dataset.classes}, "
             f"but the checkpoint was trained on {info.classes}"
         )
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = model.to(device).to(memory_format=memory_format).eval()
-    test = dataset.test.to(device)
-    return LoadedRun(
-        run, model, info, test, device, autocast_dtype(device, config.precision), config.channels_last
-    )
+    amp_dtype = autocast_dtype(device, config.precision)
+    model = model.to(device).to(memory_format=memory_format(device, amp_dtype, config.channels_last)).eval()
+    return LoadedRun(run, model, info, dataset.test.to(device), device, amp_dtype, config.channels_last)
 
 
 def test_logits(loaded: LoadedRun) -> torch.Tensor:

@@ -8,26 +8,32 @@ Every file is written atomically, so a reader never sees half a file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from cifarcam.errors import CheckpointError, RunError, UsageError
+from cifarcam.errors import CheckpointError, RunError, RunLocked, UsageError
 from cifarcam.fileio import atomic_write_bytes, atomic_write_json
 from cifarcam.models import build_model
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 CHECKPOINT_FORMAT = "cifarcam-checkpoint/1"
+STATE_FORMAT = "cifarcam-training-state/1"
 CHECKPOINT_KINDS = ("last", "best")
 
 
@@ -125,6 +131,72 @@ class RunDir:
         meta.update(fields)
         self.write_json(self.meta_path, meta)
         return meta
+
+    # -- one writer per run ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on this run for the block (fcntl, next to the run directory).
+
+        The kernel drops the lock when its process dies, so a lock left by a killed process is
+        simply taken over; the file only records who holds it.
+        """
+        try:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(self.runs_dir / f".{self.name}.lock", "a+")  # noqa: SIM115
+        except OSError as error:
+            raise RunError(f"cannot use runs directory '{self.runs_dir}': {error.strerror}") from None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise RunLocked(
+                    f"run '{self.name}' is being trained by another process (pid {holder})",
+                    hint="wait for it to finish, or stop it first",
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                handle.truncate()
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def remove_temporaries(self) -> None:
+        """Delete temporary files a killed writer left behind (call while holding the lock)."""
+        if self.path.is_dir():
+            for leftover in self.path.rglob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
+
+    # -- full training state (for --resume) ---------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.checkpoints_dir / "state.safetensors"
+
+    def save_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        metadata = {"format": STATE_FORMAT, "state": json.dumps(meta)}
+        atomic_write_bytes(self.state_path, save_safetensors(tensors, metadata=metadata))
+
+    def load_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The saved training state, or None when no epoch has been saved yet."""
+        if not self.state_path.exists():
+            return None
+        try:
+            data = self.state_path.read_bytes()
+            tensors = load_safetensors(data)
+            raw = _read_header_metadata(data)
+            if raw.get("format") != STATE_FORMAT:
+                raise ValueError("not a cifarcam training state")
+            meta = json.loads(raw["state"])
+        except (SafetensorError, ValueError, KeyError, OSError) as error:
+            raise CheckpointError(
+                f"training state '{self.state_path}' is corrupt or truncated ({error})"
+            ) from None
+        return tensors, meta
 
     # -- checkpoints -------------------------------------------------------------------
     def checkpoint_path(self, kind: str) -> Path:

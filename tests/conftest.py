@@ -9,8 +9,15 @@ from pathlib import Path
 
 import cv2
 import pytest
+from hypothesis import HealthCheck, settings
 
 from cifarcam.data import Dataset, synthetic_dataset
+
+# Reproducible property tests on a shared, noisy 2-core machine: fixed examples, no deadline.
+settings.register_profile(
+    "cifarcam", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("cifarcam")
 
 SHARED_TARBALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 

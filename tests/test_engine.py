@@ -137,3 +137,105 @@ def test_bf16_forward_matches_fp32_within_tolerance() -> None:
 def test_splits_are_dataclasses_of_tensors() -> None:
     split = Split(torch.zeros(3, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1, 2]))
     assert len(split.select(torch.tensor([2]))) == 1
+
+
+class NanAfter(nn.Module):
+    """A ResNet whose training forward passes turn NaN from the `after`-th one on (fault injection)."""
+
+    def __init__(self, after: int, width: int = 4) -> None:
+        super().__init__()
+        self.inner = build_model("resnet18", width)
+        self.after = after
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.after:
+                out = out * float("nan")
+        return out
+
+
+def test_divergence_names_epoch_and_step() -> None:
+    from cifarcam.engine import Trainer
+    from cifarcam.errors import TrainingDiverged
+
+    data = synthetic_dataset(100, 20, seed=4)
+    config = build_config({"epochs": 3, "batch_size": 25, "lr": 0.05, "width": 4})
+    trainer = Trainer(NanAfter(after=7), data.train, data.test, config, MEAN, STD)
+    epochs = trainer.epochs()
+    assert next(epochs)["epoch"] == 1  # 4 steps of 25: fine
+    with pytest.raises(TrainingDiverged) as caught:
+        next(epochs)
+    assert caught.value.message == "training diverged: the loss became NaN or infinite at epoch 2, step 3"
+    assert caught.value.hint == "try a lower learning rate (--lr, now 0.05)"
+
+
+def test_divergence_keeps_the_last_good_checkpoint_and_marks_the_run_failed(
+    tmp_path, synthetic_tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    import cifarcam.pipeline as pipeline
+    from cifarcam.cli import app
+
+    monkeypatch.setattr(pipeline, "build_model", lambda name, width, classes: NanAfter(after=6, width=width))
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--run",
+            "r",
+            "--runs-dir",
+            str(runs),
+            "--data",
+            str(synthetic_tree),
+            "--width",
+            "4",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "100",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "Error: training diverged: the loss became NaN or infinite at epoch 2, step 2",
+        "Hint: try a lower learning rate (--lr, now 0.4)",
+    ]
+    meta = json.loads((runs / "r" / "meta.json").read_text())
+    assert meta["status"] == "failed" and meta["error"].startswith("training diverged")
+    assert [e["epoch"] for e in json.loads((runs / "r" / "metrics.json").read_text())["epochs"]] == [1]
+    from safetensors.torch import load_file
+
+    weights = load_file(runs / "r" / "checkpoints" / "last.safetensors")
+    assert all(torch.isfinite(w.float()).all() for w in weights.values())
+
+
+def test_fp32_on_cpu_survives_odd_batches_with_channels_last_requested() -> None:
+    """torch 2.14.1 corrupts the heap training fp32 channels_last convs on the CPU with odd
+    batches (width 8, batch 33 crashed here); cifarcam must fall back to NCHW there. Run in a
+    subprocess so a crash fails this test instead of killing the test session."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from cifarcam.config import build_config\n"
+        "from cifarcam.data import synthetic_dataset\n"
+        "from cifarcam.engine import fit\n"
+        "from cifarcam.models import build_model\n"
+        "data = synthetic_dataset(99, 20, seed=4)\n"
+        "config = build_config({'epochs': 2, 'batch_size': 33, 'width': 8, 'lr': 0.05, 'channels_last': True})\n"
+        "records = list(fit(build_model('resnet18', 8), data.train, data.test, config, (0.5,) * 3, (0.25,) * 3))\n"
+        "print(len(records))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "2"

@@ -1,0 +1,418 @@
+"""Every bad input gets one clear line and a documented exit code; nothing earlier is lost.
+
+The table below is the one in the README ("Bad inputs"). Each case runs the real CLI on real
+files: a trained run (copied per case), the synthetic image tree, damaged copies of them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import copy_tree
+from typer.testing import CliRunner
+
+from cifarcam.cli import app
+from cifarcam.rundir import RunDir
+
+runner = CliRunner()
+
+
+def damage_tree(tree: Path, how: str) -> None:
+    cls = tree / "train" / "class1"
+    if how == "no_test":
+        shutil.rmtree(tree / "test")
+    elif how == "mismatch":
+        (tree / "test" / "class1").rename(tree / "test" / "klass1")
+    elif how == "non_image":
+        (cls / "notes.txt").write_text("not an image")
+    elif how == "wrong_size":
+        cv2.imwrite(str(cls / "big.png"), np.zeros((64, 48, 3), np.uint8))
+    elif how == "empty":
+        for folder in (tree / "train").iterdir():
+            shutil.rmtree(folder)
+            folder.mkdir()
+
+
+def damage_run(run: Path, how: str) -> None:
+    checkpoint = run / "checkpoints" / "last.safetensors"
+    if how == "truncated":
+        checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    elif how == "garbage":
+        checkpoint.write_bytes(b"\x00" * 64)
+    elif how == "other_width":
+        config = json.loads((run / "config.json").read_text())
+        config["width"] = 16
+        (run / "config.json").write_text(json.dumps(config))
+    elif how == "bad_config":
+        (run / "config.json").write_text("{")
+    elif how == "no_metrics":
+        (run / "metrics.json").unlink()
+    elif how == "corrupt_state":
+        (run / "checkpoints" / "state.safetensors").write_bytes(b"junk")
+        meta = json.loads((run / "meta.json").read_text())
+        (run / "meta.json").write_text(json.dumps(meta | {"status": "interrupted"}))
+
+
+# (id, what to prepare, arguments, exit code, first line of stderr). Placeholders: {runs} the
+# runs root (holding the trained run 'tiny'), {tree} a copy of the synthetic image tree,
+# {tmp} a scratch folder.
+CASES = [
+    ("missing run", None, "evaluate --run nope", 1, "Error: run 'nope' does not exist in '{runs}'"),
+    (
+        "run name with /",
+        None,
+        "train --run a/b --data {tree}",
+        2,
+        "Error: invalid run name 'a/b': use letters, digits, '.', '_' and '-' (starting with a letter or digit, no '..', at most 100 characters)",
+    ),
+    (
+        "run name ..",
+        None,
+        "evaluate --run ..",
+        2,
+        "Error: invalid run name '..': use letters, digits, '.', '_' and '-' (starting with a letter or digit, no '..', at most 100 characters)",
+    ),
+    (
+        "run name ../escape",
+        None,
+        "train --run ../escape --data {tree}",
+        2,
+        "Error: invalid run name '../escape': use letters, digits, '.', '_' and '-' (starting with a letter or digit, no '..', at most 100 characters)",
+    ),
+    (
+        "unknown model",
+        None,
+        "train --run r --data {tree} --model resnet19",
+        2,
+        "Error: invalid value for 'model': Input should be 'resnet18' or 'resnet34' (got 'resnet19')",
+    ),
+    (
+        "unknown layer",
+        None,
+        "gradcam --run tiny --layer layer5",
+        2,
+        "Error: unknown layer 'layer5'; top-level layers are: conv1, bn1, layer1, layer2, layer3, layer4, linear (dotted names like layer4.1.conv2 reach inside them); did you mean 'layer4'?",
+    ),
+    (
+        "truncated checkpoint",
+        "run:truncated",
+        "evaluate --run tiny",
+        1,
+        "Error: checkpoint '{runs}/tiny/checkpoints/last.safetensors' is corrupt or truncated",
+    ),
+    (
+        "garbage checkpoint",
+        "run:garbage",
+        "gradcam --run tiny",
+        1,
+        "Error: checkpoint '{runs}/tiny/checkpoints/last.safetensors' is corrupt or truncated",
+    ),
+    (
+        "checkpoint of another width",
+        "run:other_width",
+        "misclassified --run tiny",
+        1,
+        "Error: checkpoint '{runs}/tiny/checkpoints/last.safetensors' holds resnet18 width 8, but the run's config.json says resnet18 width 16",
+    ),
+    (
+        "malformed config JSON",
+        "file:{",
+        "train --run r --data {tree} --config {tmp}/c.json",
+        2,
+        "Error: config file '{tmp}/c.json' is not valid JSON: Expecting property name enclosed in double quotes at line 1",
+    ),
+    (
+        "config with an unknown key",
+        'file:{"epochs": 2, "optimiser": "adam"}',
+        "train --run r --config {tmp}/c.json",
+        2,
+        "Error: unknown config field 'optimiser'",
+    ),
+    (
+        "out-of-range value",
+        None,
+        "train --run r --data {tree} --epochs 0",
+        2,
+        "Error: invalid value for 'epochs': Input should be greater than or equal to 1 (got 0)",
+    ),
+    (
+        "negative learning rate",
+        None,
+        "train --run r --data {tree} --lr -0.1",
+        2,
+        "Error: invalid value for 'lr': Input should be greater than 0 (got -0.1)",
+    ),
+    (
+        "image folder without test/",
+        "tree:no_test",
+        "train --run r --data {tree}",
+        1,
+        "Error: data folder '{tree}' has no 'test/' folder",
+    ),
+    (
+        "mismatched class folders",
+        "tree:mismatch",
+        "train --run r --data {tree}",
+        1,
+        "Error: class folders differ between '{tree}/train' and '{tree}/test': ['class0', 'class1', 'class2', 'class3', 'class4', 'class5', 'class6', 'class7', 'class8', 'class9'] vs ['class0', 'class2', 'class3', 'class4', 'class5', 'class6', 'class7', 'class8', 'class9', 'klass1']",
+    ),
+    (
+        "non-image file",
+        "tree:non_image",
+        "train --run r --data {tree}",
+        1,
+        "Error: '{tree}/train/class1/notes.txt' is not a readable image",
+    ),
+    (
+        "wrong-size image",
+        "tree:wrong_size",
+        "train --run r --data {tree}",
+        1,
+        "Error: '{tree}/train/class1/big.png' is not a 32x32 8-bit RGB image (shape (64, 48, 3), uint8)",
+    ),
+    (
+        "empty image folder",
+        "tree:empty",
+        "train --run r --data {tree}",
+        1,
+        "Error: '{tree}/train' holds no images",
+    ),
+    (
+        "missing data folder",
+        None,
+        "train --run r --data {tmp}/nowhere",
+        1,
+        "Error: data folder '{tmp}/nowhere' does not exist",
+    ),
+    ("--count larger than the mistakes", None, "misclassified --run tiny --count 100000", 1, "Error: only "),
+    ("--count 0", None, "gradcam --run tiny --count 0", 2, "Error: --count must be at least 1"),
+    (
+        "--subset larger than the data",
+        None,
+        "train --run r --data {tree} --subset 5000",
+        2,
+        "Error: --subset 5000 is larger than the 400 training images",
+    ),
+    (
+        "--val-split larger than the data",
+        None,
+        "train --run r --data {tree} --val-split 500",
+        2,
+        "Error: --val-split 500 is larger than the 400 training images",
+    ),
+    (
+        "no training images left",
+        None,
+        "train --run r --data {tree} --val-split 400",
+        2,
+        "Error: no training images are left after --val-split",
+    ),
+    (
+        "unknown checkpoint name",
+        None,
+        "evaluate --run tiny --checkpoint newest",
+        2,
+        "Error: unknown checkpoint 'newest'; choose one of: last, best",
+    ),
+    ("gradcam before train", "empty_run", "gradcam --run fresh", 1, "Error: run 'fresh' has no checkpoint"),
+    ("plot before train", "empty_run", "plot --run fresh", 1, "Error: run 'fresh' has no metrics.json"),
+    (
+        "corrupt config.json in a run",
+        "run:bad_config",
+        "evaluate --run tiny",
+        1,
+        "Error: '{runs}/tiny/config.json' is not valid JSON",
+    ),
+    (
+        "retrain a finished run",
+        None,
+        "train --run tiny --data {tree}",
+        1,
+        "Error: run 'tiny' already has a training (status: finished)",
+    ),
+    (
+        "--resume with other options",
+        None,
+        "train --run tiny --resume --epochs 5",
+        2,
+        "Error: --resume continues with the run's own config.json; leave out --epochs",
+    ),
+    (
+        "--resume of a missing run",
+        None,
+        "train --run ghost --resume",
+        1,
+        "Error: run 'ghost' does not exist in '{runs}'",
+    ),
+    (
+        "--resume from a corrupt state",
+        "run:corrupt_state",
+        "train --run tiny --resume",
+        1,
+        "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated",
+    ),
+    (
+        "runs directory is a file",
+        "runs_is_file",
+        "train --run r --data {tree} --runs-dir {tmp}/file",
+        1,
+        "Error: cannot use runs directory '{tmp}/file': File exists",
+    ),
+    (
+        "unknown preset",
+        None,
+        "train --run r --preset turbo",
+        2,
+        "Error: unknown preset 'turbo'; choose one of: quick, seed-albumentations",
+    ),
+]
+if not torch.cuda.is_available():
+    CASES.append(
+        (
+            "--device cuda without a GPU",
+            None,
+            "train --run r --data {tree} --device cuda",
+            2,
+            "Error: --device cuda was asked for, but no CUDA GPU is available",
+        )
+    )
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(("case", "prepare", "args", "code", "line"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input(
+    case: str,
+    prepare: str | None,
+    args: str,
+    code: int,
+    line: str,
+    tmp_path: Path,
+    trained_runs: Path,
+    synthetic_tree: Path,
+) -> None:
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    tree = copy_tree(synthetic_tree, tmp_path / "tree")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    kind, _, detail = (prepare or "").partition(":")
+    if kind == "run":
+        damage_run(runs / "tiny", detail)
+    elif kind == "tree":
+        damage_tree(tree, detail)
+    elif kind == "file":
+        (scratch / "c.json").write_text(detail)
+    elif kind == "empty_run":
+        (runs / "fresh").mkdir()
+    elif kind == "runs_is_file":
+        (scratch / "file").write_text("")
+    before = snapshot(runs)
+    values = {"runs": runs, "tree": tree, "tmp": scratch}
+    argv = [part.format(**values) for part in args.split()]
+    if "--runs-dir" not in argv:
+        argv += ["--runs-dir", str(runs)]
+    result = runner.invoke(app, argv)
+    assert "Traceback" not in result.output
+    assert result.exit_code == code, result.output
+    first = result.stderr.splitlines()[0]
+    assert first.startswith(line.format(**values)), first
+    # No bad input changes or removes anything the runs root held; the only files it may add
+    # are lock files and the test-set prediction cache.
+    after = snapshot(runs)
+    assert {k: after.get(k) for k in before} == before
+    assert all(k.endswith((".lock", "predictions.safetensors")) for k in set(after) - set(before))
+
+
+def test_a_run_being_trained_is_locked(trained_runs: Path, tmp_path: Path, synthetic_tree: Path) -> None:
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    with RunDir(runs, "busy").lock():
+        result = runner.invoke(
+            app, ["train", "--run", "busy", "--runs-dir", str(runs), "--data", str(synthetic_tree)]
+        )
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0].startswith(
+        "Error: run 'busy' is being trained by another process (pid "
+    )
+
+
+def test_a_stale_lock_is_taken_over(tmp_path: Path, synthetic_tree: Path) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / ".r.lock").write_text("999999")  # left by a process that died: nobody holds the flock
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--run",
+            "r",
+            "--runs-dir",
+            str(runs),
+            "--data",
+            str(synthetic_tree),
+            "--width",
+            "4",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "100",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((runs / "r" / "meta.json").read_text())["status"] == "finished"
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(
+    tmp_path: Path, synthetic_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full while saving epoch 2: epoch 1's files survive whole, no temporary file is left."""
+    import cifarcam.fileio as fileio
+
+    runs = tmp_path / "runs"
+    real_fsync = fileio.os.fsync
+    calls = {"n": 0}
+
+    def fsync(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] > 6:  # config, meta, then state/last/metrics of epoch 1 succeed
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--run",
+            "r",
+            "--runs-dir",
+            str(runs),
+            "--data",
+            str(synthetic_tree),
+            "--width",
+            "4",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "100",
+            "--device",
+            "cpu",
+        ],
+    )
+    monkeypatch.setattr(fileio.os, "fsync", real_fsync)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0].startswith("Error: No space left on device")
+    run = RunDir(runs, "r")
+    _, info = run.load_model("last")
+    assert info.epoch == 1
+    assert [e["epoch"] for e in json.loads(run.metrics_path.read_text())["epochs"]] == [1]
+    assert not list(run.path.rglob("*.tmp"))
