@@ -92,3 +92,13 @@ def test_best_checkpoint_with_val_split_and_evaluate_output(trained_runs: Path, 
 def test_version() -> None:
     result = invoke("--version")
     assert result.exit_code == 0 and result.stdout.startswith("cifarcam ")
+
+
+def test_resume_of_a_finished_run_changes_nothing(trained_runs: Path, tmp_path: Path) -> None:
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    before = (runs / "tiny" / "metrics.json").read_text()
+    result = invoke("train", "--run", "tiny", "--runs-dir", str(runs), "--resume")
+    assert result.exit_code == 0, result.output
+    assert "Finished: test accuracy" in result.stdout
+    assert (runs / "tiny" / "metrics.json").read_text() == before
+    assert json.loads((runs / "tiny" / "meta.json").read_text())["status"] == "finished"
