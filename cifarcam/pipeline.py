@@ -208,12 +208,12 @@ def _train_loop(
     best_val = -1.0
     if state is not None:
         trainer.load_state(*state)
-        earlier = [r["val_acc"] for r in trainer.records[:-1] if "val_acc" in r]
-        best_val = max(earlier, default=-1.0)
+        val_accs = [record.get("val_acc", -1.0) for record in trainer.records]
         if trainer.partial is None and trainer.records:
-            best_val = save_epoch_end(best_val)  # heal files a kill may have left one epoch behind
+            # A kill between the state and the files derived from it leaves them one epoch behind.
+            best_val = save_epoch_end(max(val_accs[:-1], default=-1.0))
         else:
-            best_val = max([best_val] + [r["val_acc"] for r in trainer.records[-1:] if "val_acc" in r])
+            best_val = max(val_accs, default=-1.0)
     if callbacks.on_start:
         callbacks.on_start(run.read_meta() | {"start_epoch": trainer.epoch + 1, "epochs": config.epochs})
     try:

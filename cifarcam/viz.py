@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import cv2
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from cifarcam.fileio import atomic_write_bytes
 
@@ -50,6 +52,7 @@ def plot_curves(epochs: Sequence[dict[str, Any]], loss_path: Path, accuracy_path
                 scale = 100.0 if metric == "acc" else 1.0
                 axes.plot(xs, [record[key] * scale for record in epochs], marker="o", label=split)
         axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel(label + (" (%)" if metric == "acc" else ""))
         axes.set_title(("Loss" if metric == "loss" else "Accuracy") + " per epoch")
         axes.grid(True, alpha=0.3)
@@ -76,7 +79,7 @@ def misclassified_gallery(
         if index < count:
             ax.imshow(to_hwc(images[index]), interpolation="nearest")
             ax.set_title(f"true: {true[index]}\npred: {pred[index]} ({confidence[index]:.0%})", fontsize=8)
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(textwrap.fill(title, 70), fontsize=9)
     save_figure(figure, path)
 
 
@@ -106,5 +109,5 @@ def cam_gallery(
             ax.imshow(tile, interpolation="nearest")
             ax.set_title(label, fontsize=8)
             ax.axis("off")
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(textwrap.fill(title, 45), fontsize=9)
     save_figure(figure, path)

@@ -239,3 +239,18 @@ def test_fp32_on_cpu_survives_odd_batches_with_channels_last_requested() -> None
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "2"
+
+
+def test_compile_flag_trains_the_same_parameters() -> None:
+    """torch.compile (inductor, needs a C compiler; about a minute on 2 cores) wraps the model for
+    the training steps only; the weights it updates are the model's own, so checkpoints are unchanged."""
+    data = synthetic_dataset(64, 32, seed=4)
+    config = build_config({"epochs": 1, "batch_size": 32, "width": 4, "lr": 0.05, "compile": True})
+    torch.manual_seed(0)
+    model = build_model("resnet18", 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    records = list(fit(model, data.train, data.test, config, MEAN, STD, amp_dtype=torch.bfloat16))
+    assert torch.isfinite(torch.tensor(records[0]["train_loss"]))
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert not torch.equal(after["conv1.weight"], before["conv1.weight"])
