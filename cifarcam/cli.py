@@ -185,7 +185,7 @@ def train(
             train_or_resume(rundir)
         except KeyboardInterrupt:
             raise TrainingInterrupted(
-                "stopped at once by a second interrupt; the last completed epoch is saved",
+                "stopped at once by a second interrupt; the last saved epoch, if any, is kept",
                 hint=f"resume with 'cifarcam train --run {run} --resume'",
                 exit_code=EXIT_SIGINT,
             ) from None

@@ -38,6 +38,7 @@ from cifarcam.engine import (
     StepCallback,
     StopRequested,
     Trainer,
+    Tta,
     autocast_dtype,
     memory_format,
     predict,
@@ -260,6 +261,18 @@ class LoadedRun:
     amp_dtype: torch.dtype | None
     channels_last: bool
 
+    def predict_test(self, tta: Tta = "none") -> torch.Tensor:
+        """Float32 logits (N, C) on the CPU for the whole test set."""
+        return predict(
+            self.model,
+            self.test.images,
+            self.info.mean,
+            self.info.std,
+            amp_dtype=self.amp_dtype,
+            tta=tta,
+            channels_last=self.channels_last,
+        ).cpu()
+
 
 def read_config(run: RunDir) -> TrainConfig:
     run.require()
@@ -305,14 +318,7 @@ def test_logits(loaded: LoadedRun) -> torch.Tensor:
                 return logits
         except (SafetensorError, OSError):
             pass  # a bad cache is recomputed and replaced
-    logits = predict(
-        loaded.model,
-        loaded.test.images,
-        loaded.info.mean,
-        loaded.info.std,
-        amp_dtype=loaded.amp_dtype,
-        channels_last=loaded.channels_last,
-    ).cpu()
+    logits = loaded.predict_test()
     metadata = {"checkpoint_id": loaded.info.checkpoint_id}
     atomic_write_bytes(cache, save_safetensors({"logits": logits.contiguous()}, metadata=metadata))
     return logits
@@ -349,15 +355,7 @@ def evaluate(
         "classes": classes,
     }
     if tta:
-        tta_logits = predict(
-            loaded.model,
-            loaded.test.images,
-            loaded.info.mean,
-            loaded.info.std,
-            amp_dtype=loaded.amp_dtype,
-            tta="flip-translate",
-            channels_last=loaded.channels_last,
-        ).cpu()
+        tta_logits = loaded.predict_test(tta="flip-translate")
         tta_scores = score(tta_logits, labels)
         result |= {"accuracy_tta": tta_scores["acc"], "loss_tta": tta_scores["loss"], "tta": "flip-translate"}
     run.write_json(run.evaluation_path, result)
