@@ -1,6 +1,7 @@
 """The CLI's contract: help everywhere, exact error lines, documented exit codes, no tracebacks."""
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,66 @@ def test_resume_of_a_finished_run_changes_nothing(trained_runs: Path, tmp_path: 
     assert "Finished: test accuracy" in result.stdout
     assert (runs / "tiny" / "metrics.json").read_text() == before
     assert json.loads((runs / "tiny" / "meta.json").read_text())["status"] == "finished"
+
+
+def test_first_signal_asks_to_stop_and_a_second_stops_at_once() -> None:
+    import os
+    import signal
+
+    from cifarcam.cli import _stop_on_signals
+
+    with _stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal == signal.SIGTERM and stop.requested()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_an_immediate_stop_marks_the_run_interrupted_and_keeps_the_last_epoch(
+    tmp_path: Path, synthetic_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cifarcam.cli as cli
+
+    real = cli._training_progress
+
+    @contextmanager
+    def progress_that_is_interrupted():  # a second Ctrl-C arriving right after epoch 1
+        with real() as callbacks:
+
+            def on_epoch(record: dict) -> None:
+                raise KeyboardInterrupt
+
+            callbacks.on_epoch = on_epoch
+            yield callbacks
+
+    monkeypatch.setattr(cli, "_training_progress", progress_that_is_interrupted)
+    runs = tmp_path / "runs"
+    result = invoke(
+        "train",
+        "--run",
+        "r",
+        "--runs-dir",
+        str(runs),
+        "--data",
+        str(synthetic_tree),
+        "--width",
+        "4",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "100",
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 130
+    assert result.stderr.splitlines() == [
+        "Error: stopped at once by a second interrupt; the last saved epoch, if any, is kept",
+        "Hint: resume with 'cifarcam train --run r --resume'",
+    ]
+    meta = json.loads((runs / "r" / "meta.json").read_text())
+    assert meta["status"] == "interrupted" and meta["completed_epochs"] == 1
+    monkeypatch.setattr(cli, "_training_progress", real)
+    resumed = invoke("train", "--run", "r", "--runs-dir", str(runs), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert [e["epoch"] for e in json.loads((runs / "r" / "metrics.json").read_text())["epochs"]] == [1, 2, 3]
