@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarcam.augment import albumentations_loader, augment_batch
+from cifarcam.augment import augment_batch
 from cifarcam.config import AugmentConfig, TrainConfig
 from cifarcam.data import Split, normalize
-from cifarcam.errors import TrainingDiverged, UsageError
+from cifarcam.errors import UsageError
 
 StepCallback = Callable[[int, int, float | None], None]  # (step, steps, running loss or None)
 Tta = Literal["none", "flip", "flip-translate"]
@@ -124,10 +123,6 @@ class NonFiniteLoss(Exception):
     def __init__(self, step: int) -> None:
         super().__init__(f"non-finite loss at step {step}")
         self.step = step
-
-
-class StopRequested(Exception):
-    """Raised by `Trainer.epochs` when `should_stop` asked for a stop in the middle of an epoch."""
 
 
 @dataclass
@@ -276,227 +271,3 @@ def score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     loss = F.cross_entropy(logits, labels, reduction="sum").item() / len(labels)
     accuracy = (logits.argmax(1) == labels).double().mean().item()
     return {"loss": loss, "acc": accuracy}
-
-
-def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    """A distinct, reproducible seed per (run seed, epoch, stream): epochs need no saved RNG state."""
-    return (seed * 1_000_003 + epoch * 7_919 + stream) % 2**63
-
-
-@dataclass
-class PartialEpoch:
-    """Where an epoch stopped on request: enough to finish it exactly as if never stopped."""
-
-    epoch: int
-    order: torch.Tensor
-    tally: Tally
-    augment_generator: torch.Generator
-    started_s: float  # training seconds already spent in this epoch
-
-
-class Trainer:
-    """One training run: model, optimizer, LR schedule and random streams.
-
-    `epochs()` yields one flat metrics record per epoch; `state()`/`load_state()` capture
-    everything needed to continue bit-for-bit, between epochs or in the middle of one.
-    The splits must already be on the training device.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        train: Split,
-        test: Split,
-        config: TrainConfig,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        validation: Split | None = None,
-        amp_dtype: torch.dtype | None = None,
-    ) -> None:
-        self.model, self.train, self.test, self.validation = model, train, test, validation
-        self.config, self.mean, self.std, self.amp_dtype = config, mean, std, amp_dtype
-        self.device = train.images.device
-        self.steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
-        self.optimizer = make_optimizer(model, config)
-        self.lr_factor = one_cycle(self.steps_per_epoch * config.epochs, config.warmup)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
-        self.forward_model = cast(nn.Module, torch.compile(model)) if config.compile else model
-        self.epoch = 0  # completed epochs
-        self.records: list[dict[str, float]] = []
-        self.partial: PartialEpoch | None = None
-
-    # -- training ---------------------------------------------------------------------
-    def _batches(self, epoch: int) -> tuple[Iterable[Batch], PartialEpoch | None]:
-        config = self.config
-        if config.albumentations is not None:
-            loader = albumentations_loader(
-                self.train,
-                config.albumentations,
-                config.batch_size,
-                config.workers,
-                _epoch_seed(config.seed, epoch, 0),
-            )
-            return ((normalize(x.to(self.device), self.mean, self.std), y) for x, y in loader), None
-        partial = self.partial
-        if partial is None or partial.epoch != epoch:
-            order_generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, 1))
-            augment_generator = torch.Generator(device=self.device)
-            augment_generator.manual_seed(_epoch_seed(config.seed, epoch, 2))
-            order = torch.randperm(len(self.train), generator=order_generator).to(self.device)
-            partial = PartialEpoch(epoch, order, Tally.zeros(self.device), augment_generator, 0.0)
-        batches = device_batches(
-            self.train,
-            partial.order[partial.tally.seen :],
-            config.batch_size,
-            self.mean,
-            self.std,
-            config.augment,
-            partial.augment_generator,
-        )
-        return batches, partial
-
-    def epochs(
-        self, on_step: StepCallback | None = None, should_stop: Callable[[], bool] | None = None
-    ) -> Iterator[dict[str, float]]:
-        """Train the remaining epochs. Raises StopRequested when `should_stop` ends one early;
-        `state()` then holds the partial epoch (on-device augmentation) or the last whole one.
-        """
-        config = self.config
-        for epoch in range(self.epoch + 1, config.epochs + 1):
-            started = time.perf_counter()
-            # The LR at the epoch's first step, computed as LambdaLR does (also after a resume).
-            lr = float(self.scheduler.base_lrs[0]) * self.lr_factor((epoch - 1) * self.steps_per_epoch)
-            record: dict[str, float] = {"epoch": epoch, "lr": lr}
-            batches, partial = self._batches(epoch)
-            tally = partial.tally if partial is not None else Tally.zeros(self.device)
-            already = partial.started_s if partial is not None else 0.0
-            try:
-                finished = train_steps(
-                    self.forward_model,
-                    self.optimizer,
-                    self.scheduler,
-                    batches,
-                    tally,
-                    self.steps_per_epoch,
-                    config.label_smoothing,
-                    self.amp_dtype,
-                    config.channels_last,
-                    on_step,
-                    should_stop,
-                )
-            except NonFiniteLoss as error:
-                raise TrainingDiverged(
-                    f"training diverged: the loss became NaN or infinite at epoch {epoch}, step {error.step}",
-                    hint=f"try a lower learning rate (--lr, now {config.lr})",
-                ) from None
-            if not finished:
-                if partial is not None:
-                    partial.started_s = already + time.perf_counter() - started
-                self.partial = partial
-                raise StopRequested
-            self.partial = None
-            record.update(tally.result())
-            train_time = already + time.perf_counter() - started
-            evaluated_at = time.perf_counter()
-            record.update(self.evaluate())
-            record["epoch_time_s"] = round(train_time, 3)
-            record["eval_time_s"] = round(time.perf_counter() - evaluated_at, 3)
-            self.epoch = epoch
-            self.records.append(record)
-            yield record
-
-    def evaluate(self) -> dict[str, float]:
-        """Per-sample mean loss and accuracy on the test (and validation) split."""
-        result: dict[str, float] = {}
-        splits = {"test": self.test} | ({"val": self.validation} if self.validation is not None else {})
-        for prefix, split in splits.items():
-            logits = predict(
-                self.model,
-                split.images,
-                self.mean,
-                self.std,
-                max(self.config.batch_size, 1024),
-                self.amp_dtype,
-                channels_last=self.config.channels_last,
-            )
-            scores = score(logits, split.labels)
-            result[f"{prefix}_loss"], result[f"{prefix}_acc"] = scores["loss"], scores["acc"]
-        return result
-
-    # -- state --------------------------------------------------------------------------
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Tensors and JSON-able metadata from which `load_state` continues exactly."""
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        optimizer_state = self.optimizer.state_dict()
-        for index, values in optimizer_state["state"].items():
-            for name, value in values.items():
-                tensors[f"optimizer.{index}.{name}"] = value
-        tensors["rng.torch"] = torch.get_rng_state()
-        meta: dict[str, Any] = {
-            "epoch": self.epoch,
-            "records": self.records,
-            "optimizer_param_groups": optimizer_state["param_groups"],
-            "scheduler": self.scheduler.state_dict(),
-            "partial": None,
-        }
-        if self.partial is not None:
-            tally = self.partial.tally
-            tensors |= {
-                "partial.order": self.partial.order,
-                "partial.loss_sum": tally.loss_sum,
-                "partial.correct": tally.correct,
-                "partial.first_bad_step": tally.first_bad_step,
-                "partial.augment_rng": self.partial.augment_generator.get_state(),
-            }
-            meta["partial"] = {
-                "epoch": self.partial.epoch,
-                "seen": tally.seen,
-                "steps": tally.steps,
-                "started_s": self.partial.started_s,
-            }
-        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
-
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        prefix = "model."
-        self.model.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-        optimizer_state: dict[str, Any] = {"state": {}, "param_groups": meta["optimizer_param_groups"]}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                optimizer_state["state"].setdefault(int(index), {})[name] = value.to(self.device)
-        self.optimizer.load_state_dict(optimizer_state)
-        self.scheduler.load_state_dict(meta["scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.epoch = int(meta["epoch"])
-        self.records = list(meta["records"])
-        self.partial = None
-        partial = meta.get("partial")
-        if partial is not None:
-            generator = torch.Generator(device=self.device)
-            generator.set_state(tensors["partial.augment_rng"])
-            tally = Tally(
-                tensors["partial.loss_sum"].to(self.device),
-                tensors["partial.correct"].to(self.device),
-                tensors["partial.first_bad_step"].to(self.device),
-                seen=int(partial["seen"]),
-                steps=int(partial["steps"]),
-            )
-            order = tensors["partial.order"].to(self.device)
-            self.partial = PartialEpoch(
-                int(partial["epoch"]), order, tally, generator, float(partial["started_s"])
-            )
-
-
-def fit(
-    model: nn.Module,
-    train: Split,
-    test: Split,
-    config: TrainConfig,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    validation: Split | None = None,
-    amp_dtype: torch.dtype | None = None,
-    on_step: StepCallback | None = None,
-) -> Iterator[dict[str, float]]:
-    """Train for config.epochs from scratch, yielding one metrics record per epoch."""
-    yield from Trainer(model, train, test, config, mean, std, validation, amp_dtype).epochs(on_step)

@@ -36,8 +36,6 @@ from cifarcam.data import (
 )
 from cifarcam.engine import (
     StepCallback,
-    StopRequested,
-    Trainer,
     Tta,
     autocast_dtype,
     memory_format,
@@ -49,6 +47,7 @@ from cifarcam.errors import CheckpointError, CifarcamError, RunError, TrainingIn
 from cifarcam.fileio import atomic_write_bytes, atomic_write_text
 from cifarcam.models import build_model
 from cifarcam.rundir import CheckpointInfo, RunDir, now_iso
+from cifarcam.trainer import StopRequested, Trainer
 
 
 @dataclass

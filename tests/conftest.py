@@ -99,3 +99,24 @@ def trained_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_tree: Path)
     )
     train(config, RunDir(root / "runs", "tiny"), command="test fixture")
     return root / "runs"
+
+
+def tiny_train_args(runs: Path, tree: Path, run: str = "r", epochs: int = 3) -> list[str]:
+    """`cifarcam train` arguments for a few-second width-4 run on a small tree."""
+    return [
+        "train",
+        "--run",
+        run,
+        "--runs-dir",
+        str(runs),
+        "--data",
+        str(tree),
+        "--width",
+        "4",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "100",
+        "--device",
+        "cpu",
+    ]

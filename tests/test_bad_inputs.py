@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import copy_tree
+from conftest import copy_tree, tiny_train_args
 from typer.testing import CliRunner
 
 from cifarcam.cli import app
@@ -349,23 +349,7 @@ def test_a_stale_lock_is_taken_over(tmp_path: Path, synthetic_tree: Path) -> Non
     (runs / ".r.lock").write_text("999999")  # left by a process that died: nobody holds the flock
     result = runner.invoke(
         app,
-        [
-            "train",
-            "--run",
-            "r",
-            "--runs-dir",
-            str(runs),
-            "--data",
-            str(synthetic_tree),
-            "--width",
-            "4",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "100",
-            "--device",
-            "cpu",
-        ],
+        tiny_train_args(runs, synthetic_tree, epochs=1),
     )
     assert result.exit_code == 0, result.output
     assert json.loads((runs / "r" / "meta.json").read_text())["status"] == "finished"
@@ -390,23 +374,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(
     monkeypatch.setattr(fileio.os, "fsync", fsync)
     result = runner.invoke(
         app,
-        [
-            "train",
-            "--run",
-            "r",
-            "--runs-dir",
-            str(runs),
-            "--data",
-            str(synthetic_tree),
-            "--width",
-            "4",
-            "--epochs",
-            "3",
-            "--batch-size",
-            "100",
-            "--device",
-            "cpu",
-        ],
+        tiny_train_args(runs, synthetic_tree, epochs=3),
     )
     monkeypatch.setattr(fileio.os, "fsync", real_fsync)
     assert result.exit_code == 1

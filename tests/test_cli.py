@@ -5,7 +5,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import copy_tree
+from conftest import copy_tree, tiny_train_args
 from typer.testing import CliRunner
 
 from cifarcam.cli import app
@@ -138,23 +138,7 @@ def test_an_immediate_stop_marks_the_run_interrupted_and_keeps_the_last_epoch(
 
     monkeypatch.setattr(cli, "_training_progress", progress_that_is_interrupted)
     runs = tmp_path / "runs"
-    result = invoke(
-        "train",
-        "--run",
-        "r",
-        "--runs-dir",
-        str(runs),
-        "--data",
-        str(synthetic_tree),
-        "--width",
-        "4",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "100",
-        "--device",
-        "cpu",
-    )
+    result = invoke(*tiny_train_args(runs, synthetic_tree, epochs=3))
     assert result.exit_code == 130
     assert result.stderr.splitlines() == [
         "Error: stopped at once by a second interrupt; the last saved epoch, if any, is kept",

@@ -1,12 +1,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_train_args
 from torch import nn
 
 from cifarcam.config import AugmentConfig, build_config
 from cifarcam.data import Split, normalize, synthetic_dataset
-from cifarcam.engine import device_batches, fit, make_optimizer, one_cycle, predict, score, train_one_epoch
+from cifarcam.engine import device_batches, make_optimizer, one_cycle, predict, score, train_one_epoch
 from cifarcam.models import build_model
+from cifarcam.trainer import fit
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -158,8 +160,8 @@ class NanAfter(nn.Module):
 
 
 def test_divergence_names_epoch_and_step() -> None:
-    from cifarcam.engine import Trainer
     from cifarcam.errors import TrainingDiverged
+    from cifarcam.trainer import Trainer
 
     data = synthetic_dataset(100, 20, seed=4)
     config = build_config({"epochs": 3, "batch_size": 25, "lr": 0.05, "width": 4})
@@ -186,23 +188,7 @@ def test_divergence_keeps_the_last_good_checkpoint_and_marks_the_run_failed(
     runs = tmp_path / "runs"
     result = CliRunner().invoke(
         app,
-        [
-            "train",
-            "--run",
-            "r",
-            "--runs-dir",
-            str(runs),
-            "--data",
-            str(synthetic_tree),
-            "--width",
-            "4",
-            "--epochs",
-            "3",
-            "--batch-size",
-            "100",
-            "--device",
-            "cpu",
-        ],
+        tiny_train_args(runs, synthetic_tree, epochs=3),
     )
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
@@ -229,7 +215,7 @@ def test_fp32_on_cpu_survives_odd_batches_with_channels_last_requested() -> None
         "import torch\n"
         "from cifarcam.config import build_config\n"
         "from cifarcam.data import synthetic_dataset\n"
-        "from cifarcam.engine import fit\n"
+        "from cifarcam.trainer import fit\n"
         "from cifarcam.models import build_model\n"
         "data = synthetic_dataset(99, 20, seed=4)\n"
         "config = build_config({'epochs': 2, 'batch_size': 33, 'width': 8, 'lr': 0.05, 'channels_last': True})\n"
