@@ -1,14 +1,20 @@
-"""Class activation maps as a context manager whose hooks are removed on exit.
+"""Class activation maps: seven CAM methods, guided backpropagation, and the extractor that runs them.
 
-A method is only a weighting function: given a layer's activations A (N,K,h,w) and the
-gradients dY/dA of the target class scores, it returns the map before ReLU (N,h,w).
-Gradients are taken with torch.autograd.grad with respect to the layer outputs, so the
-parameters' .grad fields are never touched.
+A CAM method is a small function from a layer's `Evidence` (activations, gradients of the target
+scores) to one map per image at the layer's resolution, before ReLU. `normalize_maps` then applies
+the conventions every method shares: ReLU, bilinear upsampling to the input size
+(align_corners=False), min-max per image; a flat map stays zero.
+
+Gradients are taken with torch.autograd.grad with respect to the layer outputs, and the forward
+pass runs without autograd up to the shallowest requested layer, so nothing is differentiated
+below it and the parameters' .grad fields are never touched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from types import TracebackType
 
 import torch
@@ -19,16 +25,115 @@ from torch.utils.hooks import RemovableHandle
 from cifarcam.errors import UsageError
 from cifarcam.models import find_layer
 
-CamMethod = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a CAM method may use for one layer and one set of target classes."""
+
+    activations: torch.Tensor  # (N, K, h, w), the layer's output
+    gradients: torch.Tensor | None  # d(sum of target logits)/d(activations); None for gradient-free methods
+    classes: torch.Tensor  # (N,) target class per image
+    input_size: tuple[int, int]
+    masked_logits: Callable[[torch.Tensor], torch.Tensor]  # (N, K, H, W) masks -> (N, K, C) logits
 
 
-def grad_cam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+CamMethod = Callable[[Evidence], torch.Tensor]
+
+
+def _channel_weighted(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    return (weights[:, :, None, None] * activations).sum(dim=1)
+
+
+def _gradients(evidence: Evidence) -> torch.Tensor:
+    if evidence.gradients is None:
+        raise ValueError("this CAM method needs gradients")
+    return evidence.gradients
+
+
+def grad_cam(evidence: Evidence) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al. 2017): channels weighted by their spatially averaged gradient."""
-    weights = gradients.mean(dim=(2, 3), keepdim=True)
-    return (weights * activations).sum(dim=1)
+    return _channel_weighted(_gradients(evidence).mean(dim=(2, 3)), evidence.activations)
 
 
-METHODS: dict[str, CamMethod] = {"gradcam": grad_cam}
+def grad_cam_plus_plus(evidence: Evidence) -> torch.Tensor:
+    """Grad-CAM++ (Chattopadhay et al. 2018), with the exponential-score closed form for alpha."""
+    grads, activations = _gradients(evidence), evidence.activations
+    grads_2 = grads * grads
+    spatial_sum = activations.sum(dim=(2, 3), keepdim=True)
+    alpha = grads_2 / (2 * grads_2 + spatial_sum * grads_2 * grads + 1e-6)
+    alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
+    return _channel_weighted((grads.clamp_min(0) * alpha).sum(dim=(2, 3)), activations)
+
+
+def xgrad_cam(evidence: Evidence) -> torch.Tensor:
+    """XGrad-CAM (Fu et al. 2020): gradients weighted by activations normalised per channel."""
+    grads, activations = _gradients(evidence), evidence.activations
+    spatial_sum = activations.sum(dim=(2, 3), keepdim=True)
+    return _channel_weighted((grads * activations / (spatial_sum + 1e-7)).sum(dim=(2, 3)), activations)
+
+
+def layer_cam(evidence: Evidence) -> torch.Tensor:
+    """LayerCAM (Jiang et al. 2021): every location weighted by its own positive gradient."""
+    return (_gradients(evidence).clamp_min(0) * evidence.activations).sum(dim=1)
+
+
+def hires_cam(evidence: Evidence) -> torch.Tensor:
+    """HiResCAM (Draelos & Carin 2020): element-wise gradient times activation, summed over channels."""
+    return (_gradients(evidence) * evidence.activations).sum(dim=1)
+
+
+def eigen_cam(evidence: Evidence) -> torch.Tensor:
+    """Eigen-CAM (Muhammad & Yeasin 2020): projection on the first principal component.
+
+    An SVD's sign is arbitrary; cifarcam picks the sign whose projection correlates positively
+    with the channel-summed activation, so the map highlights where the layer responds.
+    """
+    activations = evidence.activations
+    count, _, height, width = activations.shape
+    positions = activations.flatten(2).transpose(1, 2)  # (N, h*w, K)
+    centred = positions - positions.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    projection = (centred @ vh[:, 0, :, None]).squeeze(2)  # (N, h*w)
+    total = positions.sum(dim=2)
+    agreement = (projection * (total - total.mean(dim=1, keepdim=True))).sum(dim=1)
+    sign = torch.where(agreement < 0, -1.0, 1.0).to(projection.dtype)
+    return (projection * sign[:, None]).view(count, height, width)
+
+
+def score_cam(evidence: Evidence) -> torch.Tensor:
+    """Score-CAM (Wang et al. 2020): channels weighted by the softmax of the target logit the
+    model gives the input masked by each upsampled, min-max-scaled channel.
+
+    The masks are upsampled with align_corners=True, as in the reference implementation.
+    """
+    activations = evidence.activations
+    masks = F.interpolate(activations, size=evidence.input_size, mode="bilinear", align_corners=True)
+    low = masks.amin(dim=(2, 3), keepdim=True)
+    high = masks.amax(dim=(2, 3), keepdim=True)
+    masks = (masks - low) / (high - low + 1e-8)
+    logits = evidence.masked_logits(masks)  # (N, K, C)
+    index = evidence.classes.view(-1, 1, 1).expand(-1, logits.shape[1], 1)
+    scores = logits.gather(2, index).squeeze(2)
+    return _channel_weighted(torch.softmax(scores, dim=1), activations)
+
+
+METHODS: dict[str, CamMethod] = {
+    "gradcam": grad_cam,
+    "gradcam++": grad_cam_plus_plus,
+    "xgradcam": xgrad_cam,
+    "layercam": layer_cam,
+    "hirescam": hires_cam,
+    "scorecam": score_cam,
+    "eigencam": eigen_cam,
+}
+GRADIENT_FREE = frozenset({"scorecam", "eigencam"})
+
+
+def check_methods(methods: list[str]) -> list[str]:
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown CAM method '{unknown[0]}'; choose one of: {', '.join(METHODS)}")
+    return list(dict.fromkeys(methods))
 
 
 def normalize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -41,22 +146,37 @@ def normalize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.where(span > 0, (maps - low) / span.clamp_min(1e-12), torch.zeros_like(maps))
 
 
-class CamExtractor:
-    """`with CamExtractor(model, ["layer4"]) as cam: maps = cam(x, targets)`.
+@dataclass
+class CamResult:
+    logits: torch.Tensor  # (N, C)
+    maps: dict[str, dict[str, dict[str, torch.Tensor]]]  # maps[target][method][layer]: (N, H, W) in [0, 1]
 
-    Runs the model in eval mode while inside the block and restores its train/eval state
-    and removes every hook on exit.
+
+class CamExtractor:
+    """`with CamExtractor(model, ["layer4"], ["gradcam"]) as cam: result = cam(x, {"pred": classes})`.
+
+    Runs the model in eval mode inside the block; on exit removes every hook and restores the
+    model's train/eval state. Several layers and methods share one forward pass and one
+    gradient computation per set of targets.
     """
 
-    def __init__(self, model: nn.Module, layers: list[str], method: str = "gradcam") -> None:
-        if method not in METHODS:
-            raise UsageError(f"unknown CAM method '{method}'; choose one of: {', '.join(METHODS)}")
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[str],
+        methods: list[str] | None = None,
+        masked_batch_size: int = 256,
+    ) -> None:
+        self.methods = check_methods(methods or ["gradcam"])
         self.model = model
         self.layers = list(dict.fromkeys(layers))
         self.modules = {name: find_layer(model, name) for name in self.layers}
-        self.method = METHODS[method]
+        self.masked_batch_size = masked_batch_size
+        self.needs_gradients = any(name not in GRADIENT_FREE for name in self.methods)
         self._handles: list[RemovableHandle] = []
         self._activations: dict[str, torch.Tensor] = {}
+        self._recording = False
+        self._cut_graph = False
         self._was_training = model.training
 
     def __enter__(self) -> CamExtractor:
@@ -78,28 +198,119 @@ class CamExtractor:
         self._activations.clear()
         self.model.train(self._was_training)
 
-    def _keeper(self, name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
-        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+    def _keeper(self, name: str) -> Callable[[nn.Module, object, torch.Tensor], torch.Tensor | None]:
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor | None:
+            if not self._recording:
+                return None
+            if self._cut_graph and not torch.is_grad_enabled():
+                # The first requested layer: autograd starts here, nothing below it is differentiated.
+                output = output.detach().requires_grad_(True)
+                torch.set_grad_enabled(True)
+                self._activations[name] = output
+                return output
             self._activations[name] = output
+            return None
 
         return hook
 
-    def __call__(
-        self, x: torch.Tensor, targets: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
-        """Logits and maps[target_name][layer] (N, H, W) in [0, 1] for each set of class targets."""
+    def _forward(self, x: torch.Tensor, cut_graph: bool) -> torch.Tensor:
+        self._recording, self._cut_graph = True, cut_graph
+        try:
+            if cut_graph:
+                with torch.no_grad():
+                    return self.model(x)
+            with torch.set_grad_enabled(self.needs_gradients):
+                return self.model(x)
+        finally:
+            self._recording = False
+
+    def _masked_logits(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Logits for every image times every mask: (N, K, H, W) masks -> (N, K, C)."""
+        outputs = []
+        with torch.no_grad():
+            for image, image_masks in zip(x, masks, strict=True):
+                masked = image.unsqueeze(0) * image_masks.unsqueeze(1)  # (K, 3, H, W)
+                chunks = [self.model(chunk) for chunk in masked.split(self.masked_batch_size)]
+                outputs.append(torch.cat(chunks))
+        return torch.stack(outputs)
+
+    def __call__(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> CamResult:
+        """Logits and maps[target][method][layer] for each named set of target classes (N,)."""
         if not self._handles:
             raise RuntimeError("CamExtractor must be used inside a 'with' block")
-        with torch.enable_grad():
-            logits = self.model(x)
+        size = (x.shape[2], x.shape[3])
+        logits = self._forward(x, cut_graph=self.needs_gradients)
+        activations = [self._activations[name] for name in self.layers]
+        if self.needs_gradients and not all(a.requires_grad for a in activations):
+            # Layers on parallel branches (a block's conv1 and its shortcut): differentiate from the input.
+            logits = self._forward(x, cut_graph=False)
             activations = [self._activations[name] for name in self.layers]
-            maps: dict[str, dict[str, torch.Tensor]] = {}
-            for position, (target_name, classes) in enumerate(targets.items()):
-                scores = logits.gather(1, classes.view(-1, 1)).sum()
-                gradients = torch.autograd.grad(scores, activations, retain_graph=position < len(targets) - 1)
-                maps[target_name] = {
-                    name: normalize_maps(self.method(acts.detach(), grads), (x.shape[2], x.shape[3]))
-                    for name, acts, grads in zip(self.layers, activations, gradients, strict=True)
-                }
         self._activations.clear()
-        return logits.detach(), maps
+        masked_cache: dict[str, torch.Tensor] = {}
+
+        def masked_for(layer: str) -> Callable[[torch.Tensor], torch.Tensor]:
+            def compute(masks: torch.Tensor) -> torch.Tensor:
+                if layer not in masked_cache:
+                    masked_cache[layer] = self._masked_logits(x.detach(), masks)
+                return masked_cache[layer]
+
+            return compute
+
+        maps: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        for position, (target_name, classes) in enumerate(targets.items()):
+            gradients: list[torch.Tensor | None] = [None] * len(activations)
+            if self.needs_gradients:
+                scores = logits.gather(1, classes.view(-1, 1)).sum()
+                more = position < len(targets) - 1
+                gradients = list(torch.autograd.grad(scores, activations, retain_graph=more))
+            maps[target_name] = {method: {} for method in self.methods}
+            for layer, acts, grads in zip(self.layers, activations, gradients, strict=True):
+                evidence = Evidence(acts.detach(), grads, classes, size, masked_for(layer))
+                for method in self.methods:
+                    maps[target_name][method][layer] = normalize_maps(METHODS[method](evidence), size)
+        return CamResult(logits.detach(), maps)
+
+
+class _GuidedRelu(torch.autograd.Function):
+    """Identity forward; backward lets only positive gradients through (ReLU's own backward
+    then keeps only positive inputs): guided backpropagation (Springenberg et al. 2015)."""
+
+    @staticmethod
+    def forward(ctx: object, output: torch.Tensor) -> torch.Tensor:
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad.clamp_min(0)
+
+
+@contextmanager
+def _guided_relus(model: nn.Module) -> Iterator[None]:
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        return _GuidedRelu.apply(output)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.ReLU)]
+    if not handles:
+        raise UsageError("guided backpropagation needs a model whose ReLUs are nn.ReLU modules")
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
+def guided_backprop(model: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Guided-backpropagation gradients of the target logits with respect to the input: (N, 3, H, W)."""
+    with _guided_relus(model), torch.enable_grad():
+        inputs = x.detach().requires_grad_(True)
+        scores = model(inputs).gather(1, classes.view(-1, 1)).sum()
+        (gradients,) = torch.autograd.grad(scores, inputs)
+    return gradients
+
+
+def guided_grad_cam(guided: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Guided Grad-CAM: guided-backpropagation gradients times the (normalised) Grad-CAM map."""
+    return guided * maps.unsqueeze(1)

@@ -340,25 +340,139 @@ def misclassified(
     console.print(f"Wrote {rundir.misclassified_json} and {rundir.misclassified_png}")
 
 
+MethodOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--method",
+        help="gradcam, gradcam++, xgradcam, layercam, hirescam, scorecam, eigencam, guided-backprop "
+        "or guided-gradcam; repeat for several.",
+        show_default="gradcam",
+    ),
+]
+LayerOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--layer",
+        help="Module to explain: layer1..layer4 or a dotted name like layer4.1.conv2; repeat for several.",
+        show_default="layer4",
+    ),
+]
+
+
+@contextmanager
+def _image_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    progress = Progress(
+        TextColumn(f"[bold]{description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    task = progress.add_task(description, total=None)
+
+    def on_progress(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        yield on_progress
+
+
 @app.command()
 def gradcam(
     run: RunOpt,
     runs_dir: RunsDirOpt = Path("runs"),
-    layer: Annotated[
-        str, typer.Option(help="Module to explain: layer1..layer4 or a dotted name like layer4.1.conv2.")
-    ] = "layer4",
+    method: MethodOpt = None,
+    layer: LayerOpt = None,
+    target: Annotated[
+        str, typer.Option(help="Class to explain: pred, true, both, or a class name or index.")
+    ] = "both",
     count: CountOpt = 10,
+    all_images: Annotated[
+        bool,
+        typer.Option("--all", help="Explain the whole test set (maps to safetensors); gallery of --count."),
+    ] = False,
+    metrics: Annotated[
+        bool,
+        typer.Option("--metrics", help="Faithfulness: deletion/insertion AUC, average drop/increase."),
+    ] = False,
+    steps: Annotated[int, typer.Option(help="Deletion/insertion steps for --metrics.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
     checkpoint: CheckpointOpt = "last",
     device: DeviceOpt = "auto",
 ) -> None:
-    """Grad-CAM maps for the predicted and the true class of the most confident mistakes.
+    """CAM maps for the most confident mistakes (or the whole test set) and their gallery.
 
-    Example: cifarcam gradcam --run r1 --layer layer3 --count 10
+    Example: cifarcam gradcam --run r1 --method gradcam --method scorecam --layer layer3 --layer layer4
     """
-    from cifarcam import pipeline
+    from cifarcam import explain
 
-    paths = guarded(lambda: pipeline.gradcam(_rundir(runs_dir, run), layer, count, checkpoint, device))
-    console.print("Wrote " + ", ".join(str(p) for p in paths.values()))
+    rundir = _rundir(runs_dir, run)
+    with _image_progress("explaining") as on_progress:
+        outcome = guarded(
+            lambda: explain.gradcam(
+                rundir,
+                method,
+                layer,
+                target,
+                count,
+                all_images,
+                metrics,
+                checkpoint,
+                device,
+                batch_size,
+                steps,
+                on_progress,
+            )
+        )
+    if outcome.metrics:
+        table = Table(
+            "method", "layer", "deletion AUC (lower)", "insertion AUC (higher)", "avg drop %", "increase %"
+        )
+        for row in outcome.metrics:
+            table.add_row(
+                row["method"],
+                row["layer"],
+                f"{row['deletion_auc']:.4f}",
+                f"{row['insertion_auc']:.4f}",
+                f"{row['average_drop']:.2f}",
+                f"{row['increase_in_confidence']:.2f}",
+            )
+        console.print(table)
+    console.print("Wrote " + ", ".join(str(p) for p in outcome.paths))
+
+
+@app.command()
+def sanity(
+    run: RunOpt,
+    runs_dir: RunsDirOpt = Path("runs"),
+    method: Annotated[str, typer.Option(help="CAM method (see gradcam --help).")] = "gradcam",
+    layer: Annotated[str, typer.Option(help="Module to explain.")] = "layer4",
+    count: Annotated[int, typer.Option(help="Test images (evenly spaced over the test set).")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the re-initialisation.")] = 0,
+    checkpoint: CheckpointOpt = "last",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Cascading randomisation sanity check (Adebayo et al. 2018) of a CAM method.
+
+    Re-initialises the model block by block from the head down and reports how similar the maps
+    stay (Spearman, SSIM). A trustworthy method decorrelates as randomisation goes deeper.
+
+    Example: cifarcam sanity --run r1 --method gradcam --layer layer4
+    """
+    from cifarcam import explain
+
+    rundir = _rundir(runs_dir, run)
+    outcome = guarded(lambda: explain.sanity(rundir, method, layer, count, checkpoint, device, seed))
+    table = Table("randomised down to", "Spearman", "SSIM")
+    for row in outcome.rows:
+        table.add_row(
+            str(row["randomized"]),
+            f"{row['spearman']:.3f} ± {row['spearman_std']:.3f}",
+            f"{row['ssim']:.3f} ± {row['ssim_std']:.3f}",
+        )
+    console.print(table)
+    console.print("Wrote " + ", ".join(str(p) for p in outcome.paths))
 
 
 @app.command()

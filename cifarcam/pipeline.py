@@ -22,7 +22,6 @@ from torch import nn
 
 import cifarcam
 from cifarcam import viz
-from cifarcam.cam import CamExtractor
 from cifarcam.config import TrainConfig, config_to_json
 from cifarcam.data import (
     CIFAR10_MEAN,
@@ -413,67 +412,6 @@ def misclassified(
     )
     run.write_json(run.misclassified_json, entries)
     return entries
-
-
-def gradcam(
-    run: RunDir, layer: str = "layer4", count: int = 10, checkpoint: str = "last", device_name: str = "auto"
-) -> dict[str, Path]:
-    """Grad-CAM for the predicted and the true class of the `count` most confident mistakes."""
-    if count < 1:
-        raise UsageError("--count must be at least 1")
-    loaded = load_run(run, checkpoint, device_name)
-    CamExtractor(loaded.model, [layer])  # validates the layer name before any work
-    probs = torch.softmax(test_logits(loaded), dim=1)
-    labels = loaded.test.labels.cpu()
-    indices = select_misclassified(probs, labels, count)
-    x, shown = _display_images(loaded, indices)
-    true = labels[indices].to(loaded.device)
-    with CamExtractor(loaded.model, [layer]) as cam:
-        logits, maps = cam(x.float(), {"pred": probs[indices].argmax(1).to(loaded.device), "true": true})
-    pred = logits.argmax(1).cpu()
-    confidence = torch.softmax(logits.float(), 1).max(1).values.cpu()
-    maps_pred, maps_true = (maps[t][layer].cpu().contiguous() for t in ("pred", "true"))
-    classes = loaded.info.classes
-    paths = {kind: run.gradcam_dir / f"{layer}.{kind}" for kind in ("png", "json", "safetensors")}
-    atomic_write_bytes(
-        paths["safetensors"],
-        save_safetensors(
-            {
-                "maps_pred": maps_pred,
-                "maps_true": maps_true,
-                "indices": indices.contiguous(),
-                "true": labels[indices].contiguous(),
-                "pred": pred.contiguous(),
-            }
-        ),
-    )
-    viz.cam_gallery(
-        shown,
-        maps_pred.numpy(),
-        maps_true.numpy(),
-        [classes[int(t)] for t in labels[indices]],
-        [classes[int(p)] for p in pred],
-        confidence.tolist(),
-        paths["png"],
-        f"run {run.name}: Grad-CAM at {layer} for the {count} most confident mistakes "
-        "(columns: input, predicted class, true class)",
-    )
-    run.write_json(
-        paths["json"],
-        {
-            "layer": layer,
-            "method": "gradcam",
-            "checkpoint": checkpoint,
-            "epoch": loaded.info.epoch,
-            "indices": indices.tolist(),
-            "true": [classes[int(t)] for t in labels[indices]],
-            "pred": [classes[int(p)] for p in pred],
-            "confidence": confidence.tolist(),
-            "maps": "maps_pred and maps_true in the .safetensors: (N, 32, 32), float32 in [0, 1], "
-            "ReLU, bilinear upsampling (align_corners=False), min-max per map",
-        },
-    )
-    return paths
 
 
 def plot(run: RunDir) -> list[Path]:

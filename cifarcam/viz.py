@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,31 +84,76 @@ def misclassified_gallery(
     save_figure(figure, path)
 
 
+def attribution_image(attribution: np.ndarray) -> np.ndarray:
+    """(3, H, W) input-space gradients -> (H, W, 3) uint8 for display: standardised per image,
+    scaled by 0.1 around mid-grey (the usual guided-backpropagation rendering)."""
+    centred = attribution - attribution.mean()
+    shown = centred / (centred.std() + 1e-5) * 0.1 + 0.5
+    return to_hwc(shown)
+
+
+@dataclass(frozen=True)
+class GalleryColumn:
+    """One gallery column: a heading and, per row, a (H, W) map in [0, 1] or a (3, H, W) attribution."""
+
+    heading: str
+    tiles: np.ndarray
+
+
 def cam_gallery(
     images: np.ndarray,
-    maps_pred: np.ndarray,
-    maps_true: np.ndarray,
-    true: Sequence[str],
-    pred: Sequence[str],
-    confidence: Sequence[float],
+    columns: Sequence[GalleryColumn],
+    row_labels: Sequence[str],
     path: Path,
     title: str,
 ) -> None:
-    """One row per image: the input, the map for the predicted class, the map for the true class."""
+    """One row per image: the input (titled with its row label), then one tile per column;
+    maps are JET overlays on the image, attributions are shown as images."""
     count = len(images)
-    figure = Figure(figsize=(3 * TILE_INCHES, count * TILE_INCHES * 1.15 + 0.5))
-    axes = figure.subplots(count, 3, squeeze=False)
+    width = 1 + len(columns)
+    figure = Figure(figsize=(width * TILE_INCHES, count * TILE_INCHES * 1.2 + 0.8))
+    axes = figure.subplots(count, width, squeeze=False)
     for row in range(count):
         picture = to_hwc(images[row])
-        tiles = (
-            (picture, f"true: {true[row]}"),
-            (overlay(picture, maps_pred[row]), f"pred: {pred[row]} ({confidence[row]:.0%})"),
-            (overlay(picture, maps_true[row]), f"map for true: {true[row]}"),
-        )
-        for column, (tile, label) in enumerate(tiles):
-            ax = axes[row][column]
-            ax.imshow(tile, interpolation="nearest")
-            ax.set_title(label, fontsize=8)
+        tiles = [(picture, row_labels[row])]
+        for column in columns:
+            tile = column.tiles[row]
+            shown = attribution_image(tile) if tile.ndim == 3 else overlay(picture, tile)
+            tiles.append((shown, column.heading))
+        for index, (tile_image, label) in enumerate(tiles):
+            ax = axes[row][index]
+            ax.imshow(tile_image, interpolation="nearest")
+            ax.set_title(label, fontsize=7)
             ax.axis("off")
-    figure.suptitle(textwrap.fill(title, 45), fontsize=9)
+    figure.suptitle(textwrap.fill(title, 18 * width), fontsize=9)
+    save_figure(figure, path)
+
+
+def sanity_plot(
+    rows: Sequence[dict[str, Any]], examples: Sequence[np.ndarray], path: Path, title: str
+) -> None:
+    """Spearman and SSIM against the trained model's maps per randomisation step (mean +- std),
+    above the maps of one example image at every step."""
+    steps = [str(row["randomized"]) for row in rows]
+    positions = np.arange(len(steps))
+    figure = Figure(figsize=(max(8.0, 0.75 * len(steps)), 6.2))
+    grid = figure.add_gridspec(2, len(steps), height_ratios=[3, 1])
+    ax = figure.add_subplot(grid[0, :])
+    for key, color in (("spearman", "tab:blue"), ("ssim", "tab:orange")):
+        mean = np.array([row[key] for row in rows])
+        spread = np.array([row[f"{key}_std"] for row in rows])
+        ax.plot(positions, mean, marker="o", color=color, label=key.upper() if key == "ssim" else "Spearman")
+        ax.fill_between(positions, mean - spread, mean + spread, color=color, alpha=0.15)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xticks(positions, steps, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("similarity to the trained model's maps")
+    ax.set_xlabel("randomised down to (cumulative, from the head)")
+    ax.set_ylim(-0.3, 1.05)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    for index, example in enumerate(examples):
+        tile_ax = figure.add_subplot(grid[1, index])
+        tile_ax.imshow(example, cmap="jet", vmin=0, vmax=1, interpolation="nearest")
+        tile_ax.axis("off")
+    figure.suptitle(textwrap.fill(title, 110), fontsize=10)
     save_figure(figure, path)

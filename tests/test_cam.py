@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifarcam.cam import CamExtractor, grad_cam, normalize_maps
+from cifarcam.cam import CamExtractor, Evidence, grad_cam, normalize_maps
 from cifarcam.errors import UsageError
 from cifarcam.models import build_model
 
@@ -28,14 +28,18 @@ def test_grad_cam_by_hand_on_a_tiny_net() -> None:
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
     model = TinyNet()
     with CamExtractor(model, ["conv"]) as cam:
-        _, maps = cam(x, {"c0": torch.tensor([0]), "c1": torch.tensor([1])})
-    assert torch.allclose(maps["c0"]["conv"][0], torch.tensor([[0.0, 1 / 3], [2 / 3, 1.0]]))
+        maps = cam(x, {"c0": torch.tensor([0]), "c1": torch.tensor([1])}).maps
+    assert torch.allclose(maps["c0"]["gradcam"]["conv"][0], torch.tensor([[0.0, 1 / 3], [2 / 3, 1.0]]))
     # Class 1: weights (0, 3/4), map -0.75 x < 0 everywhere: ReLU leaves zero, which stays zero.
-    assert torch.equal(maps["c1"]["conv"][0], torch.zeros(2, 2))
-    raw = grad_cam(
-        x.repeat(1, 2, 1, 1) * torch.tensor([1.0, -1.0]).view(1, 2, 1, 1),
-        torch.tensor([0.5, 0.25]).view(1, 2, 1, 1).expand(1, 2, 2, 2),
+    assert torch.equal(maps["c1"]["gradcam"]["conv"][0], torch.zeros(2, 2))
+    evidence = Evidence(
+        activations=x.repeat(1, 2, 1, 1) * torch.tensor([1.0, -1.0]).view(1, 2, 1, 1),
+        gradients=torch.tensor([0.5, 0.25]).view(1, 2, 1, 1).expand(1, 2, 2, 2),
+        classes=torch.tensor([0]),
+        input_size=(2, 2),
+        masked_logits=lambda masks: torch.zeros(1),
     )
+    raw = grad_cam(evidence)
     assert torch.allclose(raw, 0.25 * x[:, 0])
 
 
@@ -51,11 +55,11 @@ def test_hooks_grads_and_mode_are_left_as_found() -> None:
     model = build_model("resnet18", 8).train()
     x = torch.randn(3, 3, 32, 32)
     for _ in range(3):
-        with CamExtractor(model, ["layer3", "layer4.1.conv2"]) as cam:
-            _, maps = cam(x, {"pred": torch.tensor([0, 1, 2])})
+        with CamExtractor(model, ["layer3", "layer4.1.conv2"], ["gradcam", "scorecam"]) as cam:
+            maps = cam(x, {"pred": torch.tensor([0, 1, 2])}).maps["pred"]
             assert not model.training
-        assert maps["pred"]["layer3"].shape == (3, 32, 32)
-        assert maps["pred"]["layer4.1.conv2"].min() >= 0 and maps["pred"]["layer4.1.conv2"].max() <= 1
+        assert maps["gradcam"]["layer3"].shape == maps["scorecam"]["layer3"].shape == (3, 32, 32)
+        assert maps["gradcam"]["layer4.1.conv2"].min() >= 0 and maps["gradcam"]["layer4.1.conv2"].max() <= 1
     assert model.training
     assert all(p.grad is None for p in model.parameters())
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
@@ -66,4 +70,86 @@ def test_unknown_layer_and_method() -> None:
     with pytest.raises(UsageError, match="unknown layer 'layer9'"):
         CamExtractor(model, ["layer9"])
     with pytest.raises(UsageError, match="unknown CAM method 'magic'"):
-        CamExtractor(model, ["layer4"], method="magic")
+        CamExtractor(model, ["layer4"], ["magic"])
+
+
+def _counting_forward(model: torch.nn.Module) -> dict[str, int]:
+    calls = {"forward": 0}
+    model.register_forward_pre_hook(lambda _m, _i: calls.__setitem__("forward", calls["forward"] + 1))
+    return calls
+
+
+def test_autograd_starts_at_the_shallowest_layer_and_matches_a_full_graph() -> None:
+    torch.manual_seed(1)
+    model = build_model("resnet18", 8).eval()
+    x = torch.randn(4, 3, 32, 32)
+    classes = torch.tensor([1, 2, 3, 4])
+    seen: dict[str, bool] = {}
+    model.layer2.register_forward_hook(lambda _m, _i, out: seen.__setitem__("layer2", out.requires_grad))
+    calls = _counting_forward(model)
+    with CamExtractor(model, ["layer4", "layer3"], ["gradcam", "layercam"]) as cam:
+        fast = cam(x, {"t": classes}).maps["t"]
+    assert seen["layer2"] is False  # nothing below layer3 is part of the graph
+    assert calls["forward"] == 1  # both layers and both methods from one forward pass
+    # The same maps when the graph starts at the input (what a full backward would differentiate).
+    activations: dict[str, torch.Tensor] = {}
+    hooks = [
+        model.layer3.register_forward_hook(lambda _m, _i, out: activations.__setitem__("layer3", out)),
+        model.layer4.register_forward_hook(lambda _m, _i, out: activations.__setitem__("layer4", out)),
+    ]
+    with torch.enable_grad():
+        logits = model(x)
+        grads = torch.autograd.grad(
+            logits.gather(1, classes.view(-1, 1)).sum(), [activations["layer3"], activations["layer4"]]
+        )
+    for handle in hooks:
+        handle.remove()
+    for layer, grad in zip(["layer3", "layer4"], grads, strict=True):
+        reference = normalize_maps(
+            (grad.mean(dim=(2, 3), keepdim=True) * activations[layer]).sum(1).detach(), (32, 32)
+        )
+        assert torch.allclose(fast["gradcam"][layer], reference, atol=1e-6)
+
+
+def test_layers_on_parallel_branches_fall_back_to_a_full_graph() -> None:
+    torch.manual_seed(2)
+    model = build_model("resnet18", 8).eval()
+    x = torch.randn(2, 3, 32, 32)
+    layers = ["layer4.0.conv1", "layer4.0.shortcut"]
+    with CamExtractor(model, layers) as cam:
+        maps = cam(x, {"t": torch.tensor([0, 1])}).maps["t"]["gradcam"]
+    assert maps["layer4.0.shortcut"].shape == maps["layer4.0.conv1"].shape == (2, 32, 32)
+    assert maps["layer4.0.shortcut"].amax() > 0
+
+
+def test_no_memory_growth_over_100_uses() -> None:
+    import gc
+    import weakref
+
+    torch.manual_seed(3)
+    model = build_model("resnet18", 16)
+    x = torch.randn(32, 3, 32, 32)
+    classes = torch.zeros(32, dtype=torch.long)
+    kept: list[weakref.ref[torch.Tensor]] = []
+    watch = model.layer3.register_forward_hook(lambda _m, _i, out: kept.append(weakref.ref(out)))
+
+    def rss_kib() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * 4
+
+    for use in range(110):
+        if use == 10:
+            gc.collect()
+            start = rss_kib()
+        with CamExtractor(model, ["layer3", "layer4"], ["gradcam", "gradcam++"]) as cam:
+            result = cam(x, {"pred": classes, "true": classes})
+        del cam, result
+    gc.collect()
+    watch.remove()
+    growth_mib = (rss_kib() - start) / 1024
+    # One use holds ~2 MiB of activations (layer3 at width 16, batch 32) plus its graph: a leak of
+    # them over 100 uses would be hundreds of MiB.
+    assert growth_mib < 40, f"memory grew by {growth_mib:.0f} MiB over 100 uses"
+    assert all(ref() is None for ref in kept)
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())

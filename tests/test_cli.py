@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cifarcam.cli import app
 
 runner = CliRunner()
-COMMANDS = ["train", "evaluate", "misclassified", "gradcam", "plot"]
+COMMANDS = ["train", "evaluate", "misclassified", "gradcam", "sanity", "plot"]
 
 
 def invoke(*args: str):
@@ -34,7 +34,7 @@ def test_root_help_lists_the_commands() -> None:
     assert all(command in result.output for command in COMMANDS)
 
 
-@pytest.mark.parametrize("command", ["evaluate", "misclassified", "gradcam", "plot"])
+@pytest.mark.parametrize("command", ["evaluate", "misclassified", "gradcam", "sanity", "plot"])
 def test_missing_run_is_one_error_line_exit_1(command: str, runs_dir: Path) -> None:
     result = invoke(command, "--run", "nope", "--runs-dir", str(runs_dir))
     assert result.exit_code == 1

@@ -92,16 +92,17 @@ def test_train_evaluate_misclassified_gradcam_plot(cifar_tree: Path, tmp_path: P
     confidences = [m["confidence"] for m in mistakes]
     assert confidences == sorted(confidences, reverse=True)
 
-    maps = load_file(run / "gradcam" / "layer3.safetensors")
+    maps = load_file(run / "gradcam" / "gradcam_layer3.safetensors")
     assert maps["maps_pred"].shape == maps["maps_true"].shape == (10, 32, 32)
     assert maps["indices"].tolist() == [m["index"] for m in mistakes]
     assert maps["maps_pred"].min() >= 0 and maps["maps_pred"].max() <= 1
-    cam_meta = json.loads((run / "gradcam" / "layer3.json").read_text())
-    assert cam_meta["layer"] == "layer3" and cam_meta["indices"] == maps["indices"].tolist()
+    cam_meta = json.loads((run / "gradcam" / "gradcam_layer3.json").read_text())
+    assert cam_meta["layers"] == ["layer3"] and cam_meta["methods"] == ["gradcam"]
+    assert cam_meta["indices"] == maps["indices"].tolist()
 
     height, width, _ = png_shape(run / "misclassified.png")
     assert height > 200 and width > 400
-    height, width, _ = png_shape(run / "gradcam" / "layer3.png")
+    height, width, _ = png_shape(run / "gradcam" / "gradcam_layer3.png")
     assert height > 10 * 100 and width > 300  # ten rows of three tiles
     for name in ("loss.png", "accuracy.png"):
         height, width, _ = png_shape(run / "plots" / name)

@@ -17,6 +17,7 @@ def test_output_shape_and_layer_names_at_small_width() -> None:
     assert [name for name, _ in model.named_children()] == [
         "conv1",
         "bn1",
+        "relu",
         "layer1",
         "layer2",
         "layer3",
@@ -29,5 +30,7 @@ def test_output_shape_and_layer_names_at_small_width() -> None:
 def test_unknown_model_and_layer() -> None:
     with pytest.raises(UsageError, match="unknown model 'resnet50'; choose one of: resnet18, resnet34"):
         build_model("resnet50")
-    with pytest.raises(UsageError, match="unknown layer 'layer5'; top-level layers are: conv1, bn1, layer1"):
+    with pytest.raises(
+        UsageError, match="unknown layer 'layer5'; top-level layers are: conv1, bn1, relu, layer1"
+    ):
         find_layer(build_model("resnet18", 8), "layer5")

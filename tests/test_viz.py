@@ -3,7 +3,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cifarcam.viz import cam_gallery, misclassified_gallery, overlay, plot_curves
+from cifarcam.viz import (
+    GalleryColumn,
+    attribution_image,
+    cam_gallery,
+    misclassified_gallery,
+    overlay,
+    plot_curves,
+    sanity_plot,
+)
 
 
 def test_overlay_shows_high_as_red_and_low_as_blue() -> None:
@@ -31,8 +39,23 @@ def test_figures_are_written_as_pngs(tmp_path: Path) -> None:
     names = ["cat", "dog", "ship", "frog"]
     misclassified_gallery(images, names, names[::-1], [0.9, 0.8, 0.7, 0.6], tmp_path / "m.png", "t")
     maps = np.random.default_rng(1).random((4, 32, 32))
-    cam_gallery(images, maps, maps, names, names, [0.5] * 4, tmp_path / "g.png", "t")
-    for name in ("loss.png", "acc.png", "m.png", "g.png"):
+    columns = [GalleryColumn("gradcam pred", maps), GalleryColumn("guided", images - 0.5)]
+    cam_gallery(images, columns, names, tmp_path / "g.png", "t")
+    rows = [
+        {"randomized": s, "spearman": v, "spearman_std": 0.1, "ssim": v, "ssim_std": 0.1}
+        for s, v in (("none", 1.0), ("linear", 0.2))
+    ]
+    sanity_plot(rows, [maps[0], maps[1]], tmp_path / "s.png", "t")
+    for name in ("loss.png", "acc.png", "m.png", "g.png", "s.png"):
         height, width, _ = read_png(tmp_path / name).shape
         assert height > 150 and width > 150
     assert read_png(tmp_path / "g.png").shape[0] > read_png(tmp_path / "g.png").shape[1]  # 4 rows x 3
+
+
+def test_attributions_are_shown_around_mid_grey() -> None:
+    flat = attribution_image(np.zeros((3, 4, 4)))
+    assert flat.shape == (4, 4, 3) and (flat == 128).all()
+    signed = np.zeros((3, 4, 4))
+    signed[:, 0, 0], signed[:, 3, 3] = 1.0, -1.0
+    shown = attribution_image(signed)
+    assert shown[0, 0, 0] > 128 > shown[3, 3, 0]

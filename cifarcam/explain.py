@@ -1,0 +1,395 @@
+"""The explanation commands over a trained run: `gradcam` (maps, galleries, faithfulness) and `sanity`.
+
+Files: gradcam/<method>_<layer>.safetensors holds the maps (guided-backprop has no layer),
+gradcam/<methods>_<layers>.png/.json the gallery, gradcam/metrics.json the faithfulness scores,
+sanity/<method>_<layer>.png/.json the randomisation check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from cifarcam import viz
+from cifarcam.cam import METHODS, CamExtractor, guided_backprop, guided_grad_cam
+from cifarcam.data import denormalize, normalize
+from cifarcam.errors import UsageError
+from cifarcam.faithfulness import faithfulness, random_maps
+from cifarcam.fileio import atomic_write_bytes
+from cifarcam.pipeline import LoadedRun, load_run, select_misclassified, test_logits
+from cifarcam.rundir import RunDir
+from cifarcam.sanity import cascading_randomization, similarity_table
+
+GUIDED = ("guided-backprop", "guided-gradcam")
+ALL_METHODS = (*METHODS, *GUIDED)
+ProgressCallback = Callable[[int, int], None]  # (images done, images in all)
+MAPS_NOTE = (
+    "maps_<target>: (N, 32, 32) float32 in [0, 1]: ReLU, bilinear upsampling "
+    "(align_corners=False), min-max per map; attributions_<target>: (N, 3, 32, 32) input gradients"
+)
+
+
+def check_all_methods(methods: list[str]) -> list[str]:
+    unknown = [name for name in methods if name not in ALL_METHODS]
+    if unknown:
+        raise UsageError(f"unknown CAM method '{unknown[0]}'; choose one of: {', '.join(ALL_METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def resolve_target(spec: str, classes: list[str]) -> list[str]:
+    """--target: pred, true, both, or a class given by name or index -> target keys."""
+    if spec == "both":
+        return ["pred", "true"]
+    if spec in ("pred", "true"):
+        return [spec]
+    if spec in classes:
+        return [f"class:{spec}"]
+    if spec.isdigit() and int(spec) < len(classes):
+        return [f"class:{classes[int(spec)]}"]
+    raise UsageError(
+        f"--target '{spec}' is not pred, true, both, a class name or a class index 0-{len(classes) - 1}; "
+        f"classes: {', '.join(classes)}"
+    )
+
+
+def _target_classes(key: str, pred: torch.Tensor, true: torch.Tensor, classes: list[str]) -> torch.Tensor:
+    if key == "pred":
+        return pred
+    if key == "true":
+        return true
+    return torch.full_like(pred, classes.index(key.removeprefix("class:")))
+
+
+@dataclass
+class Explanations:
+    """Everything computed for a set of test images, on the CPU."""
+
+    indices: torch.Tensor
+    pred: torch.Tensor
+    true: torch.Tensor
+    maps: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)  # (target, method, layer)
+    attributions: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
+
+
+def _inputs(loaded: LoadedRun, indices: torch.Tensor) -> torch.Tensor:
+    images = loaded.test.images[indices.to(loaded.device)]
+    return normalize(images, loaded.info.mean, loaded.info.std).float()
+
+
+def _cam_model(loaded: LoadedRun) -> nn.Module:
+    """The model in float32 and NCHW: maps are compared to 1e-4, and torch 2.14's CPU channels_last
+    float32 convolution backward is unreliable for some batch sizes."""
+    return loaded.model.float().to(memory_format=torch.contiguous_format).eval()
+
+
+def explain_images(
+    loaded: LoadedRun,
+    indices: torch.Tensor,
+    pred: torch.Tensor,
+    methods: list[str],
+    layers: list[str],
+    targets: list[str],
+    batch_size: int = 256,
+    on_progress: ProgressCallback | None = None,
+) -> Explanations:
+    """Maps (and guided attributions) for `indices`, batch by batch, one forward pass per batch."""
+    model = _cam_model(loaded)
+    classes = loaded.info.classes
+    true = loaded.test.labels.cpu()[indices]
+    result = Explanations(indices, pred, true)
+    cam_methods = [m for m in methods if m in METHODS]
+    if "guided-gradcam" in methods and "gradcam" not in cam_methods:
+        cam_methods.append("gradcam")
+    parts: dict[tuple[str, str, str], list[torch.Tensor]] = {}
+    with CamExtractor(model, layers, cam_methods or ["gradcam"]) as extractor:
+        for start in range(0, len(indices), batch_size):
+            batch = slice(start, start + batch_size)
+            x = _inputs(loaded, indices[batch])
+            wanted = {key: _target_classes(key, pred[batch], true[batch], classes) for key in targets}
+            wanted = {key: value.to(loaded.device) for key, value in wanted.items()}
+            maps = extractor(x, wanted).maps if cam_methods else {}
+            for key, target_classes in wanted.items():
+                for method in cam_methods:
+                    for layer in layers:
+                        parts.setdefault((key, method, layer), []).append(maps[key][method][layer].cpu())
+                if any(m in GUIDED for m in methods):
+                    guided = guided_backprop(model, x, target_classes)
+                    parts.setdefault((key, "guided-backprop", ""), []).append(guided.cpu())
+                    if "guided-gradcam" in methods:
+                        for layer in layers:
+                            combined = guided_grad_cam(guided, maps[key]["gradcam"][layer]).cpu()
+                            parts.setdefault((key, "guided-gradcam", layer), []).append(combined)
+            if on_progress:
+                on_progress(min(start + batch_size, len(indices)), len(indices))
+    for (key, method, layer), chunks in parts.items():
+        if method not in methods:
+            continue
+        store = result.attributions if method in GUIDED else result.maps
+        store[(key, method, layer)] = torch.cat(chunks)
+    return result
+
+
+def _file_stem(methods: list[str], layers: list[str]) -> str:
+    return f"{','.join(methods)}_{','.join(layers)}"
+
+
+def _groups(methods: list[str], layers: list[str]) -> list[tuple[str, str]]:
+    """(method, layer) column groups; guided-backprop does not depend on the layer."""
+    pairs = ((m, "" if m == "guided-backprop" else layer) for m in methods for layer in layers)
+    return list(dict.fromkeys(pairs))
+
+
+def _save_maps(
+    run: RunDir, explained: Explanations, targets: list[str], groups: list[tuple[str, str]]
+) -> list[Path]:
+    paths = []
+    for method, layer in groups:
+        tensors = {
+            "indices": explained.indices.contiguous(),
+            "pred": explained.pred.contiguous(),
+            "true": explained.true.contiguous(),
+        }
+        for key in targets:
+            name = key.replace("class:", "class_")
+            if method in GUIDED:
+                tensors[f"attributions_{name}"] = explained.attributions[(key, method, layer)].contiguous()
+            else:
+                tensors[f"maps_{name}"] = explained.maps[(key, method, layer)].contiguous()
+        path = run.gradcam_dir / (f"{method}_{layer}.safetensors" if layer else f"{method}.safetensors")
+        metadata = {"method": method, "layer": layer, "targets": ",".join(targets), "note": MAPS_NOTE}
+        atomic_write_bytes(path, save_safetensors(tensors, metadata=metadata))
+        paths.append(path)
+    return paths
+
+
+def _gallery(
+    run: RunDir,
+    loaded: LoadedRun,
+    explained: Explanations,
+    rows: torch.Tensor,
+    targets: list[str],
+    groups: list[tuple[str, str]],
+    confidence: torch.Tensor,
+    stem: str,
+    checkpoint: str,
+) -> list[Path]:
+    classes = loaded.info.classes
+    indices = explained.indices[rows]
+    shown = denormalize(_inputs(loaded, indices), loaded.info.mean, loaded.info.std).cpu().numpy()
+    pred_names = [classes[int(p)] for p in explained.pred[rows]]
+    true_names = [classes[int(t)] for t in explained.true[rows]]
+    columns = []
+    for method, layer in groups:
+        for key in targets:
+            store = explained.attributions if method in GUIDED else explained.maps
+            tiles = store[(key, method, layer)][rows].numpy()
+            where = f"{method} {layer}".strip()
+            heading = {"pred": "pred class", "true": "true class"}.get(key, key.replace(":", " "))
+            columns.append(viz.GalleryColumn(f"{where}\n{heading}", tiles))
+    labels = [
+        f"#{int(i)} true: {t}\npred: {p} ({c:.0%})"
+        for i, t, p, c in zip(indices, true_names, pred_names, confidence[rows].tolist(), strict=True)
+    ]
+    title = (
+        f"run {run.name}: {', '.join(dict.fromkeys(m for m, _ in groups))} for the {len(rows)} most "
+        f"confident mistakes ({checkpoint} checkpoint, epoch {loaded.info.epoch}; red = high)"
+    )
+    png, sidecar = run.gradcam_dir / f"{stem}.png", run.gradcam_dir / f"{stem}.json"
+    viz.cam_gallery(shown, columns, labels, png, title)
+    run.write_json(
+        sidecar,
+        {
+            "title": title,
+            "methods": list(dict.fromkeys(m for m, _ in groups)),
+            "layers": sorted({layer for _, layer in groups if layer}),
+            "targets": targets,
+            "checkpoint": checkpoint,
+            "epoch": loaded.info.epoch,
+            "indices": indices.tolist(),
+            "true": true_names,
+            "pred": pred_names,
+            "confidence": confidence[rows].tolist(),
+        },
+    )
+    return [png, sidecar]
+
+
+def _faithfulness_rows(
+    loaded: LoadedRun,
+    explained: Explanations,
+    target: str,
+    methods: list[str],
+    layers: list[str],
+    steps: int,
+    batch_size: int,
+) -> list[dict[str, Any]]:
+    model = _cam_model(loaded)
+    x = _inputs(loaded, explained.indices)
+    classes = _target_classes(target, explained.pred, explained.true, loaded.info.classes).to(loaded.device)
+    candidates: list[tuple[str, str, torch.Tensor]] = [
+        (m, layer, explained.maps[(target, m, layer)]) for m in methods if m in METHODS for layer in layers
+    ]
+    candidates.append(("random", "-", random_maps(len(x), x.shape[2], x.shape[3])))
+    rows = []
+    for method, layer, maps in candidates:
+        scores = faithfulness(model, x, maps.to(loaded.device), classes, steps=steps, batch_size=batch_size)
+        rows.append({"method": method, "layer": layer, "target": target, "images": len(x), **scores})
+    return rows
+
+
+def _merge_metrics(run: RunDir, rows: list[dict[str, Any]], selection: str, steps: int) -> Path:
+    """gradcam/metrics.json keeps rows from earlier calls unless this call recomputed them."""
+    path = run.gradcam_dir / "metrics.json"
+    for row in rows:
+        row["selection"] = selection
+    keys = {(r["method"], r["layer"], r["target"], selection) for r in rows}
+    earlier = run.read_json(path).get("results", []) if path.exists() else []
+    kept = [
+        r
+        for r in earlier
+        if (r.get("method"), r.get("layer"), r.get("target"), r.get("selection")) not in keys
+    ]
+    run.write_json(
+        path,
+        {
+            "about": "deletion_auc (lower is better) and insertion_auc (higher) over "
+            f"{steps} steps, softmax probability of the target class, deletion to the mean colour, "
+            "insertion from a Gaussian blur (sigma 4); average_drop (% , lower) and "
+            "increase_in_confidence (% of images, higher) for the input multiplied by its map; "
+            "'random' is a uniform-noise map baseline",
+            "results": kept + rows,
+        },
+    )
+    return path
+
+
+@dataclass
+class GradcamOutcome:
+    paths: list[Path]
+    metrics: list[dict[str, Any]]
+
+
+def gradcam(
+    run: RunDir,
+    methods: list[str] | None = None,
+    layers: list[str] | None = None,
+    target: str = "both",
+    count: int = 10,
+    all_images: bool = False,
+    metrics: bool = False,
+    checkpoint: str = "last",
+    device_name: str = "auto",
+    batch_size: int = 256,
+    steps: int = 16,
+    on_progress: ProgressCallback | None = None,
+) -> GradcamOutcome:
+    """Maps for the `count` most confident mistakes (or the whole test set with `all_images`),
+    a gallery of those mistakes, and faithfulness scores when `metrics` is set."""
+    methods = check_all_methods(methods or ["gradcam"])
+    layers = list(dict.fromkeys(layers or ["layer4"]))
+    if count < 1:
+        raise UsageError("--count must be at least 1")
+    if batch_size < 1 or steps < 1:
+        raise UsageError("--batch-size and --steps must be at least 1")
+    loaded = load_run(run, checkpoint, device_name)
+    targets = resolve_target(target, loaded.info.classes)
+    CamExtractor(loaded.model, layers, [m for m in methods if m in METHODS])  # validates layer names
+    probs = torch.softmax(test_logits(loaded), dim=1)
+    pred_all, confidence_all = probs.argmax(1), probs.max(1).values
+    mistakes = select_misclassified(probs, loaded.test.labels.cpu(), count)
+    indices = torch.arange(len(probs)) if all_images else mistakes
+    explained = explain_images(
+        loaded, indices, pred_all[indices], methods, layers, targets, batch_size, on_progress
+    )
+    rows = mistakes if all_images else torch.arange(len(mistakes))
+    groups = _groups(methods, layers)
+    stem = _file_stem(methods, layers)
+    paths = _save_maps(run, explained, targets, groups)
+    paths += _gallery(
+        run, loaded, explained, rows, targets, groups, confidence_all[indices], stem, checkpoint
+    )
+    scores: list[dict[str, Any]] = []
+    if metrics:
+        scores = _faithfulness_rows(loaded, explained, targets[0], methods, layers, steps, batch_size)
+        selection = "all test images" if all_images else f"{count} most confident mistakes"
+        paths.append(_merge_metrics(run, scores, selection, steps))
+    return GradcamOutcome(paths, scores)
+
+
+@dataclass
+class SanityOutcome:
+    rows: list[dict[str, Any]]
+    paths: list[Path]
+
+
+def sanity(
+    run: RunDir,
+    method: str = "gradcam",
+    layer: str = "layer4",
+    count: int = 32,
+    checkpoint: str = "last",
+    device_name: str = "auto",
+    seed: int = 0,
+) -> SanityOutcome:
+    """Cascading randomisation of `count` class-balanced test images' maps (predicted class)."""
+    (method,) = check_all_methods([method])
+    if method == "guided-backprop":
+        layer = ""
+    if count < 2:
+        raise UsageError("--count must be at least 2")
+    loaded = load_run(run, checkpoint, device_name)
+    model = _cam_model(loaded)
+    if layer:
+        CamExtractor(model, [layer])  # validates the layer name
+    if count > len(loaded.test):
+        raise UsageError(f"--count {count} is larger than the {len(loaded.test)} test images")
+    indices = torch.linspace(0, len(loaded.test) - 1, count).round().long()
+    pred = torch.softmax(test_logits(loaded), dim=1).argmax(1)[indices]
+    x = _inputs(loaded, indices)
+    classes = pred.to(loaded.device)
+
+    def compute_maps(candidate: nn.Module) -> torch.Tensor:
+        if method in METHODS:
+            with CamExtractor(candidate, [layer], [method]) as extractor:
+                return extractor(x, {"pred": classes}).maps["pred"][method][layer].cpu()
+        attribution = guided_backprop(candidate, x, classes)
+        if method == "guided-gradcam":
+            with CamExtractor(candidate, [layer]) as extractor:
+                maps = extractor(x, {"pred": classes}).maps["pred"]["gradcam"][layer]
+            attribution = guided_grad_cam(attribution, maps)
+        magnitude = attribution.abs().sum(dim=1)
+        peak = magnitude.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+        return (magnitude / peak).cpu()
+
+    steps, maps = cascading_randomization(model, compute_maps, seed=seed)
+    table = similarity_table(steps, maps)
+    name = f"{method}_{layer}" if layer else method
+    png, sidecar = run.path / "sanity" / f"{name}.png", run.path / "sanity" / f"{name}.json"
+    where = f"{method} at {layer}" if layer else method
+    viz.sanity_plot(
+        table,
+        [m[0].numpy() for m in maps],
+        png,
+        f"run {run.name}: cascading randomisation sanity check for {where}, {count} test images "
+        "(predicted class); bottom: the first image's map at each step",
+    )
+    run.write_json(
+        sidecar,
+        {
+            "method": method,
+            "layer": layer,
+            "images": count,
+            "indices": indices.tolist(),
+            "target": "pred",
+            "seed": seed,
+            "checkpoint": checkpoint,
+            "steps": table,
+        },
+    )
+    return SanityOutcome(table, [png, sidecar])

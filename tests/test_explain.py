@@ -1,0 +1,137 @@
+"""`cifarcam gradcam` and `cifarcam sanity` over a small trained run: files, shapes, targets, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+from conftest import copy_tree
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cifarcam.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def runs(trained_runs: Path, tmp_path: Path) -> Path:
+    return copy_tree(trained_runs, tmp_path / "runs")
+
+
+def cifarcam(*args: str) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    return result.output
+
+
+def test_several_methods_and_layers_make_one_gallery_and_a_maps_file_each(runs: Path) -> None:
+    checkpoint = (runs / "tiny" / "checkpoints" / "last.safetensors").read_bytes()
+    output = cifarcam(
+        "gradcam", "--run", "tiny", "--runs-dir", str(runs), "--count", "4",
+        "--method", "gradcam", "--method", "scorecam", "--method", "guided-gradcam",
+        "--layer", "layer3", "--layer", "layer4",
+    )  # fmt: skip
+    folder = runs / "tiny" / "gradcam"
+    stem = "gradcam,scorecam,guided-gradcam_layer3,layer4"
+    assert str(folder / f"{stem}.png") in output
+    meta = json.loads((folder / f"{stem}.json").read_text())
+    assert meta["methods"] == ["gradcam", "scorecam", "guided-gradcam"]
+    assert meta["layers"] == ["layer3", "layer4"] and meta["targets"] == ["pred", "true"]
+    mistakes = meta["indices"]
+    for method in ("gradcam", "scorecam"):
+        for layer in ("layer3", "layer4"):
+            maps = load_file(folder / f"{method}_{layer}.safetensors")
+            assert maps["maps_pred"].shape == maps["maps_true"].shape == (4, 32, 32)
+            assert maps["indices"].tolist() == mistakes
+            assert maps["maps_pred"].min() >= 0 and maps["maps_pred"].max() <= 1
+    guided = load_file(folder / "guided-gradcam_layer4.safetensors")
+    assert guided["attributions_pred"].shape == (4, 3, 32, 32)
+    image = cv2.imread(str(folder / f"{stem}.png"))
+    assert image.shape[0] > 4 * 100 and image.shape[1] > 13 * 100  # 4 rows; input + 12 tiles a row
+    # The model's checkpoint is untouched.
+    assert (runs / "tiny" / "checkpoints" / "last.safetensors").read_bytes() == checkpoint
+
+
+def test_target_class_by_name_and_the_whole_test_set(runs: Path) -> None:
+    cifarcam(
+        "gradcam", "--run", "tiny", "--runs-dir", str(runs), "--all", "--count", "3",
+        "--target", "class3", "--batch-size", "64",
+    )  # fmt: skip
+    maps = load_file(runs / "tiny" / "gradcam" / "gradcam_layer4.safetensors")
+    assert set(maps) == {"maps_class_class3", "indices", "pred", "true"}
+    assert maps["maps_class_class3"].shape == (200, 32, 32)  # every test image, in four batches
+    assert maps["indices"].tolist() == list(range(200))
+    meta = json.loads((runs / "tiny" / "gradcam" / "gradcam_layer4.json").read_text())
+    assert len(meta["indices"]) == 3 and meta["targets"] == ["class:class3"]
+    # A class index means the same class.
+    cifarcam("gradcam", "--run", "tiny", "--runs-dir", str(runs), "--count", "3", "--target", "3")
+    again = load_file(runs / "tiny" / "gradcam" / "gradcam_layer4.safetensors")
+    assert torch.allclose(again["maps_class_class3"], maps["maps_class_class3"][again["indices"]], atol=1e-5)
+
+
+def test_metrics_table_json_and_merge(runs: Path) -> None:
+    common = [
+        "gradcam",
+        "--run",
+        "tiny",
+        "--runs-dir",
+        str(runs),
+        "--count",
+        "5",
+        "--metrics",
+        "--steps",
+        "4",
+    ]
+    output = cifarcam(*common, "--method", "gradcam", "--method", "eigencam")
+    assert "deletion AUC" in output and "random" in output
+    metrics_path = runs / "tiny" / "gradcam" / "metrics.json"
+    rows = json.loads(metrics_path.read_text())["results"]
+    assert [(r["method"], r["layer"]) for r in rows] == [
+        ("gradcam", "layer4"),
+        ("eigencam", "layer4"),
+        ("random", "-"),
+    ]
+    for row in rows:
+        assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1
+        assert 0 <= row["average_drop"] <= 100 and 0 <= row["increase_in_confidence"] <= 100
+        assert row["images"] == 5 and row["target"] == "pred"
+    cifarcam(*common, "--method", "layercam", "--layer", "layer3")
+    merged = json.loads(metrics_path.read_text())["results"]
+    assert [(r["method"], r["layer"]) for r in merged] == [
+        ("gradcam", "layer4"),
+        ("eigencam", "layer4"),
+        ("layercam", "layer3"),
+        ("random", "-"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "layer", "name"),
+    [("gradcam", "layer3", "gradcam_layer3"), ("guided-backprop", "layer4", "guided-backprop")],
+)
+def test_sanity_writes_a_table_and_a_plot(runs: Path, method: str, layer: str, name: str) -> None:
+    output = cifarcam(
+        "sanity",
+        "--run",
+        "tiny",
+        "--runs-dir",
+        str(runs),
+        "--method",
+        method,
+        "--layer",
+        layer,
+        "--count",
+        "8",
+    )
+    assert "Spearman" in output and "layer4.1" in output
+    result = json.loads((runs / "tiny" / "sanity" / f"{name}.json").read_text())
+    assert result["method"] == method and result["images"] == 8
+    assert [s["randomized"] for s in result["steps"]][:3] == ["none", "linear", "layer4.1"]
+    assert result["steps"][0]["spearman"] == pytest.approx(1.0)
+    image = cv2.imread(str(runs / "tiny" / "sanity" / f"{name}.png"))
+    assert image.shape[0] > 300 and image.shape[1] > 600
