@@ -340,7 +340,10 @@ def write_output(path: Path, content: str | bytes) -> Path:
     try:
         atomic_write_bytes(path, content.encode("utf-8") if isinstance(content, str) else content)
     except OSError as error:
-        raise RunError(f"cannot write '{path}': {error.strerror or error}") from None
+        # mkdir names the parent that is in the way; the temporary file's name would only confuse.
+        culprit = Path(error.filename) if error.filename else None
+        where = f" ('{culprit}')" if culprit is not None and culprit in path.parents else ""
+        raise RunError(f"cannot write '{path}': {error.strerror or error}{where}") from None
     return path
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -120,3 +122,80 @@ def tiny_train_args(runs: Path, tree: Path, run: str = "r", epochs: int = 3) -> 
         "--device",
         "cpu",
     ]
+
+
+def write_cam_results(run: Path) -> None:
+    """Faithfulness and sanity-check files in the layout of the CAM evaluation commands."""
+    methods = [("gradcam", "layer4"), ("gradcam++", "layer4"), ("random", None)]
+    results = [
+        {
+            "method": method,
+            "layer": layer,
+            "deletion_auc": 0.2 + 0.1 * i,
+            "insertion_auc": 0.6 - 0.1 * i,
+            "average_drop": 0.3 + 0.05 * i,
+            "average_increase": 0.1,
+        }
+        for i, (method, layer) in enumerate(methods)
+    ]
+    (run / "gradcam" / "metrics.json").write_text(json.dumps({"results": results, "count": 5}))
+    sanity = run / "sanity"
+    sanity.mkdir()
+    steps = [
+        {"randomized": name, "spearman": 0.9 - 0.3 * i, "ssim": 0.8 - 0.25 * i}
+        for i, name in enumerate(["linear", "layer4", "layer3"])
+    ]
+    check = {"method": "gradcam", "layer": "layer4", "steps": steps}
+    (sanity / "gradcam-layer4.json").write_text(json.dumps(check))
+    ramp = np.tile(np.linspace(0, 255, 300, dtype=np.uint8), (200, 1))
+    cv2.imwrite(str(sanity / "gradcam-layer4.png"), cv2.applyColorMap(ramp, cv2.COLORMAP_VIRIDIS))
+
+
+@pytest.fixture(scope="session")
+def reported_runs(tmp_path_factory: pytest.TempPathFactory, trained_runs: Path) -> Path:
+    """A copy of 'tiny' with everything a report shows: evaluation, mistakes, Grad-CAM, CAM checks, the report."""
+    from cifarcam import pipeline
+    from cifarcam.report import write_report
+    from cifarcam.rundir import RunDir
+
+    runs = copy_tree(trained_runs, tmp_path_factory.mktemp("reported") / "runs")
+    run = RunDir(runs, "tiny")
+    pipeline.evaluate(run, device_name="cpu")
+    pipeline.misclassified(run, count=5, device_name="cpu")
+    pipeline.gradcam(run, "layer4", count=5, device_name="cpu")
+    write_cam_results(run.path)
+    write_report(run)
+    return runs
+
+
+HOSTILE_CLASS = "<img src=x onerror=alert(1)>"
+HOSTILE_FOLDER = ("<script>alert(1)<", "script>")  # one path: .../<script>alert(1)</script>/...
+
+
+@pytest.fixture(scope="session")
+def hostile_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_tree: Path) -> Path:
+    """A run trained on data whose path holds '<script>alert(1)</script>' and whose class is an <img> tag.
+
+    Its Grad-CAM gallery's title holds a '<script>' too; the report is written.
+    """
+    from cifarcam import pipeline
+    from cifarcam.config import build_config
+    from cifarcam.report import write_report
+    from cifarcam.rundir import RunDir
+
+    base = tmp_path_factory.mktemp("hostile")
+    tree = base.joinpath(*HOSTILE_FOLDER, "data")
+    shutil.copytree(synthetic_tree, tree)
+    for split in ("train", "test"):
+        (tree / split / "class3").rename(tree / split / HOSTILE_CLASS)
+    config = build_config(
+        {"data": str(tree), "data_dir": str(base / "cache"), "width": 4, "epochs": 1, "device": "cpu"}
+    )
+    run = RunDir(base / "runs", "hostile")
+    pipeline.train(config, run, command="cifarcam train --run hostile --data '<script>alert(2)</script>'")
+    pipeline.evaluate(run, device_name="cpu", tta=False)
+    pipeline.gradcam(run, "layer4", count=2, device_name="cpu")
+    gallery = run.gradcam_dir / "layer4.json"
+    gallery.write_text(json.dumps(json.loads(gallery.read_text()) | {"title": "<script>alert(3)</script>"}))
+    write_report(run)
+    return base / "runs"
