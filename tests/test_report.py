@@ -150,3 +150,32 @@ def test_compare_defaults_to_the_runs_dir(two_runs: Path, tmp_path: Path) -> Non
     result = runner.invoke(app, ["compare", "r", "tiny", "--runs-dir", str(runs)])
     assert result.exit_code == 0, result.output
     assert (runs / "compare.html").exists() and cv2.imread(str(runs / "compare.png")) is not None
+
+
+def test_cam_files_of_another_shape_still_render(trained_runs: Path, tmp_path: Path) -> None:
+    """Galleries with methods/layers lists or no JSON, bare-list metrics, sanity files without steps."""
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    cams, sanity = runs / "tiny" / "gradcam", runs / "tiny" / "sanity"
+    cams.mkdir()
+    sanity.mkdir()
+    picture = np.tile(np.arange(0, 250, 2, dtype=np.uint8), (120, 1))
+    for path in (cams / "grid.png", cams / "odd.png", sanity / "plot-only.png"):
+        cv2.imwrite(str(path), cv2.applyColorMap(picture, cv2.COLORMAP_JET))
+    grid = {"methods": ["gradcam", "scorecam"], "layers": ["layer3", "layer4"], "indices": [7, 8, 9]}
+    (cams / "grid.json").write_text(json.dumps(grid))
+    rows = [{"method": "gradcam", "layer": "layer4", "deletion_auc": 0.25, "n": 5}, {"method": "random"}]
+    (cams / "metrics.json").write_text(json.dumps(rows))
+    (sanity / "no-steps.json").write_text(
+        json.dumps({"method": "eigencam", "layer": "layer3", "note": "skipped"})
+    )
+    result = runner.invoke(app, ["report", "--run", "tiny", "--runs-dir", str(runs)])
+    assert result.exit_code == 0, result.output
+    page = Page((runs / "tiny" / "report.html").read_text())
+    assert len([decode_png(a["src"]) for a in page.all("img")]) == 4  # curves, two galleries, one plot
+    text = page.section_text()
+    assert "gradcam, scorecam at layer3, layer4 methods gradcam, scorecam layers layer3, layer4" in text
+    assert "indices" not in text  # per-image lists stay out of the gallery's description
+    assert "odd" in text
+    assert "method layer deletion_auc n gradcam layer4 0.25 5 random - - -" in text
+    assert "eigencam at layer3 method eigencam layer layer3 note skipped" in text
+    assert "plot-only" in text
