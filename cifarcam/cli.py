@@ -487,6 +487,43 @@ def plot(run: RunOpt, runs_dir: RunsDirOpt = Path("runs")) -> None:
     console.print("Wrote " + ", ".join(str(p) for p in paths))
 
 
+@app.command()
+def report(run: RunOpt, runs_dir: RunsDirOpt = Path("runs")) -> None:
+    """Write runs/NAME/report.html: one self-contained page with everything the run has produced.
+
+    Example: cifarcam report --run r1
+    """
+    from cifarcam.report import write_report
+
+    path = guarded(lambda: write_report(_rundir(runs_dir, run)))
+    console.print(f"Wrote {path}")
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[str], typer.Argument(help="Two or more run names.", show_default=False)],
+    runs_dir: RunsDirOpt = Path("runs"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="The HTML page to write; the PNG goes next to it.",
+            show_default="RUNS_DIR/compare.html",
+        ),
+    ] = None,
+) -> None:
+    """Compare runs: curves on shared axes (PNG) and a page of final metrics and config differences.
+
+    Example: cifarcam compare r1 r2 --out comparison.html
+    """
+    from cifarcam.compare import compare as compare_runs
+
+    paths = guarded(
+        lambda: compare_runs([_rundir(runs_dir, name) for name in runs], out or runs_dir / "compare.html")
+    )
+    console.print("Wrote " + ", ".join(str(p) for p in paths))
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"cifarcam {__version__}")

@@ -2,7 +2,8 @@
 
 Layout (the contract between commands):
   config.json, meta.json, metrics.json, evaluation.json, misclassified.json/.png,
-  checkpoints/{last,best}.safetensors, gradcam/<layer>.{png,json,safetensors}, plots/*.png
+  checkpoints/{last,best}.safetensors, gradcam/<layer>.{png,json,safetensors}, plots/*.png,
+  gradcam/metrics.json and sanity/*.{json,png} (CAM faithfulness and sanity checks), report.html
 Every file is written atomically, so a reader never sees half a file.
 """
 
@@ -80,6 +81,8 @@ class RunDir:
         self.checkpoints_dir = self.path / "checkpoints"
         self.gradcam_dir = self.path / "gradcam"
         self.plots_dir = self.path / "plots"
+        self.sanity_dir = self.path / "sanity"
+        self.report_path = self.path / "report.html"
 
     # -- existence and lifecycle -------------------------------------------------------
     def require(self) -> RunDir:

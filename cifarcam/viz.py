@@ -1,10 +1,11 @@
-"""Figures: training curves, the misclassified gallery and Grad-CAM galleries (Agg, no pyplot)."""
+"""Figures: training curves, the misclassified gallery, Grad-CAM galleries, the confusion heatmap
+and run comparisons (Agg, no pyplot)."""
 
 from __future__ import annotations
 
 import io
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,7 @@ TILE_INCHES = 1.6
 
 
 def save_figure(figure: Figure, path: Path, dpi: int = 100) -> None:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, png_bytes(figure, dpi))
 
 
 def to_hwc(image: np.ndarray) -> np.ndarray:
@@ -157,3 +156,99 @@ def sanity_plot(
         tile_ax.axis("off")
     figure.suptitle(textwrap.fill(title, 110), fontsize=10)
     save_figure(figure, path)
+
+
+def png_bytes(figure: Figure, dpi: int = 100) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _percent(metric: str) -> float:
+    return 100.0 if metric.endswith("acc") else 1.0
+
+
+def report_curves(epochs: Sequence[dict[str, Any]]) -> bytes:
+    """One row of panels for a run's report: loss, accuracy and (when recorded) the learning rate."""
+    xs = [record.get("epoch", index + 1) for index, record in enumerate(epochs)]
+    panels = [("loss", "loss (per-sample mean)"), ("acc", "accuracy (%)")]
+    if all("lr" in record for record in epochs):
+        panels.append(("lr", "learning rate (start of epoch)"))
+    figure = Figure(figsize=(4.2 * len(panels), 3.4))
+    for axes, (metric, label) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        if metric == "lr":
+            axes.plot(xs, [record["lr"] for record in epochs], marker="o", color="tab:purple")
+        for split in ("train", "val", "test") if metric != "lr" else ():
+            key = f"{split}_{metric}"
+            if all(key in record for record in epochs):
+                values = [record[key] * _percent(key) for record in epochs]
+                axes.plot(xs, values, marker="o", label=split)
+        if metric != "lr":
+            axes.legend()
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_ylabel(label)
+        axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    return png_bytes(figure)
+
+
+def confusion_heatmap(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> bytes:
+    """Rows = true class, columns = predicted; colour = share of the row, numbers = counts."""
+    counts = np.asarray(matrix, dtype=np.float64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(3.5, 0.42 * len(classes) + 1.6)
+    figure = Figure(figsize=(size + 0.9, size))
+    axes = figure.subplots()
+    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    ticks = range(len(classes))
+    labels = [textwrap.shorten(name, 24, placeholder="...") for name in classes]
+    axes.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=8)
+    axes.set_yticks(ticks, labels, fontsize=8)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    if len(classes) <= 20:
+        for row in ticks:
+            for column in ticks:
+                colour = "white" if shares[row, column] > 0.55 else "black"
+                axes.text(
+                    column,
+                    row,
+                    f"{int(counts[row, column])}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color=colour,
+                )
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class")
+    figure.tight_layout()
+    return png_bytes(figure)
+
+
+def compare_curves(runs: Mapping[str, Sequence[dict[str, Any]]]) -> bytes:
+    """Several runs on shared axes: one colour per run; test solid, train dashed; LR when recorded."""
+    panels = [("loss", "loss (per-sample mean)"), ("acc", "accuracy (%)")]
+    if all(all("lr" in record for record in epochs) for epochs in runs.values()):
+        panels.append(("lr", "learning rate"))
+    figure = Figure(figsize=(4.4 * len(panels), 3.8))
+    all_axes = figure.subplots(1, len(panels), squeeze=False, sharex=True)[0]
+    colours = [f"C{index % 10}" for index in range(len(runs))]
+    for (name, epochs), colour in zip(runs.items(), colours, strict=True):
+        xs = [record.get("epoch", index + 1) for index, record in enumerate(epochs)]
+        for axes, (metric, _) in zip(all_axes, panels, strict=True):
+            if metric == "lr":
+                axes.plot(xs, [record["lr"] for record in epochs], color=colour, label=name)
+                continue
+            for split, style in (("train", "--"), ("test", "-")):
+                key = f"{split}_{metric}"
+                if all(key in record for record in epochs):
+                    values = [record[key] * _percent(key) for record in epochs]
+                    axes.plot(xs, values, style, color=colour, label=f"{name} {split}")
+    for axes, (_, label) in zip(all_axes, panels, strict=True):
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_ylabel(label)
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    return png_bytes(figure)

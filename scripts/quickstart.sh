@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up .venv from nothing, then run the whole chain on one run directory:
-# train -> evaluate -> misclassified -> gradcam -> sanity -> plot.
+# train -> evaluate -> misclassified -> gradcam -> sanity -> plot -> report.
 # On a GPU it trains the full 20-epoch ResNet18; without one it uses --preset quick.
 # Environment: DATA (cifar10, or the path of an image-folder copy), RUN (run name, default r1).
 # Extra arguments go to `cifarcam train` (e.g. --overwrite).
@@ -21,4 +21,5 @@ fi
 .venv/bin/cifarcam gradcam --run "$run" --layer layer3 --layer layer4 --metrics
 .venv/bin/cifarcam sanity --run "$run" --layer layer4
 .venv/bin/cifarcam plot --run "$run"
-echo "Done: see runs/$run/ (plots/, misclassified.png, gradcam/, sanity/)"
+.venv/bin/cifarcam report --run "$run"
+echo "Done: open runs/$run/report.html (or see plots/, misclassified.png, gradcam/, sanity/)"

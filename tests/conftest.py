@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -120,3 +121,55 @@ def tiny_train_args(runs: Path, tree: Path, run: str = "r", epochs: int = 3) -> 
         "--device",
         "cpu",
     ]
+
+
+@pytest.fixture(scope="session")
+def reported_runs(tmp_path_factory: pytest.TempPathFactory, trained_runs: Path) -> Path:
+    """A copy of 'tiny' with everything a report shows: evaluation, mistakes, Grad-CAM, CAM checks, the report."""
+    from cifarcam import explain, pipeline
+    from cifarcam.report import write_report
+    from cifarcam.rundir import RunDir
+
+    runs = copy_tree(trained_runs, tmp_path_factory.mktemp("reported") / "runs")
+    run = RunDir(runs, "tiny")
+    pipeline.evaluate(run, device_name="cpu")
+    pipeline.misclassified(run, count=5, device_name="cpu")
+    explain.gradcam(
+        run, ["gradcam", "gradcam++"], ["layer4"], count=5, metrics=True, steps=4, device_name="cpu"
+    )
+    explain.sanity(run, "gradcam", "layer4", count=4, device_name="cpu")
+    write_report(run)
+    return runs
+
+
+HOSTILE_CLASS = "<img src=x onerror=alert(1)>"
+HOSTILE_FOLDER = ("<script>alert(1)<", "script>")  # one path: .../<script>alert(1)</script>/...
+
+
+@pytest.fixture(scope="session")
+def hostile_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_tree: Path) -> Path:
+    """A run trained on data whose path holds '<script>alert(1)</script>' and whose class is an <img> tag.
+
+    Its Grad-CAM gallery's title holds a '<script>' too; the report is written.
+    """
+    from cifarcam import explain, pipeline
+    from cifarcam.config import build_config
+    from cifarcam.report import write_report
+    from cifarcam.rundir import RunDir
+
+    base = tmp_path_factory.mktemp("hostile")
+    tree = base.joinpath(*HOSTILE_FOLDER, "data")
+    shutil.copytree(synthetic_tree, tree)
+    for split in ("train", "test"):
+        (tree / split / "class3").rename(tree / split / HOSTILE_CLASS)
+    config = build_config(
+        {"data": str(tree), "data_dir": str(base / "cache"), "width": 4, "epochs": 1, "device": "cpu"}
+    )
+    run = RunDir(base / "runs", "hostile")
+    pipeline.train(config, run, command="cifarcam train --run hostile --data '<script>alert(2)</script>'")
+    pipeline.evaluate(run, device_name="cpu", tta=False)
+    explain.gradcam(run, ["gradcam"], ["layer4"], count=2, device_name="cpu")
+    gallery = run.gradcam_dir / "gradcam_layer4.json"
+    gallery.write_text(json.dumps(json.loads(gallery.read_text()) | {"title": "<script>alert(3)</script>"}))
+    write_report(run)
+    return base / "runs"

@@ -51,6 +51,8 @@ def damage_run(run: Path, how: str) -> None:
         (run / "config.json").write_text(json.dumps(config))
     elif how == "bad_config":
         (run / "config.json").write_text("{")
+    elif how == "bad_evaluation":
+        (run / "evaluation.json").write_text('{"accuracy": 0.')
     elif how == "no_metrics":
         (run / "metrics.json").unlink()
     elif how == "corrupt_state":
@@ -301,6 +303,39 @@ CASES = [
         1,
         "Error: cannot use runs directory '{tmp}/file': File exists",
     ),
+    ("report of a missing run", None, "report --run nope", 1, "Error: run 'nope' does not exist in '{runs}'"),
+    ("report before train", "empty_run", "report --run fresh", 1, "Error: run 'fresh' has no metrics.json"),
+    (
+        "report of a corrupt evaluation.json",
+        "run:bad_evaluation",
+        "report --run tiny",
+        1,
+        "Error: '{runs}/tiny/evaluation.json' is not valid JSON",
+    ),
+    ("compare one run", None, "compare tiny", 2, "Error: compare needs at least 2 runs (got 1)"),
+    ("compare a run twice", None, "compare tiny tiny", 2, "Error: run 'tiny' is given more than once"),
+    ("compare a missing run", None, "compare tiny nope", 1, "Error: run 'nope' does not exist in '{runs}'"),
+    (
+        "compare an untrained run",
+        "empty_run",
+        "compare tiny fresh",
+        1,
+        "Error: run 'fresh' has no metrics.json",
+    ),
+    (
+        "compare --out not .html",
+        "second_run",
+        "compare tiny other --out {tmp}/c.png",
+        2,
+        "Error: --out must name an .html file (got '{tmp}/c.png'); the PNG is written next to it",
+    ),
+    (
+        "compare --out under a file",
+        "second_run",
+        "compare tiny other --out {tmp}/file/c.html",
+        1,
+        "Error: cannot write '{tmp}/file/c.html': File exists ('{tmp}/file')",
+    ),
     (
         "unknown preset",
         None,
@@ -350,6 +385,9 @@ def test_bad_input(
     elif kind == "empty_run":
         (runs / "fresh").mkdir()
     elif kind == "runs_is_file":
+        (scratch / "file").write_text("")
+    elif kind == "second_run":
+        copy_tree(runs / "tiny", runs / "other")
         (scratch / "file").write_text("")
     before = snapshot(runs)
     values = {"runs": runs, "tree": tree, "tmp": scratch}

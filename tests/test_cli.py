@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cifarcam.cli import app
 
 runner = CliRunner()
-COMMANDS = ["train", "evaluate", "misclassified", "gradcam", "sanity", "plot"]
+COMMANDS = ["train", "evaluate", "misclassified", "gradcam", "sanity", "plot", "report"]
 
 
 def invoke(*args: str):
@@ -28,13 +28,19 @@ def test_every_command_has_help_with_an_example(command: str) -> None:
     assert "--run" in result.output
 
 
+def test_compare_help_has_an_example() -> None:
+    result = invoke("compare", "--help")
+    assert result.exit_code == 0
+    assert "Example: cifarcam compare r1 r2" in result.output and "--out" in result.output
+
+
 def test_root_help_lists_the_commands() -> None:
     result = invoke("--help")
     assert result.exit_code == 0
-    assert all(command in result.output for command in COMMANDS)
+    assert all(command in result.output for command in [*COMMANDS, "compare"])
 
 
-@pytest.mark.parametrize("command", ["evaluate", "misclassified", "gradcam", "sanity", "plot"])
+@pytest.mark.parametrize("command", ["evaluate", "misclassified", "gradcam", "sanity", "plot", "report"])
 def test_missing_run_is_one_error_line_exit_1(command: str, runs_dir: Path) -> None:
     result = invoke(command, "--run", "nope", "--runs-dir", str(runs_dir))
     assert result.exit_code == 1

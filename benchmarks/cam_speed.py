@@ -1,0 +1,124 @@
+"""Grad-CAM over a whole test set: cifarcam vs pytorch-grad-cam vs a plain forward pass, one run.
+
+For each layer, the same model, images (batches of --batch-size, float32, NCHW) and target
+classes (the model's predictions, computed beforehand and not timed) go through:
+(a) a plain forward pass under torch.inference_mode (the floor),
+(b) cifarcam's CamExtractor (autograd only from the layer up, maps upsampled and scaled),
+(c) pytorch-grad-cam's GradCAM (its usual full backward, maps upsampled and scaled).
+The first batch's maps are checked to agree within 1e-4 (after cifarcam's conventions).
+
+Prints seconds and the two ratios of the targets: pytorch-grad-cam / cifarcam (>= 3.5) and
+cifarcam / forward (<= 1.25).
+Usage: python benchmarks/cam_speed.py [--data PATH] [--run runs/NAME] [--width 64] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from cifarcam.cam import CamExtractor, normalize_maps
+from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, load_dataset, normalize, synthetic_dataset
+from cifarcam.models import build_model
+from cifarcam.rundir import RunDir
+
+
+def load_inputs(data: str | None, limit: int) -> tuple[torch.Tensor, str]:
+    if data:
+        test = load_dataset(data, None).test
+        source = f"test set of {data}"
+    else:
+        test = synthetic_dataset(10, limit, seed=0).test
+        source = "synthetic images"
+    images = test.images[:limit]
+    return normalize(images, CIFAR10_MEAN, CIFAR10_STD).float(), f"{len(images)} {source}"
+
+
+def load_model(run: str | None, width: int) -> tuple[torch.nn.Module, str]:
+    if run:
+        path = Path(run)
+        model, info = RunDir(path.parent, path.name).load_model("last")
+        return model.float().eval(), f"trained run {run} (ResNet18 width {info.width})"
+    torch.manual_seed(0)
+    return build_model("resnet18", width).eval(), f"seeded ResNet18 width {width}"
+
+
+def timed(action: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="image-folder tree or 'cifar10' (default: synthetic images)")
+    parser.add_argument("--run", help="a run directory whose last checkpoint to explain")
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=10_000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--layers", nargs="+", default=["layer4", "layer3"])
+    args = parser.parse_args()
+
+    x, source = load_inputs(args.data, args.limit)
+    model, described = load_model(args.run, args.width)
+    batches = list(x.split(args.batch_size))
+    with torch.no_grad():  # not inference_mode: these classes are used under autograd later
+        classes = [model(batch).argmax(1) for batch in batches]
+    print(f"{described}; {source}; batch {args.batch_size}; float32 NCHW")
+    print(
+        f"CPU: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+
+    def forward() -> None:
+        with torch.inference_mode():
+            for batch in batches:
+                model(batch)
+
+    for layer in args.layers:
+        module = dict(model.named_modules())[layer]
+        ours: list[torch.Tensor] = []
+        theirs: list[torch.Tensor] = []
+
+        def cifarcam_pass(layer: str = layer, ours: list[torch.Tensor] = ours) -> None:
+            with CamExtractor(model, [layer]) as cam:
+                for batch, target in zip(batches, classes, strict=True):
+                    ours.append(cam(batch, {"pred": target}).maps["pred"]["gradcam"][layer])
+
+        def reference_pass(module: torch.nn.Module = module, theirs: list[torch.Tensor] = theirs) -> None:
+            with GradCAM(model=model, target_layers=[module]) as cam:
+                for batch, target in zip(batches, classes, strict=True):
+                    out = cam(input_tensor=batch, targets=[ClassifierOutputTarget(int(c)) for c in target])
+                    theirs.append(torch.from_numpy(out))
+
+        forward()  # warm-up
+        seconds = {
+            "forward": timed(forward),
+            "cifarcam": timed(cifarcam_pass),
+            "pytorch-grad-cam": timed(reference_pass),
+        }
+        model.zero_grad(set_to_none=True)  # pytorch-grad-cam leaves gradients in the parameters
+        first_theirs = normalize_maps(theirs[0], tuple(theirs[0].shape[1:]))
+        difference = (ours[0] - first_theirs).abs().max().item()
+        count = sum(len(b) for b in batches)
+        print(
+            f"{layer}: forward {seconds['forward']:.1f} s, cifarcam {seconds['cifarcam']:.1f} s, "
+            f"pytorch-grad-cam {seconds['pytorch-grad-cam']:.1f} s for {count} images; "
+            f"max |difference| on batch 1: {difference:.2e}"
+        )
+        print(
+            f"  speed-up over pytorch-grad-cam: {seconds['pytorch-grad-cam'] / seconds['cifarcam']:.2f}x "
+            f"(target >= 3.5); cifarcam / forward: {seconds['cifarcam'] / seconds['forward']:.2f}x "
+            "(target <= 1.25)"
+        )
+
+
+if __name__ == "__main__":
+    main()
