@@ -10,6 +10,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cifarcam import __version__
-from cifarcam.errors import EXIT_RUNTIME, EXIT_SIGINT, CifarcamError, TrainingInterrupted, UsageError
+from cifarcam.errors import (
+    EXIT_RUNTIME,
+    EXIT_SIGINT,
+    CifarcamError,
+    PeerFailed,
+    TrainingInterrupted,
+    UsageError,
+)
 
 app = typer.Typer(
     name="cifarcam",
@@ -55,25 +63,48 @@ def fail(message: str, hint: str | None, code: int) -> typer.Exit:
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn known failures into one 'Error: ...' line and the documented exit code."""
+def user_errors(rank: int = 0) -> Iterator[None]:
+    """Turn known failures into one 'Error: ...' line and the documented exit code.
+
+    `rank`: this process's rank under torchrun; other ranks than 0 name themselves. A rank that
+    stops because another one failed (PeerFailed) prints nothing: the failing rank says why.
+    """
+    who = f"rank {rank}: " if rank else ""
     try:
         yield
+    except typer.Exit:
+        raise
+    except PeerFailed as error:
+        raise typer.Exit(error.exit_code) from None
     except CifarcamError as error:
-        raise fail(error.message, error.hint, error.exit_code) from None
+        raise fail(who + error.message, error.hint, error.exit_code) from None
     except KeyboardInterrupt:
-        raise fail("interrupted", None, EXIT_SIGINT) from None
+        raise fail(who + "interrupted", None, EXIT_SIGINT) from None
     except OSError as error:
         where = f" ({error.filename})" if error.filename else ""
-        raise fail(f"{error.strerror or error}{where}", None, EXIT_RUNTIME) from None
+        raise fail(f"{who}{error.strerror or error}{where}", None, EXIT_RUNTIME) from None
     except Exception as error:
         if os.environ.get("CIFARCAM_DEBUG"):
             raise
+        if _lost_peer(error):
+            raise fail(
+                f"{who}lost contact with the other processes of this run ({type(error).__name__})",
+                "the process that failed first printed the reason",
+                EXIT_RUNTIME,
+            ) from None
         raise fail(
-            f"unexpected {type(error).__name__}: {error}",
+            f"{who}unexpected {type(error).__name__}: {error}",
             "set CIFARCAM_DEBUG=1 for the traceback, and please report it",
             EXIT_RUNTIME,
         ) from None
+
+
+def _lost_peer(error: Exception) -> bool:
+    """A collective failed because another rank is gone (it exited or was stopped)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or not distributed.is_initialized():
+        return False
+    return isinstance(error, distributed.DistError) or "Connection closed by peer" in str(error)
 
 
 def guarded(action: Callable[[], T]) -> T:
@@ -113,6 +144,12 @@ def train(
             help="Channels of layer1 (64 = standard ResNet; 16 trains ~10x faster).", show_default="64"
         ),
     ] = None,
+    norm: Annotated[
+        str | None,
+        typer.Option(
+            help="batch (BatchNorm) or group (GroupNorm: no statistics across images).", show_default="batch"
+        ),
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs.", show_default="20")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.", show_default="512")] = None,
     lr: Annotated[
@@ -132,6 +169,18 @@ def train(
         ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.", show_default="auto")] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(help="auto (bf16 autocast where supported), bf16 or fp32.", show_default="auto"),
+    ] = None,
+    sync_bn: Annotated[
+        bool | None,
+        typer.Option(
+            "--sync-bn/--no-sync-bn",
+            help="Under torchrun on CUDA: BatchNorm statistics over the whole global batch.",
+            show_default="no-sync-bn",
+        ),
+    ] = None,
     seed: Annotated[
         int | None,
         typer.Option(help="Random seed (init, data order, augmentation, subsets).", show_default="0"),
@@ -176,13 +225,16 @@ def train(
         "subset": subset,
         "val_split": val_split,
         "device": device,
+        "precision": precision,
         "seed": seed,
+        "norm": norm,
+        "sync_bn": sync_bn,
     }
 
-    def action() -> None:
+    def action(group: Any) -> None:
         rundir = _rundir(runs_dir, run)
         try:
-            train_or_resume(rundir)
+            train_or_resume(rundir, group)
         except KeyboardInterrupt:
             raise TrainingInterrupted(
                 "stopped at once by a second interrupt; the last saved epoch, if any, is kept",
@@ -190,7 +242,7 @@ def train(
                 exit_code=EXIT_SIGINT,
             ) from None
 
-    def train_or_resume(rundir: Any) -> None:
+    def train_or_resume(rundir: Any, group: Any) -> None:
         command = shlex.join(["cifarcam", *sys.argv[1:]])
         if resume:
             given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
@@ -199,38 +251,53 @@ def train(
                 raise UsageError(
                     f"--resume continues with the run's own config.json; leave out {', '.join(given)}"
                 )
-            with _stop_on_signals() as stop, _training_progress() as callbacks:
-                records = pipeline.resume(rundir, command=command, callbacks=callbacks, stop=stop)
+            with _stop_on_signals(group) as stop, _training_progress(group.is_main) as callbacks:
+                records = pipeline.resume(rundir, command, callbacks, stop, group)
         else:
             base = merge_overrides(
                 preset_values(preset) if preset else {}, read_config_file(config) if config else {}
             )
             resolved = build_config(merge_overrides(base, overrides))
-            with _stop_on_signals() as stop, _training_progress() as callbacks:
-                records = pipeline.train(
-                    resolved, rundir, overwrite=overwrite, command=command, callbacks=callbacks, stop=stop
-                )
+            with _stop_on_signals(group) as stop, _training_progress(group.is_main) as callbacks:
+                records = pipeline.train(resolved, rundir, overwrite, command, callbacks, stop, group)
+        if not group.is_main:
+            return
         last = records[-1]
         console.print(
             f"Finished: test accuracy {last['test_acc']:.2%}, test loss {last['test_loss']:.4f}. "
             f"Run directory: {rundir.path}"
         )
 
-    guarded(action)
+    from cifarcam.distributed import process_group
+
+    with user_errors(), process_group() as group, user_errors(group.rank):
+        action(group)
+
+
+# Under torchrun a Ctrl-C reaches each worker twice: from the terminal and forwarded by torchrun.
+_SAME_SIGNAL_S = 2.0
 
 
 @contextmanager
-def _stop_on_signals() -> Iterator[Any]:
+def _stop_on_signals(group: Any = None) -> Iterator[Any]:
     """First SIGINT/SIGTERM: finish the step, save, exit 130/143. A second one: stop at once."""
+    from cifarcam.distributed import SINGLE
     from cifarcam.pipeline import StopSignal
 
+    group = group or SINGLE
     stop = StopSignal()
+    first_at = [0.0]
 
     def handler(signum: int, _frame: object) -> None:
         if stop.signal is not None:
+            if group.distributed and time.monotonic() - first_at[0] < _SAME_SIGNAL_S:
+                return
             raise KeyboardInterrupt
-        stop.signal = signum
-        typer.echo("Stopping after this step and saving (press Ctrl-C again to stop at once)...", err=True)
+        stop.signal, first_at[0] = signum, time.monotonic()
+        if group.is_main:
+            typer.echo(
+                "Stopping after this step and saving (press Ctrl-C again to stop at once)...", err=True
+            )
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -241,8 +308,12 @@ def _stop_on_signals() -> Iterator[Any]:
 
 
 @contextmanager
-def _training_progress() -> Iterator[Any]:
+def _training_progress(shown: bool = True) -> Iterator[Any]:
     from cifarcam.pipeline import TrainCallbacks
+
+    if not shown:  # another rank of a torchrun training reports
+        yield TrainCallbacks()
+        return
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),

@@ -13,6 +13,7 @@ from cifarcam.errors import ConfigError
 ModelName = Literal["resnet18", "resnet34"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "bf16", "fp32"]
+NormName = Literal["batch", "group"]
 
 
 class AugmentConfig(BaseModel):
@@ -34,6 +35,9 @@ class TrainConfig(BaseModel):
     data_dir: str | None = None  # where downloads and decode caches go; None = user cache
     model: ModelName = "resnet18"
     width: int = Field(64, ge=1, le=1024)  # channels of layer1; 64 = the standard ResNet
+    # "group": GroupNorm, no statistics across images, so a batch split over processes
+    # trains exactly as the whole batch does (BatchNorm normalises each process's share)
+    norm: NormName = "batch"
     epochs: int = Field(20, ge=1, le=10_000)
     batch_size: int = Field(512, ge=1, le=65_536)
     lr: float = Field(0.4, gt=0, le=100)  # peak learning rate of the one-cycle schedule
@@ -50,6 +54,7 @@ class TrainConfig(BaseModel):
     channels_last: bool = True
     seed: int = Field(0, ge=0, le=2**63 - 1)
     compile: bool = False  # torch.compile the training forward pass
+    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     # An albumentations pipeline (A.to_dict form) run per sample in DataLoader workers;
     # when set it replaces `augment`. The "seed-albumentations" preset ships one.

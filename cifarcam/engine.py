@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch import nn
 from cifarcam.augment import augment_batch
 from cifarcam.config import AugmentConfig, TrainConfig
 from cifarcam.data import Split, normalize
+from cifarcam.distributed import SINGLE, Group
 from cifarcam.errors import UsageError
 
 StepCallback = Callable[[int, int, float | None], None]  # (step, steps, running loss or None)
@@ -22,11 +23,14 @@ Tta = Literal["none", "flip", "flip-translate"]
 _LOSS_REPORT_EVERY = 20  # steps between host syncs that refresh the progress bar's loss
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, gpu: int | None = None) -> torch.device:
+    """The device called `name`; `gpu` numbers the CUDA device (a torchrun process's LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but no CUDA GPU is available")
+    if name == "cuda" and gpu is not None:
+        return torch.device("cuda", gpu % torch.cuda.device_count())
     return torch.device(name)
 
 
@@ -98,7 +102,15 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     )
 
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # normalised float images (N, C, H, W), int64 labels
+class Batch(NamedTuple):
+    images: torch.Tensor  # normalised float images (N, C, H, W)
+    labels: torch.Tensor  # int64
+    # Set when this is one rank's share of a global batch: world size / global batch size. The
+    # rank's loss is then its per-sample sum times this, so the gradients DDP averages add up
+    # to the gradient of the mean over the global batch, however unevenly it was split.
+    # 0.0 marks a stand-in: a rank whose share is empty trains on the batch's first image with
+    # weight 0, so that it still takes part in the gradient all-reduce; it is not tallied.
+    loss_scale: float | None = None
 
 
 def device_batches(
@@ -109,12 +121,26 @@ def device_batches(
     std: tuple[float, ...],
     augment: AugmentConfig,
     generator: torch.Generator,
+    group: Group = SINGLE,
 ) -> Iterator[Batch]:
-    """Batches cut from the in-memory dataset in `order` and augmented on its device."""
+    """Batches cut from the in-memory dataset in `order` and augmented on its device.
+
+    With several ranks, every rank cuts the same global batch and keeps its rows of it; the
+    augmentation draws are those of the whole batch, so the images are the same as in one process.
+    """
     for start in range(0, len(order), batch_size):
         batch_idx = order[start : start + batch_size]
-        x = augment_batch(normalize(train.images[batch_idx], mean, std), augment, generator)
-        yield x, train.labels[batch_idx]
+        if not group.distributed:
+            x = augment_batch(normalize(train.images[batch_idx], mean, std), augment, generator)
+            yield Batch(x, train.labels[batch_idx])
+            continue
+        rows = group.rows(len(batch_idx))
+        scale = group.world_size / len(batch_idx)
+        if rows.start == rows.stop:
+            rows, scale = slice(0, 1), 0.0
+        mine = batch_idx[rows]
+        x = augment_batch(normalize(train.images[mine], mean, std), augment, generator, rows, len(batch_idx))
+        yield Batch(x, train.labels[mine], scale)
 
 
 class NonFiniteLoss(Exception):
@@ -143,10 +169,25 @@ class Tally:
             torch.full((), -1, device=device, dtype=torch.int64),
         )
 
-    def check_finite(self) -> None:
-        bad = int(self.first_bad_step.item())
+    def check_finite(self, group: Group = SINGLE) -> None:
+        """Raise NonFiniteLoss on every rank if any rank's loss was not finite (a collective)."""
+        bad = int(group.first_bad_step(self.first_bad_step).item())
         if bad >= 0:
             raise NonFiniteLoss(bad)
+
+    def reduced(self, group: Group) -> Tally:
+        """The sums over all ranks (each rank tallies its own share of every batch)."""
+        if not group.distributed:
+            return self
+        seen = torch.tensor(float(self.seen), dtype=torch.float64, device=self.loss_sum.device)
+        sums = group.all_sum(torch.stack([self.loss_sum, self.correct.double(), seen]))
+        return Tally(
+            sums[0].clone(),
+            sums[1].round().long(),
+            group.first_bad_step(self.first_bad_step),
+            seen=round(sums[2].item()),
+            steps=self.steps,
+        )
 
     def result(self) -> dict[str, float]:
         return {"train_loss": self.loss_sum.item() / self.seen, "train_acc": self.correct.item() / self.seen}
@@ -164,8 +205,12 @@ def train_steps(
     channels_last: bool = True,
     on_step: StepCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    group: Group = SINGLE,
 ) -> bool:
     """Train on `batches`, adding to `tally`. Returns False if `should_stop` ended it early.
+
+    With several ranks, `should_stop` must answer the same on every rank (a collective), and
+    the divergence checks are collectives too, so all ranks stop at the same step.
 
     The tallied loss is the plain cross-entropy per sample (what test_loss measures too),
     even when the optimised objective adds label smoothing. The host reads the device
@@ -175,7 +220,7 @@ def train_steps(
     device = tally.loss_sum.device
     layout = memory_format(device, amp_dtype, channels_last)
     eps = label_smoothing
-    for images, labels in batches:
+    for images, labels, loss_scale in batches:
         x = images.to(device, non_blocking=True).contiguous(memory_format=layout)
         labels = labels.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
@@ -184,25 +229,27 @@ def train_steps(
         nll = -log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
         objective = (1 - eps) * nll - eps * log_probs.mean(dim=1) if eps else nll
         optimizer.zero_grad(set_to_none=True)
-        objective.mean().backward()
+        loss = objective.mean() if loss_scale is None else objective.sum() * loss_scale
+        loss.backward()
         optimizer.step()
         scheduler.step()
         tally.steps += 1
         batch_loss = nll.detach().sum()
         newly_bad = ~torch.isfinite(batch_loss) & (tally.first_bad_step < 0)
         tally.first_bad_step = torch.where(newly_bad, tally.steps, tally.first_bad_step)
-        tally.loss_sum += batch_loss
-        tally.correct += (logits.detach().argmax(1) == labels).sum()
-        tally.seen += labels.shape[0]
+        if loss_scale != 0.0:
+            tally.loss_sum += batch_loss
+            tally.correct += (logits.detach().argmax(1) == labels).sum()
+            tally.seen += labels.shape[0]
         report = tally.steps % _LOSS_REPORT_EVERY == 0 or tally.steps == total_steps
         if report:
-            tally.check_finite()
+            tally.check_finite(group)
         if on_step is not None:
-            on_step(tally.steps, total_steps, tally.loss_sum.item() / tally.seen if report else None)
+            on_step(tally.steps, total_steps, tally.loss_sum.item() / max(1, tally.seen) if report else None)
         if should_stop is not None and should_stop():
-            tally.check_finite()
+            tally.check_finite(group)
             return tally.steps == total_steps
-    tally.check_finite()
+    tally.check_finite(group)
     return True
 
 
@@ -264,6 +311,15 @@ def predict(
     finally:
         model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def score_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """float64 [summed cross-entropy, correct predictions, count]: what ranks add up to score a split."""
+    if len(labels) == 0:
+        return torch.zeros(3, dtype=torch.float64, device=labels.device)
+    loss = F.cross_entropy(logits.double(), labels, reduction="sum")
+    correct = (logits.argmax(1) == labels).sum().double()
+    return torch.stack([loss, correct, torch.tensor(float(len(labels)), device=logits.device).double()])
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -59,3 +59,13 @@ class TrainingInterrupted(CifarcamError):
 
 class RunLocked(RunError):
     """Another process is training this run."""
+
+
+class PeerFailed(CifarcamError):
+    """Another rank of a torchrun training failed and printed why; this rank exits with its code
+    and prints nothing, so the reason appears once."""
+
+    def __init__(self, rank: int, exit_code: int) -> None:
+        super().__init__(f"rank {rank} failed")
+        self.rank = rank
+        self.exit_code = exit_code

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -12,22 +14,37 @@ from cifarcam.errors import UsageError
 
 BLOCKS_PER_STAGE = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 MODEL_NAMES = tuple(BLOCKS_PER_STAGE)
+NORM_NAMES = ("batch", "group")
+Norm = Callable[[int], nn.Module]
+
+
+def norm_layer(name: str) -> Norm:
+    """BatchNorm2d, or GroupNorm with groups of 8 channels (gcd(channels, 8) per group otherwise).
+
+    Groups of several channels keep GroupNorm well conditioned on the 4x4 maps of layer4; with
+    one channel per group (instance norm) a near-constant channel turns rounding into noise.
+    """
+    if name == "group":
+        return lambda channels: nn.GroupNorm(channels // math.gcd(channels, 8), channels)
+    if name == "batch":
+        return nn.BatchNorm2d
+    raise UsageError(f"unknown norm '{name}'; choose one of: {', '.join(NORM_NAMES)}")
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, norm: Norm = nn.BatchNorm2d) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm(planes)
         # ReLU as a module (not F.relu) so that guided backpropagation can hook every one of them.
         self.relu = nn.ReLU()
         self.shortcut: nn.Module = nn.Sequential()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes),
+                norm(planes),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,10 +54,12 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, blocks: tuple[int, ...], width: int = 64, num_classes: int = 10) -> None:
+    def __init__(
+        self, blocks: tuple[int, ...], width: int = 64, num_classes: int = 10, norm: Norm = nn.BatchNorm2d
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = norm(width)
         self.relu = nn.ReLU()
         planes = [width, 2 * width, 4 * width, 8 * width]
         in_planes = width
@@ -49,7 +68,7 @@ class ResNet(nn.Module):
             layers = []
             for block in range(count):
                 stride = 2 if index > 0 and block == 0 else 1
-                layers.append(BasicBlock(in_planes, out_planes, stride))
+                layers.append(BasicBlock(in_planes, out_planes, stride, norm))
                 in_planes = out_planes
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -67,13 +86,14 @@ def _closest(name: str, choices: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def build_model(name: str, width: int = 64, num_classes: int = 10) -> ResNet:
+def build_model(name: str, width: int = 64, num_classes: int = 10, norm: str = "batch") -> ResNet:
+    """A CIFAR ResNet; the module names (bn1, layer4.1.conv2, ...) are the same for either norm."""
     if name not in BLOCKS_PER_STAGE:
         choices = ", ".join(MODEL_NAMES)
         raise UsageError(
             f"unknown model '{name}'; choose one of: {choices}{_closest(name, list(MODEL_NAMES))}"
         )
-    return ResNet(BLOCKS_PER_STAGE[name], width=width, num_classes=num_classes)
+    return ResNet(BLOCKS_PER_STAGE[name], width=width, num_classes=num_classes, norm=norm_layer(norm))
 
 
 def find_layer(model: nn.Module, name: str) -> nn.Module:

@@ -5,13 +5,15 @@ Nothing here prints: progress goes out through callbacks, results come back as v
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ from cifarcam.data import (
     normalize,
     split_train,
 )
+from cifarcam.distributed import SINGLE, Group
 from cifarcam.engine import (
     StepCallback,
     Tta,
@@ -42,11 +45,20 @@ from cifarcam.engine import (
     resolve_device,
     score,
 )
-from cifarcam.errors import CheckpointError, CifarcamError, RunError, TrainingInterrupted, UsageError
+from cifarcam.errors import (
+    CheckpointError,
+    CifarcamError,
+    RunError,
+    TrainingDiverged,
+    TrainingInterrupted,
+    UsageError,
+)
 from cifarcam.fileio import atomic_write_bytes, atomic_write_text
 from cifarcam.models import build_model
 from cifarcam.rundir import CheckpointInfo, RunDir, now_iso
 from cifarcam.trainer import StopRequested, Trainer
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -83,9 +95,20 @@ class _Prepared:
     validation: Split | None
 
 
-def _prepare(config: TrainConfig) -> _Prepared:
+def _prepare(config: TrainConfig, group: Group = SINGLE) -> _Prepared:
     """Everything that can fail on bad input, done before the run directory is touched."""
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, group.local_rank if group.distributed else None)
+    if group.distributed and config.albumentations is not None:
+        raise UsageError(
+            "an albumentations pipeline trains in one process only (its DataLoader workers "
+            "draw their own order); under torchrun use the on-device augmentation"
+        )
+    if group.distributed and config.sync_bn and device.type != "cuda":
+        raise UsageError(
+            "--sync-bn needs CUDA: SyncBatchNorm does not run on the CPU, where each process "
+            "normalises its share of the batch with its own statistics",
+            hint="leave out --sync-bn, or use --norm group for normalisation without batch statistics",
+        )
     dataset = load_dataset(config.data, _data_dir(config))
     train_split, validation = split_train(
         dataset.train, len(dataset.classes), config.subset, config.val_split, config.seed
@@ -95,7 +118,7 @@ def _prepare(config: TrainConfig) -> _Prepared:
     return _Prepared(device, autocast_dtype(device, config.precision), dataset, train_split, validation)
 
 
-def _environment(prepared: _Prepared, command: str) -> dict[str, Any]:
+def _environment(prepared: _Prepared, command: str, group: Group) -> dict[str, Any]:
     device = prepared.device
     return {
         "cifarcam_version": cifarcam.__version__,
@@ -112,6 +135,7 @@ def _environment(prepared: _Prepared, command: str) -> dict[str, Any]:
         "train_images": len(prepared.train),
         "val_images": len(prepared.validation) if prepared.validation is not None else 0,
         "test_images": len(prepared.dataset.test),
+        "world_size": group.world_size,
     }
 
 
@@ -122,40 +146,69 @@ def train(
     command: str = "",
     callbacks: TrainCallbacks | None = None,
     stop: StopSignal | None = None,
+    group: Group = SINGLE,
 ) -> list[dict[str, float]]:
-    """Train a model as configured, writing config, meta, metrics and checkpoints into `run`."""
-    prepared = _prepare(config)
-    with run.lock():
-        run.start_training(overwrite)
-        atomic_write_text(run.config_path, config_to_json(config))
-        run.update_meta(
-            status="running", started_at=now_iso(), ended_at=None, **_environment(prepared, command)
-        )
-        return _train_loop(config, run, prepared, None, callbacks or TrainCallbacks(), stop)
+    """Train a model as configured, writing config, meta, metrics and checkpoints into `run`.
+
+    Under torchrun only rank 0 locks and writes the run directory; every step that can fail
+    is agreed on by all ranks, so an error is printed once and no rank is left waiting.
+    """
+    prepared = group.agree(lambda: _prepare(config, group))
+    with contextlib.ExitStack() as lock:
+
+        def start() -> None:
+            lock.enter_context(run.lock())
+            run.start_training(overwrite)
+            atomic_write_text(run.config_path, config_to_json(config))
+            run.update_meta(
+                status="running",
+                started_at=now_iso(),
+                ended_at=None,
+                **_environment(prepared, command, group),
+            )
+
+        group.from_main(start)
+        return _train_loop(config, run, prepared, None, callbacks or TrainCallbacks(), stop, group)
 
 
 def resume(
-    run: RunDir, command: str = "", callbacks: TrainCallbacks | None = None, stop: StopSignal | None = None
+    run: RunDir,
+    command: str = "",
+    callbacks: TrainCallbacks | None = None,
+    stop: StopSignal | None = None,
+    group: Group = SINGLE,
 ) -> list[dict[str, float]]:
-    """Continue a run from its last saved state (or from the start if none was saved)."""
-    config = read_config(run)
-    prepared = _prepare(config)
-    with run.lock():
-        run.remove_temporaries()
-        state = run.load_state()
-        if state is not None and state[1]["epoch"] >= config.epochs:
-            run.update_meta(status="finished")
+    """Continue a run from its last saved state (or from the start if none was saved).
+
+    Under torchrun rank 0 reads the config and the state and sends them to the other ranks.
+    """
+    config = group.from_main(lambda: read_config(run))
+    prepared = group.agree(lambda: _prepare(config, group))
+    with contextlib.ExitStack() as lock:
+
+        def load() -> tuple[tuple[dict[str, torch.Tensor], dict[str, Any]] | None, bool]:
+            lock.enter_context(run.lock())
+            run.remove_temporaries()
+            state = run.load_state()
+            if state is not None and state[1]["epoch"] >= config.epochs:
+                run.update_meta(status="finished")
+                return state, True
+            meta = run.read_meta() if run.meta_path.exists() else {}
+            run.update_meta(
+                status="running",
+                started_at=meta.get("started_at") or now_iso(),
+                resumed_at=[*meta.get("resumed_at", []), now_iso()],
+                ended_at=None,
+                error=None,
+                **_environment(prepared, command, group),
+            )
+            return state, False
+
+        state, finished = group.from_main(load)
+        if finished:
+            assert state is not None
             return list(state[1]["records"])
-        meta = run.read_meta() if run.meta_path.exists() else {}
-        run.update_meta(
-            status="running",
-            started_at=meta.get("started_at") or now_iso(),
-            resumed_at=[*meta.get("resumed_at", []), now_iso()],
-            ended_at=None,
-            error=None,
-            **_environment(prepared, command),
-        )
-        return _train_loop(config, run, prepared, state, callbacks or TrainCallbacks(), stop)
+        return _train_loop(config, run, prepared, state, callbacks or TrainCallbacks(), stop, group)
 
 
 def _train_loop(
@@ -165,13 +218,20 @@ def _train_loop(
     state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
     callbacks: TrainCallbacks,
     stop: StopSignal | None,
+    group: Group = SINGLE,
 ) -> list[dict[str, float]]:
     device, dataset = prepared.device, prepared.dataset
+    main = group.is_main
+    if not main:
+        callbacks = TrainCallbacks()  # rank 0 reports for all
     # CIFAR-10's official statistics for every source; each checkpoint keeps its own copy.
     mean, std = CIFAR10_MEAN, CIFAR10_STD
     torch.manual_seed(config.seed)
     layout = memory_format(device, prepared.amp_dtype, config.channels_last)
-    model = build_model(config.model, config.width, len(dataset.classes)).to(device).to(memory_format=layout)
+    model: nn.Module = build_model(config.model, config.width, len(dataset.classes), config.norm)
+    model = model.to(device).to(memory_format=layout)
+    if config.sync_bn and group.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # CUDA only, checked in _prepare
     validation = prepared.validation.to(device) if prepared.validation is not None else None
     trainer = Trainer(
         model,
@@ -182,15 +242,21 @@ def _train_loop(
         std,
         validation,
         prepared.amp_dtype,
+        group,
     )
     header = {
         "model": config.model,
         "width": config.width,
+        "norm": config.norm,
         "num_classes": len(dataset.classes),
         "classes": dataset.classes,
         "mean": list(mean),
         "std": list(std),
     }
+
+    def on_main(action: Callable[[], T], default: T) -> T:
+        """Run a write on rank 0 while the other ranks wait to hear whether it failed."""
+        return group.agree(lambda: action() if main else default)
 
     def save_epoch_end(best_val: float) -> float:
         """The state first (the commit point of an epoch), then what is derived from it."""
@@ -210,40 +276,57 @@ def _train_loop(
         val_accs = [record.get("val_acc", -1.0) for record in trainer.records]
         if trainer.partial is None and trainer.records:
             # A kill between the state and the files derived from it leaves them one epoch behind.
-            best_val = save_epoch_end(max(val_accs[:-1], default=-1.0))
+            best_val = on_main(lambda: save_epoch_end(max(val_accs[:-1], default=-1.0)), -1.0)
         else:
             best_val = max(val_accs, default=-1.0)
     if callbacks.on_start:
         callbacks.on_start(run.read_meta() | {"start_epoch": trainer.epoch + 1, "epochs": config.epochs})
     try:
         for record in trainer.epochs(callbacks.on_step, stop.requested if stop else None):
-            best_val = save_epoch_end(best_val)
+            best_val = on_main(partial(save_epoch_end, best_val), best_val)
             if callbacks.on_epoch:
                 callbacks.on_epoch(record)
     except StopRequested:
-        signal_number = stop.signal if stop and stop.signal else signal.SIGINT
+        # The ranks stopped at the same step; they agree on which signal to name.
+        signal_number = group.max_int(stop.signal if stop and stop.signal else 0) or signal.SIGINT
         name = signal.Signals(signal_number).name
         where = f"after epoch {trainer.epoch}"
         if trainer.partial is not None:
-            run.save_state(*trainer.state())  # mid-epoch: resume continues at the next step
             where = f"at epoch {trainer.partial.epoch}, step {trainer.partial.tally.steps}"
-        run.update_meta(
-            status="interrupted", ended_at=now_iso(), completed_epochs=trainer.epoch, interrupted_by=name
-        )
-        raise TrainingInterrupted(
+
+        def save_stop() -> None:
+            if trainer.partial is not None:
+                run.save_state(*trainer.state())  # mid-epoch: resume continues at the next step
+            run.update_meta(
+                status="interrupted", ended_at=now_iso(), completed_epochs=trainer.epoch, interrupted_by=name
+            )
+
+        on_main(save_stop, None)
+        error = TrainingInterrupted(
             f"interrupted by {name} {where}; the training state is saved",
             hint=f"resume with 'cifarcam train --run {run.name} --resume'",
             exit_code=128 + int(signal_number),
-        ) from None
+        )
+        raise group.raise_together(error) from None
+    except TrainingDiverged as error:  # found by all ranks at the same step
+        on_main(lambda: _mark_failed(run, trainer.epoch, error.message), None)
+        raise group.raise_together(error) from None
     except KeyboardInterrupt:
-        run.update_meta(status="interrupted", ended_at=now_iso(), completed_epochs=trainer.epoch)
+        if main:
+            run.update_meta(status="interrupted", ended_at=now_iso(), completed_epochs=trainer.epoch)
         raise
     except BaseException as error:
-        reason = error.message if isinstance(error, CifarcamError) else f"{type(error).__name__}: {error}"
-        run.update_meta(status="failed", ended_at=now_iso(), completed_epochs=trainer.epoch, error=reason)
+        if main:
+            reason = error.message if isinstance(error, CifarcamError) else f"{type(error).__name__}: {error}"
+            _mark_failed(run, trainer.epoch, reason)
         raise
-    run.update_meta(status="finished", ended_at=now_iso(), completed_epochs=trainer.epoch)
+    if main:
+        run.update_meta(status="finished", ended_at=now_iso(), completed_epochs=trainer.epoch)
     return trainer.records
+
+
+def _mark_failed(run: RunDir, completed_epochs: int, reason: str) -> None:
+    run.update_meta(status="failed", ended_at=now_iso(), completed_epochs=completed_epochs, error=reason)
 
 
 # -- commands over a trained run --------------------------------------------------------

@@ -65,6 +65,7 @@ class CheckpointInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     checkpoint_id: str
+    norm: str = "batch"  # checkpoints written before the norm option hold BatchNorm
 
 
 class RunDir:
@@ -245,10 +246,14 @@ class RunDir:
                 mean=tuple(meta["mean"]),
                 std=tuple(meta["std"]),
                 checkpoint_id=str(meta["checkpoint_id"]),
+                norm=str(meta.get("norm", "batch")),
             )
         except (SafetensorError, ValueError, KeyError, TypeError, OSError) as error:
             raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({error})") from None
-        model = build_model(info.model, info.width, info.num_classes)
+        try:
+            model = build_model(info.model, info.width, info.num_classes, info.norm)
+        except UsageError as error:
+            raise CheckpointError(f"checkpoint '{path}' names {error.message}") from None
         try:
             model.load_state_dict(tensors, strict=True)
         except RuntimeError:

@@ -3,6 +3,7 @@ that can be saved and restored exactly (between epochs or in the middle of one).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from torch import nn
 from cifarcam.augment import albumentations_loader
 from cifarcam.config import TrainConfig
 from cifarcam.data import Split, normalize
+from cifarcam.distributed import SINGLE, Group
 from cifarcam.engine import (
     Batch,
     NonFiniteLoss,
@@ -24,9 +26,14 @@ from cifarcam.engine import (
     one_cycle,
     predict,
     score,
+    score_sums,
     train_steps,
 )
 from cifarcam.errors import TrainingDiverged
+
+
+def _any_rank(group: Group, asked: Callable[[], bool]) -> bool:
+    return group.any(asked())
 
 
 class StopRequested(Exception):
@@ -55,6 +62,10 @@ class Trainer:
     `epochs()` yields one flat metrics record per epoch; `state()`/`load_state()` capture
     everything needed to continue bit-for-bit, between epochs or in the middle of one.
     The splits must already be on the training device.
+
+    With a `group` of several ranks (torchrun), every rank holds the whole dataset, draws the
+    same order and augmentation, and trains on its rows of each global batch through
+    DistributedDataParallel; metrics are summed over the ranks. `model` stays the plain module.
     """
 
     def __init__(
@@ -67,15 +78,23 @@ class Trainer:
         std: tuple[float, ...],
         validation: Split | None = None,
         amp_dtype: torch.dtype | None = None,
+        group: Group = SINGLE,
     ) -> None:
         self.model, self.train, self.test, self.validation = model, train, test, validation
+        self.group = group
         self.config, self.mean, self.std, self.amp_dtype = config, mean, std, amp_dtype
         self.device = train.images.device
         self.steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
         self.optimizer = make_optimizer(model, config)
         self.lr_factor = one_cycle(self.steps_per_epoch * config.epochs, config.warmup)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
-        self.forward_model = cast(nn.Module, torch.compile(model)) if config.compile else model
+        forward_model = model
+        if group.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            forward_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.forward_model = (
+            cast(nn.Module, torch.compile(forward_model)) if config.compile else forward_model
+        )
         self.epoch = 0  # completed epochs
         self.records: list[dict[str, float]] = []
         self.partial: PartialEpoch | None = None
@@ -91,7 +110,7 @@ class Trainer:
                 config.workers,
                 _epoch_seed(config.seed, epoch, 0),
             )
-            return ((normalize(x.to(self.device), self.mean, self.std), y) for x, y in loader), None
+            return (Batch(normalize(x.to(self.device), self.mean, self.std), y) for x, y in loader), None
         partial = self.partial
         if partial is None or partial.epoch != epoch:
             order_generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, 1))
@@ -101,12 +120,13 @@ class Trainer:
             partial = PartialEpoch(epoch, order, Tally.zeros(self.device), augment_generator, 0.0)
         batches = device_batches(
             self.train,
-            partial.order[partial.tally.seen :],
+            partial.order[partial.tally.steps * config.batch_size :],
             config.batch_size,
             self.mean,
             self.std,
             config.augment,
             partial.augment_generator,
+            self.group,
         )
         return batches, partial
 
@@ -116,7 +136,9 @@ class Trainer:
         """Train the remaining epochs. Raises StopRequested when `should_stop` ends one early;
         `state()` then holds the partial epoch (on-device augmentation) or the last whole one.
         """
-        config = self.config
+        config, group = self.config, self.group
+        if should_stop is not None and group.distributed:
+            should_stop = functools.partial(_any_rank, group, should_stop)  # all ranks stop at the same step
         for epoch in range(self.epoch + 1, config.epochs + 1):
             started = time.perf_counter()
             # The LR at the epoch's first step, computed as LambdaLR does (also after a resume).
@@ -138,6 +160,7 @@ class Trainer:
                     config.channels_last,
                     on_step,
                     should_stop,
+                    group,
                 )
             except NonFiniteLoss as error:
                 raise TrainingDiverged(
@@ -147,10 +170,11 @@ class Trainer:
             if not finished:
                 if partial is not None:
                     partial.started_s = already + time.perf_counter() - started
+                    partial.tally = partial.tally.reduced(group)  # what rank 0 saves
                 self.partial = partial
                 raise StopRequested
             self.partial = None
-            record.update(tally.result())
+            record.update(tally.reduced(group).result())
             train_time = already + time.perf_counter() - started
             evaluated_at = time.perf_counter()
             record.update(self.evaluate())
@@ -164,17 +188,24 @@ class Trainer:
         """Per-sample mean loss and accuracy on the test (and validation) split."""
         result: dict[str, float] = {}
         splits = {"test": self.test} | ({"val": self.validation} if self.validation is not None else {})
+        group = self.group
+        group.broadcast_buffers(self.model)  # every rank scores rank 0's model, the one saved
         for prefix, split in splits.items():
+            rows = group.rows(len(split))
             logits = predict(
                 self.model,
-                split.images,
+                split.images[rows],
                 self.mean,
                 self.std,
                 max(self.config.batch_size, 1024),
                 self.amp_dtype,
                 channels_last=self.config.channels_last,
             )
-            scores = score(logits, split.labels)
+            if group.distributed:
+                loss_sum, correct, count = group.all_sum(score_sums(logits, split.labels[rows])).tolist()
+                scores = {"loss": loss_sum / count, "acc": correct / count}
+            else:
+                scores = score(logits, split.labels)
             result[f"{prefix}_loss"], result[f"{prefix}_acc"] = scores["loss"], scores["acc"]
         return result
 
@@ -236,6 +267,8 @@ class Trainer:
                 seen=int(partial["seen"]),
                 steps=int(partial["steps"]),
             )
+            if not self.group.is_main:  # rank 0 holds the sums of all ranks so far
+                tally = Tally(tally.loss_sum * 0, tally.correct * 0, tally.first_bad_step, 0, tally.steps)
             order = tensors["partial.order"].to(self.device)
             self.partial = PartialEpoch(
                 int(partial["epoch"]), order, tally, generator, float(partial["started_s"])

@@ -133,8 +133,8 @@ def test_an_immediate_stop_marks_the_run_interrupted_and_keeps_the_last_epoch(
     real = cli._training_progress
 
     @contextmanager
-    def progress_that_is_interrupted():  # a second Ctrl-C arriving right after epoch 1
-        with real() as callbacks:
+    def progress_that_is_interrupted(shown: bool = True):  # a second Ctrl-C arriving right after epoch 1
+        with real(shown) as callbacks:
 
             def on_epoch(record: dict) -> None:
                 raise KeyboardInterrupt

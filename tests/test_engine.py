@@ -184,7 +184,9 @@ def test_divergence_keeps_the_last_good_checkpoint_and_marks_the_run_failed(
     import cifarcam.pipeline as pipeline
     from cifarcam.cli import app
 
-    monkeypatch.setattr(pipeline, "build_model", lambda name, width, classes: NanAfter(after=6, width=width))
+    monkeypatch.setattr(
+        pipeline, "build_model", lambda name, width, classes, norm: NanAfter(after=6, width=width)
+    )
     runs = tmp_path / "runs"
     result = CliRunner().invoke(
         app,

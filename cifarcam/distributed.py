@@ -1,0 +1,171 @@
+"""Training in several processes under torchrun: the process group, each rank's share of the
+data, and the few collectives that keep the ranks in step (sums, agreement on errors and stops).
+
+A single process is the group of one (`SINGLE`): every collective is then the identity, so the
+single-process code path is the same as it was before any of this existed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from cifarcam.errors import EXIT_RUNTIME, EXIT_SIGINT, CifarcamError, PeerFailed, UsageError
+
+T = TypeVar("T")
+_NO_BAD_STEP = 2**62  # stands for "every loss finite" when ranks take the minimum of their first bad step
+
+
+@dataclass
+class Group:
+    """This process's place among the ranks of one training run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    # Set when every rank has reached the same ending (success or an agreed error), so they may
+    # wait for each other before exiting; after a one-sided failure nobody waits.
+    agreed_exit: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, count: int) -> slice:
+        """This rank's contiguous share of `count` items, without repeats; sizes differ by at most
+        one and the lower ranks get the larger shares (so rank 0's share is empty only if count is 0)."""
+        size, extra = divmod(count, self.world_size)
+        start = self.rank * size + min(self.rank, extra)
+        return slice(start, start + size + (self.rank < extra))
+
+    # -- collectives (identity for a single process) ------------------------------------------
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            tensor = tensor.clone()
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def first_bad_step(self, step: torch.Tensor) -> torch.Tensor:
+        """The earliest non-negative `step` over the ranks (-1 where every rank has -1)."""
+        if not self.distributed:
+            return step
+        encoded = torch.where(step < 0, torch.full_like(step, _NO_BAD_STEP), step)
+        dist.all_reduce(encoded, op=dist.ReduceOp.MIN)
+        return torch.where(encoded == _NO_BAD_STEP, torch.full_like(step, -1), encoded)
+
+    def max_int(self, value: int) -> int:
+        """The largest `value` over the ranks (a CPU tensor: gloo, no GPU sync)."""
+        if not self.distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any."""
+        return self.max_int(int(flag)) > 0
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics)."""
+        if self.distributed:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
+    def agree(self, action: Callable[[], T]) -> T:
+        """Run `action` on every rank, then let all ranks learn whether any of them failed.
+
+        If one did, the lowest failing rank raises its own error (which the CLI prints) and the
+        others raise PeerFailed with its exit code (which the CLI does not print), so an error is
+        printed once and every rank exits with the same code instead of waiting for the others.
+        """
+        try:
+            result = action()
+            failure: BaseException | None = None
+        except BaseException as error:  # re-raised below, once the ranks agree
+            if not self.distributed:
+                raise
+            failure = error
+        if not self.distributed:
+            return result
+        outcomes: list[Any] = [None] * self.world_size
+        dist.all_gather_object(outcomes, None if failure is None else _exit_code(failure))
+        failed = [rank for rank, code in enumerate(outcomes) if code is not None]
+        if not failed:
+            return result
+        self.agreed_exit = True
+        if failed[0] == self.rank and failure is not None:
+            raise failure
+        raise PeerFailed(failed[0], outcomes[failed[0]])
+
+    def from_main(self, action: Callable[[], T]) -> T:
+        """Run `action` on rank 0 only (it may touch the run directory) and give its result to all."""
+        if not self.distributed:
+            return action()
+        result = self.agree(lambda: action() if self.is_main else None)
+        shared: list[Any] = [result]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
+
+    def raise_together(self, error: CifarcamError) -> PeerFailed | CifarcamError:
+        """The error to raise on this rank when all ranks stop on the same `error`: rank 0 tells."""
+        self.agreed_exit = True
+        return error if self.is_main else PeerFailed(0, error.exit_code)
+
+
+SINGLE = Group()
+
+
+def _exit_code(error: BaseException) -> int:
+    if isinstance(error, CifarcamError):
+        return error.exit_code
+    return EXIT_SIGINT if isinstance(error, KeyboardInterrupt) else EXIT_RUNTIME
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextlib.contextmanager
+def process_group(timeout_s: float = 1800) -> Iterator[Group]:
+    """The group of this process: torchrun's ranks (a process group for the block), else SINGLE.
+
+    Backends: gloo for CPU tensors, and NCCL for CUDA tensors when CUDA is present; each
+    rank uses the GPU numbered by its LOCAL_RANK.
+    """
+    if not launched_by_torchrun():
+        yield Group()
+        return
+    try:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except (KeyError, ValueError):
+        raise UsageError("WORLD_SIZE is set but RANK is not: start several processes with torchrun") from None
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    group = Group(rank, world_size, local_rank)
+    finished = False
+    try:
+        yield group
+        finished = True
+    finally:
+        if finished or group.agreed_exit:
+            # Nobody exits before everyone has printed: torchrun stops the others when one exits.
+            with contextlib.suppress(Exception):
+                dist.barrier()
+            # Each rank now exits with its own code; torchrun would SIGTERM the slower ones.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        dist.destroy_process_group()
