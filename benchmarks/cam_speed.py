@@ -4,20 +4,25 @@ For each layer, the same model, images (batches of --batch-size, float32, NCHW) 
 classes (the model's predictions, computed beforehand and not timed) go through:
 (a) a plain forward pass under torch.inference_mode (the floor),
 (b) cifarcam's CamExtractor (autograd only from the layer up, maps upsampled and scaled),
-(c) pytorch-grad-cam's GradCAM (its usual full backward, maps upsampled and scaled).
-The first batch's maps are checked to agree within 1e-4 (after cifarcam's conventions).
+(c) pytorch-grad-cam's GradCAM (its usual full backward, maps upsampled and scaled),
+and, where the CPU has bf16 (or on CUDA), (a) and (b) again under bfloat16 autocast in
+channels_last (`cifarcam gradcam --precision bf16`).
+The first batch's float32 maps are checked to agree within 1e-4 (after cifarcam's conventions);
+for bf16 the largest difference from the float32 maps is printed.
 
 Prints seconds and the two ratios of the targets: pytorch-grad-cam / cifarcam (>= 3.5) and
-cifarcam / forward (<= 1.25).
+cifarcam / forward (<= 1.25), for float32 and for bf16.
 Usage: python benchmarks/cam_speed.py [--data PATH] [--run runs/NAME] [--width 64] [--limit N]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,6 +31,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from cifarcam.cam import CamExtractor, normalize_maps
 from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, load_dataset, normalize, synthetic_dataset
+from cifarcam.engine import autocast_dtype
 from cifarcam.models import build_model
 from cifarcam.rundir import RunDir
 
@@ -77,45 +83,66 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"
     )
 
-    def forward() -> None:
-        with torch.inference_mode():
+    amp = autocast_dtype(torch.device("cpu"), "auto")
+    fast_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def forward(net: torch.nn.Module, dtype: torch.dtype | None) -> None:
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=dtype is not None):
             for batch in batches:
-                model(batch)
+                net(batch)
 
+    def cifarcam_pass(
+        net: torch.nn.Module, layer: str, dtype: torch.dtype | None, out: list[torch.Tensor]
+    ) -> None:
+        with CamExtractor(net, [layer], amp_dtype=dtype) as cam:
+            for batch, target in zip(batches, classes, strict=True):
+                out.append(cam(batch, {"pred": target}).maps["pred"]["gradcam"][layer])
+
+    def reference_pass(module: torch.nn.Module, out: list[torch.Tensor]) -> None:
+        with GradCAM(model=model, target_layers=[module]) as cam:
+            for batch, target in zip(batches, classes, strict=True):
+                maps = cam(input_tensor=batch, targets=[ClassifierOutputTarget(int(c)) for c in target])
+                out.append(torch.from_numpy(maps))
+
+    forward(model, None)  # warm-up
+    count = sum(len(b) for b in batches)
     for layer in args.layers:
-        module = dict(model.named_modules())[layer]
         ours: list[torch.Tensor] = []
+        ours_bf16: list[torch.Tensor] = []
         theirs: list[torch.Tensor] = []
-
-        def cifarcam_pass(layer: str = layer, ours: list[torch.Tensor] = ours) -> None:
-            with CamExtractor(model, [layer]) as cam:
-                for batch, target in zip(batches, classes, strict=True):
-                    ours.append(cam(batch, {"pred": target}).maps["pred"]["gradcam"][layer])
-
-        def reference_pass(module: torch.nn.Module = module, theirs: list[torch.Tensor] = theirs) -> None:
-            with GradCAM(model=model, target_layers=[module]) as cam:
-                for batch, target in zip(batches, classes, strict=True):
-                    out = cam(input_tensor=batch, targets=[ClassifierOutputTarget(int(c)) for c in target])
-                    theirs.append(torch.from_numpy(out))
-
-        forward()  # warm-up
         seconds = {
-            "forward": timed(forward),
-            "cifarcam": timed(cifarcam_pass),
-            "pytorch-grad-cam": timed(reference_pass),
+            "forward": timed(partial(forward, model, None)),
+            "cifarcam": timed(partial(cifarcam_pass, model, layer, None, ours)),
+            "pytorch-grad-cam": timed(partial(reference_pass, dict(model.named_modules())[layer], theirs)),
         }
         model.zero_grad(set_to_none=True)  # pytorch-grad-cam leaves gradients in the parameters
         first_theirs = normalize_maps(theirs[0], tuple(theirs[0].shape[1:]))
         difference = (ours[0] - first_theirs).abs().max().item()
-        count = sum(len(b) for b in batches)
+        speedup = seconds["pytorch-grad-cam"] / seconds["cifarcam"]
         print(
-            f"{layer}: forward {seconds['forward']:.1f} s, cifarcam {seconds['cifarcam']:.1f} s, "
+            f"{layer}, float32: forward {seconds['forward']:.1f} s, cifarcam {seconds['cifarcam']:.1f} s, "
             f"pytorch-grad-cam {seconds['pytorch-grad-cam']:.1f} s for {count} images; "
             f"max |difference| on batch 1: {difference:.2e}"
         )
         print(
-            f"  speed-up over pytorch-grad-cam: {seconds['pytorch-grad-cam'] / seconds['cifarcam']:.2f}x "
-            f"(target >= 3.5); cifarcam / forward: {seconds['cifarcam'] / seconds['forward']:.2f}x "
+            f"  speed-up over pytorch-grad-cam: {speedup:.2f}x (target >= 3.5); "
+            f"cifarcam / forward: {seconds['cifarcam'] / seconds['forward']:.2f}x (target <= 1.25)"
+        )
+        if amp is None:
+            print("  (no bf16 on this CPU: bf16 rows skipped)")
+            continue
+        seconds["forward bf16"] = timed(partial(forward, fast_model, amp))
+        seconds["cifarcam bf16"] = timed(partial(cifarcam_pass, fast_model, layer, amp, ours_bf16))
+        drift = max((a - b).abs().max().item() for a, b in zip(ours, ours_bf16, strict=True))
+        print(
+            f"{layer}, bf16 autocast, channels_last: forward {seconds['forward bf16']:.1f} s, "
+            f"cifarcam {seconds['cifarcam bf16']:.1f} s; "
+            f"max |bf16 map - float32 map| over all images: {drift:.2e}"
+        )
+        print(
+            f"  speed-up over pytorch-grad-cam (float32): "
+            f"{seconds['pytorch-grad-cam'] / seconds['cifarcam bf16']:.2f}x (target >= 3.5); "
+            f"cifarcam / forward (both bf16): {seconds['cifarcam bf16'] / seconds['forward bf16']:.2f}x "
             "(target <= 1.25)"
         )
 

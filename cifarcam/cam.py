@@ -166,8 +166,10 @@ class CamExtractor:
         layers: list[str],
         methods: list[str] | None = None,
         masked_batch_size: int = 256,
+        amp_dtype: torch.dtype | None = None,
     ) -> None:
         self.methods = check_methods(methods or ["gradcam"])
+        self.amp_dtype = amp_dtype  # autocast for the forward passes; maps are computed in float32
         self.model = model
         self.layers = list(dict.fromkeys(layers))
         self.modules = {name: find_layer(model, name) for name in self.layers}
@@ -213,24 +215,29 @@ class CamExtractor:
 
         return hook
 
+    def _autocast(self, x: torch.Tensor) -> torch.autocast:
+        dtype = self.amp_dtype or torch.bfloat16
+        return torch.autocast(device_type=x.device.type, dtype=dtype, enabled=self.amp_dtype is not None)
+
     def _forward(self, x: torch.Tensor, cut_graph: bool) -> torch.Tensor:
         self._recording, self._cut_graph = True, cut_graph
         try:
-            if cut_graph:
-                with torch.no_grad():
-                    return self.model(x)
-            with torch.set_grad_enabled(self.needs_gradients):
-                return self.model(x)
+            with self._autocast(x):
+                if cut_graph:
+                    with torch.no_grad():
+                        return self.model(x).float()
+                with torch.set_grad_enabled(self.needs_gradients):
+                    return self.model(x).float()
         finally:
             self._recording = False
 
     def _masked_logits(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Logits for every image times every mask: (N, K, H, W) masks -> (N, K, C)."""
         outputs = []
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast(x):
             for image, image_masks in zip(x, masks, strict=True):
                 masked = image.unsqueeze(0) * image_masks.unsqueeze(1)  # (K, 3, H, W)
-                chunks = [self.model(chunk) for chunk in masked.split(self.masked_batch_size)]
+                chunks = [self.model(chunk).float() for chunk in masked.split(self.masked_batch_size)]
                 outputs.append(torch.cat(chunks))
         return torch.stack(outputs)
 
@@ -265,7 +272,8 @@ class CamExtractor:
                 gradients = list(torch.autograd.grad(scores, activations, retain_graph=more))
             maps[target_name] = {method: {} for method in self.methods}
             for layer, acts, grads in zip(self.layers, activations, gradients, strict=True):
-                evidence = Evidence(acts.detach(), grads, classes, size, masked_for(layer))
+                grads = grads.float() if grads is not None else None
+                evidence = Evidence(acts.detach().float(), grads, classes, size, masked_for(layer))
                 for method in self.methods:
                     maps[target_name][method][layer] = normalize_maps(METHODS[method](evidence), size)
         return CamResult(logits.detach(), maps)

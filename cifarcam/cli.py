@@ -469,6 +469,13 @@ def gradcam(
     ] = False,
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps for --metrics.")] = 16,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="fp32 (exact maps, the default), or bf16/auto: forward passes under bfloat16 "
+            "autocast, faster where supported, maps within about 1e-2."
+        ),
+    ] = "fp32",
     checkpoint: CheckpointOpt = "last",
     device: DeviceOpt = "auto",
 ) -> None:
@@ -494,6 +501,7 @@ def gradcam(
                 batch_size,
                 steps,
                 on_progress,
+                precision,
             )
         )
     if outcome.metrics:

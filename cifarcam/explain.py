@@ -19,6 +19,7 @@ from torch import nn
 from cifarcam import viz
 from cifarcam.cam import METHODS, CamExtractor, guided_backprop, guided_grad_cam
 from cifarcam.data import denormalize, normalize
+from cifarcam.engine import autocast_dtype, memory_format
 from cifarcam.errors import UsageError
 from cifarcam.faithfulness import faithfulness, random_maps
 from cifarcam.fileio import atomic_write_bytes
@@ -82,10 +83,11 @@ def _inputs(loaded: LoadedRun, indices: torch.Tensor) -> torch.Tensor:
     return normalize(images, loaded.info.mean, loaded.info.std).float()
 
 
-def _cam_model(loaded: LoadedRun) -> nn.Module:
-    """The model in float32 and NCHW: maps are compared to 1e-4, and torch 2.14's CPU channels_last
+def _cam_model(loaded: LoadedRun, amp_dtype: torch.dtype | None = None) -> nn.Module:
+    """The model in float32; NCHW unless under autocast, since torch 2.14's CPU channels_last
     float32 convolution backward is unreliable for some batch sizes."""
-    return loaded.model.float().to(memory_format=torch.contiguous_format).eval()
+    layout = memory_format(loaded.device, amp_dtype, channels_last=True)
+    return loaded.model.float().to(memory_format=layout).eval()
 
 
 def explain_images(
@@ -97,9 +99,10 @@ def explain_images(
     targets: list[str],
     batch_size: int = 256,
     on_progress: ProgressCallback | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> Explanations:
     """Maps (and guided attributions) for `indices`, batch by batch, one forward pass per batch."""
-    model = _cam_model(loaded)
+    model = _cam_model(loaded, amp_dtype)
     classes = loaded.info.classes
     true = loaded.test.labels.cpu()[indices]
     result = Explanations(indices, pred, true)
@@ -107,7 +110,7 @@ def explain_images(
     if "guided-gradcam" in methods and "gradcam" not in cam_methods:
         cam_methods.append("gradcam")
     parts: dict[tuple[str, str, str], list[torch.Tensor]] = {}
-    with CamExtractor(model, layers, cam_methods or ["gradcam"]) as extractor:
+    with CamExtractor(model, layers, cam_methods or ["gradcam"], amp_dtype=amp_dtype) as extractor:
         for start in range(0, len(indices), batch_size):
             batch = slice(start, start + batch_size)
             x = _inputs(loaded, indices[batch])
@@ -288,6 +291,7 @@ def gradcam(
     batch_size: int = 256,
     steps: int = 16,
     on_progress: ProgressCallback | None = None,
+    precision: str = "fp32",
 ) -> GradcamOutcome:
     """Maps for the `count` most confident mistakes (or the whole test set with `all_images`),
     a gallery of those mistakes, and faithfulness scores when `metrics` is set."""
@@ -297,7 +301,10 @@ def gradcam(
         raise UsageError("--count must be at least 1")
     if batch_size < 1 or steps < 1:
         raise UsageError("--batch-size and --steps must be at least 1")
+    if precision not in ("fp32", "bf16", "auto"):
+        raise UsageError(f"--precision '{precision}' is not one of: fp32, bf16, auto")
     loaded = load_run(run, checkpoint, device_name)
+    amp_dtype = autocast_dtype(loaded.device, precision)
     targets = resolve_target(target, loaded.info.classes)
     CamExtractor(loaded.model, layers, [m for m in methods if m in METHODS])  # validates layer names
     probs = torch.softmax(test_logits(loaded), dim=1)
@@ -305,7 +312,7 @@ def gradcam(
     mistakes = select_misclassified(probs, loaded.test.labels.cpu(), count)
     indices = torch.arange(len(probs)) if all_images else mistakes
     explained = explain_images(
-        loaded, indices, pred_all[indices], methods, layers, targets, batch_size, on_progress
+        loaded, indices, pred_all[indices], methods, layers, targets, batch_size, on_progress, amp_dtype
     )
     rows = mistakes if all_images else torch.arange(len(mistakes))
     groups = _groups(methods, layers)

@@ -245,6 +245,13 @@ CASES = [
         2,
         "Error: --batch-size and --steps must be at least 1",
     ),
+    (
+        "gradcam --precision fp8",
+        None,
+        "gradcam --run tiny --precision fp8",
+        2,
+        "Error: --precision 'fp8' is not one of: fp32, bf16, auto",
+    ),
     ("sanity --count 1", None, "sanity --run tiny --count 1", 2, "Error: --count must be at least 2"),
     (
         "sanity --count larger than the test set",

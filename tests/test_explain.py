@@ -135,3 +135,14 @@ def test_sanity_writes_a_table_and_a_plot(runs: Path, method: str, layer: str, n
     assert result["steps"][0]["spearman"] == pytest.approx(1.0)
     image = cv2.imread(str(runs / "tiny" / "sanity" / f"{name}.png"))
     assert image.shape[0] > 300 and image.shape[1] > 600
+
+
+def test_bf16_autocast_maps_stay_close_to_float32(runs: Path) -> None:
+    common = ["gradcam", "--run", "tiny", "--runs-dir", str(runs), "--count", "6", "--device", "cpu"]
+    cifarcam(*common)
+    exact = load_file(runs / "tiny" / "gradcam" / "gradcam_layer4.safetensors")
+    cifarcam(*common, "--precision", "bf16")
+    fast = load_file(runs / "tiny" / "gradcam" / "gradcam_layer4.safetensors")
+    assert torch.equal(exact["indices"], fast["indices"])
+    difference = (exact["maps_pred"] - fast["maps_pred"]).abs().max().item()
+    assert 0 < difference < 0.1  # autocast really ran, and stayed close
