@@ -473,7 +473,8 @@ def gradcam(
         str,
         typer.Option(
             help="fp32 (exact maps, the default), or bf16/auto: forward passes under bfloat16 "
-            "autocast, faster where supported, maps within about 1e-2."
+            "autocast, several times faster where supported; most maps move by a few hundredths, "
+            "a few nearly flat ones change more (see README)."
         ),
     ] = "fp32",
     checkpoint: CheckpointOpt = "last",
