@@ -64,10 +64,13 @@ def max_weight_difference(a: Path, b: Path) -> float:
 def test_groupnorm_weights_after_one_epoch_equal_one_process_and_the_run_is_usable(
     tmp_path: Path, small_tree: Path
 ) -> None:
-    # 301 images in batches of 100: the last global batch holds one image, so rank 1 trains on a
-    # zero-weight stand-in for that step. Augmentation (flip, translate) stays on.
+    # 201 images in batches of 100: the last global batch holds one image, so rank 1 trains on a
+    # zero-weight stand-in for that step. Augmentation (flip, translate) stays on. Few steps on
+    # purpose: float32 rounding differences (one process sums a batch's gradient in one pass, two
+    # ranks in two halves) grow with every step; on the synthetic fallback data they pass 1e-5
+    # after four steps (2e-4 with 301 images) while three steps stay at 6e-8.
     runs = tmp_path / "runs"
-    options = ["--runs-dir", str(runs), "--data", str(small_tree), "--subset", "301", "--epochs", "1"]
+    options = ["--runs-dir", str(runs), "--data", str(small_tree), "--subset", "201", "--epochs", "1"]
     options += ["--batch-size", "100", "--width", "8", "--lr", "0.01", "--norm", "group"]
     options += ["--precision", "fp32", "--device", "cpu"]
     single = train(["train", "--run", "single", *options], tmp_path, 1)
@@ -95,7 +98,7 @@ def test_groupnorm_weights_after_one_epoch_equal_one_process_and_the_run_is_usab
         "state.safetensors",
     ]
     meta = json.loads((run / "meta.json").read_text())
-    assert meta["status"] == "finished" and meta["world_size"] == 2 and meta["train_images"] == 301
+    assert meta["status"] == "finished" and meta["world_size"] == 2 and meta["train_images"] == 201
     assert json.loads((run / "config.json").read_text())["norm"] == "group"
     assert not list(runs.rglob("*.tmp"))
     env = environment(tmp_path)
