@@ -29,6 +29,7 @@ from cifarcam.sanity import cascading_randomization, similarity_table
 
 GUIDED = ("guided-backprop", "guided-gradcam")
 ALL_METHODS = (*METHODS, *GUIDED)
+GALLERY_ROWS = 24  # a gallery shows at most this many mistakes; maps and metrics cover all
 ProgressCallback = Callable[[int, int], None]  # (images done, images in all)
 MAPS_NOTE = (
     "maps_<target>: (N, 32, 32) float32 in [0, 1]: ReLU, bilinear upsampling "
@@ -314,7 +315,7 @@ def gradcam(
     explained = explain_images(
         loaded, indices, pred_all[indices], methods, layers, targets, batch_size, on_progress, amp_dtype
     )
-    rows = mistakes if all_images else torch.arange(len(mistakes))
+    rows = (mistakes if all_images else torch.arange(len(mistakes)))[:GALLERY_ROWS]
     groups = _groups(methods, layers)
     stem = _file_stem(methods, layers)
     paths = _save_maps(run, explained, targets, groups)

@@ -146,3 +146,11 @@ def test_bf16_autocast_maps_stay_close_to_float32(runs: Path) -> None:
     assert torch.equal(exact["indices"], fast["indices"])
     difference = (exact["maps_pred"] - fast["maps_pred"]).abs().max().item()
     assert 0 < difference < 0.1  # autocast really ran, and stayed close
+
+
+def test_the_gallery_stops_at_24_rows_while_the_maps_cover_every_mistake(runs: Path) -> None:
+    cifarcam("gradcam", "--run", "tiny", "--runs-dir", str(runs), "--count", "30")
+    maps = load_file(runs / "tiny" / "gradcam" / "gradcam_layer4.safetensors")
+    meta = json.loads((runs / "tiny" / "gradcam" / "gradcam_layer4.json").read_text())
+    assert maps["maps_pred"].shape[0] == 30 and len(meta["indices"]) == 24
+    assert meta["indices"] == maps["indices"][:24].tolist()
