@@ -691,6 +691,60 @@ def _print_prediction(result: Any) -> None:
         console.print(f"Wrote {overlay.path}", markup=False)
 
 
+@app.command(name="app")
+def app_command(
+    run: RunOpt,
+    runs_dir: RunsDirOpt = Path("runs"),
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (loopback: only this machine can connect).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 7860,
+    checkpoint: CheckpointOpt = "last",
+    device: DeviceOpt = "auto",
+) -> None:
+    """A local web app over a run: your images or test images, top-k, CAM controls, mistakes, curves.
+
+    Needs the optional extra: pip install "cifarcam[app]". Nothing is fetched from the internet,
+    nothing is written into the run directory; Ctrl-C or SIGTERM stops it (exit 0).
+
+    Example: cifarcam app --run r1 --port 7860
+    """
+    import threading
+
+    from cifarcam.errors import CifarcamError
+
+    def start() -> tuple[Any, str]:
+        os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            from cifarcam import app as webapp
+        except ImportError as error:
+            if error.name is None or not error.name.startswith("gradio"):
+                raise
+            raise CifarcamError(
+                "the app needs Gradio, which is not installed", hint='pip install "cifarcam[app]"'
+            ) from None
+        from cifarcam.explorer import RunExplorer, check_port_free
+
+        check_port_free(host, port)
+        explorer = RunExplorer(_rundir(runs_dir, run), checkpoint, device)
+        demo = webapp.build(explorer)
+        return demo, webapp.launch(demo, host, port)
+
+    demo, url = guarded(start)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        console.print(f"Serving run '{run}' at {url} (Ctrl-C to stop)")
+        while not stop.wait(0.5):
+            pass
+        demo.close(verbose=False)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    console.print("Stopped")
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"cifarcam {__version__}")
