@@ -365,8 +365,11 @@ def read_config(run: RunDir) -> TrainConfig:
         ) from None
 
 
-def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -> LoadedRun:
-    """The run's model (from its checkpoint alone) and its test set, ready on the device."""
+def load_checkpoint(
+    run: RunDir, checkpoint: str = "last", device_name: str = "auto"
+) -> tuple[nn.Module, CheckpointInfo, TrainConfig, torch.device]:
+    """The run's model rebuilt from its checkpoint alone and checked against config.json; no data
+    is read. The model stays on the CPU in float32; the device is resolved for the caller."""
     run.require()
     device = resolve_device(device_name)
     model, info = run.load_model(checkpoint)
@@ -376,6 +379,12 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
             f"checkpoint '{run.checkpoint_path(checkpoint)}' holds {info.model} width {info.width}, "
             f"but the run's config.json says {config.model} width {config.width}"
         )
+    return model, info, config, device
+
+
+def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -> LoadedRun:
+    """The run's model (from its checkpoint alone) and its test set, ready on the device."""
+    model, info, config, device = load_checkpoint(run, checkpoint, device_name)
     dataset = load_dataset(config.data, _data_dir(config))
     if dataset.classes != info.classes:
         raise RunError(
@@ -387,8 +396,8 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
     return LoadedRun(run, model, info, dataset.test.to(device), device, amp_dtype, config.channels_last)
 
 
-def test_logits(loaded: LoadedRun) -> torch.Tensor:
-    """Float32 logits (N, C) on the test set, cached per checkpoint in predictions.safetensors."""
+def cached_test_logits(loaded: LoadedRun) -> torch.Tensor | None:
+    """The test-set logits in predictions.safetensors if they are this checkpoint's; reads only."""
     cache = loaded.run.path / "predictions.safetensors"
     if cache.exists():
         try:
@@ -398,7 +407,16 @@ def test_logits(loaded: LoadedRun) -> torch.Tensor:
             if same_checkpoint and logits.shape[0] == len(loaded.test):
                 return logits
         except (SafetensorError, OSError):
-            pass  # a bad cache is recomputed and replaced
+            pass  # a bad cache is recomputed (and replaced by test_logits)
+    return None
+
+
+def test_logits(loaded: LoadedRun) -> torch.Tensor:
+    """Float32 logits (N, C) on the test set, cached per checkpoint in predictions.safetensors."""
+    cached = cached_test_logits(loaded)
+    if cached is not None:
+        return cached
+    cache = loaded.run.path / "predictions.safetensors"
     logits = loaded.predict_test()
     metadata = {"checkpoint_id": loaded.info.checkpoint_id}
     atomic_write_bytes(cache, save_safetensors({"logits": logits.contiguous()}, metadata=metadata))

@@ -350,6 +350,27 @@ CASES = [
         2,
         "Error: unknown preset 'turbo'; choose one of: quick, seed-albumentations",
     ),
+    (
+        "predict a non-image file",
+        "file:{",
+        "predict --run tiny {tmp}/c.json",
+        1,
+        "Error: '{tmp}/c.json' is not a readable image",
+    ),
+    (
+        "predict --top-k 0",
+        "file:{",
+        "predict --run tiny --top-k 0 {tmp}/c.json",
+        2,
+        "Error: --top-k must be between 1 and 10 (got 0)",
+    ),
+    (
+        "predict --out inside the run",
+        "file:{",
+        "predict --run tiny --cam --out {runs}/tiny/cams {tmp}/c.json",
+        2,
+        "Error: --out '{runs}/tiny/cams' is inside the run directory; predictions never write there",
+    ),
 ]
 if not torch.cuda.is_available():
     CASES.append(

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cifarcam.cli import app
 
 runner = CliRunner()
-COMMANDS = ["train", "evaluate", "misclassified", "gradcam", "sanity", "plot", "report"]
+COMMANDS = ["train", "evaluate", "misclassified", "gradcam", "sanity", "plot", "report", "predict", "app"]
 
 
 def invoke(*args: str):

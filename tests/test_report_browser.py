@@ -8,8 +8,6 @@ system chromedriver and chromium, so it never downloads a browser or a driver.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,43 +16,18 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from browser import chrome, needs_browser, requested_urls
 from conftest import HOSTILE_CLASS
 
 from cifarcam.report import SECTIONS
 
-CHROMIUM = shutil.which("chromium")
-CHROMEDRIVER = shutil.which("chromedriver")
-MISSING = "chromium and chromedriver are not on PATH (Debian packages chromium, chromium-driver; .ci/run installs them)"
-
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"), reason=MISSING)
+pytestmark = needs_browser
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.fail(f"CI must run the browser test, but {MISSING}")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",  # CI runs as root
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--hide-scrollbars",
-        "--window-size=1280,900",
-    ):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SE_OFFLINE", "true")  # belt and braces: Selenium Manager must not fetch anything
-        driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    try:
+    with chrome() as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def open_page(driver: Any, path: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -69,13 +42,11 @@ def open_page(driver: Any, path: Path) -> tuple[list[dict[str, Any]], list[str]]
         "return Promise.all(Array.from(document.images).map(i => i.decode().catch(() => null)))"
     )
     console = driver.get_log("browser")
-    requests = []
-    for entry in driver.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message["method"] == "Network.requestWillBeSent":
-            requested = message["params"]["request"]["url"]
-            if requested != url and not requested.startswith("data:"):
-                requests.append(requested)
+    requests = [
+        requested
+        for requested in requested_urls(driver)
+        if requested != url and not requested.startswith("data:")
+    ]
     return console, requests
 
 

@@ -1,0 +1,312 @@
+"""`cifarcam predict` on your own images: any size and mode, the documented 32x32 transform,
+top-k tables, --json, CAM overlays, and bad files among good ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import copy_tree, snapshot
+from PIL import Image
+from typer.testing import CliRunner
+
+from cifarcam.cli import app
+from cifarcam.data import synthetic_dataset
+from cifarcam.engine import predict as engine_predict
+from cifarcam.errors import DataError
+from cifarcam.predict import Predictor, decode_image, read_image, to_model_input
+from cifarcam.rundir import RunDir
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, list(args))
+    assert "Traceback" not in result.output
+    return result
+
+
+def a_photo(seed: int = 0) -> np.ndarray:
+    """A 32x32 RGB image of the synthetic classes (H, W, 3) uint8."""
+    return synthetic_dataset(1, 1, seed=seed).test.images[0].numpy().transpose(1, 2, 0).copy()
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One file per case: odd sizes, grayscale, RGBA, 16-bit, a palette PCX (which only Pillow reads), tiny, and bad files."""
+    folder = tmp_path_factory.mktemp("odd-images")
+    rgb = a_photo()
+    bgr = rgb[:, :, ::-1]
+    paths = {}
+
+    def save(name: str, array: np.ndarray) -> None:
+        paths[name] = folder / name
+        assert cv2.imwrite(str(paths[name]), array)
+
+    save("wide.jpg", cv2.resize(bgr, (97, 61), interpolation=cv2.INTER_CUBIC))
+    save("gray.png", cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), (45, 70)))
+    rgba = np.dstack([cv2.resize(bgr, (50, 50)), np.full((50, 50), 255, np.uint8)])
+    rgba[:, :10, 3] = 0  # a transparent stripe
+    save("rgba.png", rgba)
+    save("deep.png", cv2.resize(bgr, (33, 80)).astype(np.uint16) * 257)
+    save("tiny.bmp", cv2.resize(bgr, (9, 5)))
+    paths["palette.pcx"] = folder / "palette.pcx"
+    Image.fromarray(cv2.resize(rgb, (40, 40))).convert("P").save(paths["palette.pcx"])
+    paths["notes.txt"] = folder / "notes.txt"
+    paths["notes.txt"].write_text("not an image\n")
+    paths["cut.png"] = folder / "cut.png"
+    paths["cut.png"].write_bytes(paths["gray.png"].read_bytes()[:40])
+    return paths
+
+
+# -- the transform, on pixels ---------------------------------------------------------
+
+
+def test_decoding_modes_to_rgb() -> None:
+    gray16 = np.array([[0, 257 * 10], [257 * 200, 65535]], np.uint16)
+    rgb, mode = decode_image(cv2.imencode(".png", gray16)[1].tobytes(), "g")
+    assert mode == "grayscale 16-bit"
+    assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
+    assert rgb[..., 0].tolist() == [[0, 10], [200, 255]] and (rgb[..., 0] == rgb[..., 2]).all()
+    bgra = np.zeros((2, 2, 4), np.uint8)
+    bgra[0, 0] = (255, 0, 0, 255)  # opaque blue
+    bgra[0, 1] = (255, 0, 0, 0)  # transparent: white
+    bgra[1, 0] = (0, 0, 255, 128)  # half red on white
+    rgb, mode = decode_image(cv2.imencode(".png", bgra)[1].tobytes(), "a")
+    assert mode == "RGBA 8-bit"
+    assert rgb[0, 0].tolist() == [0, 0, 255] and rgb[0, 1].tolist() == [255, 255, 255]
+    assert rgb[1, 0].tolist() == [255, 127, 127]
+    for bad in (b"", b"GIF89a", b"\x89PNG\r\n\x1a\n" + b"\0" * 20):
+        with pytest.raises(DataError, match="'x' is not a readable image"):
+            decode_image(bad, "x")
+
+
+def test_transform_crops_the_centre_square_and_keeps_32x32_pixels() -> None:
+    image = a_photo()
+    assert np.array_equal(to_model_input(image).pixels, image)  # 32x32 is left as it is
+    big = cv2.resize(image, (128, 128), interpolation=cv2.INTER_NEAREST)
+    assert np.array_equal(to_model_input(big).pixels, image)  # area averaging undoes a 4x enlargement
+    wide = np.zeros((64, 100, 3), np.uint8)
+    wide[:, 18:82] = big[::2, ::2]  # the picture in the middle, black bars either side
+    shown = to_model_input(wide)
+    assert shown.crop == (18, 0, 64) and shown.size == (100, 64)
+    assert np.array_equal(shown.pixels, image)
+    assert shown.describe() == "100x64 RGB 8-bit -> crop 64x64 at (18, 0) -> 32x32"
+    assert to_model_input(np.zeros((5, 9, 3), np.uint8)).pixels.shape == (32, 32, 3)
+
+
+def test_every_odd_file_reads(odd_images: dict[str, Path]) -> None:
+    modes = {
+        name: read_image(path).mode
+        for name, path in odd_images.items()
+        if name not in ("notes.txt", "cut.png")
+    }
+    assert modes == {
+        "wide.jpg": "RGB 8-bit",
+        "gray.png": "grayscale 8-bit",
+        "rgba.png": "RGBA 8-bit",
+        "deep.png": "RGB 16-bit",
+        "tiny.bmp": "RGB 8-bit",
+        "palette.pcx": "RGBA 8-bit",
+    }
+    rgba = read_image(odd_images["rgba.png"])
+    assert (rgba.pixels[:, :6] == 255).all()  # the transparent stripe is white after the transform
+
+
+def test_predictions_match_the_test_set_inference(trained_runs: Path) -> None:
+    """A 32x32 image gets exactly the probabilities the evaluation path computes for it."""
+    predictor = Predictor.from_run(RunDir(trained_runs, "tiny"), device_name="cpu")
+    images = np.stack([a_photo(seed) for seed in range(4)])
+    expected = torch.softmax(
+        engine_predict(
+            predictor.model,
+            torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+            predictor.info.mean,
+            predictor.info.std,
+            channels_last=False,
+        ),
+        dim=1,
+    )
+    for image, probabilities in zip(images, expected, strict=True):
+        assert torch.allclose(predictor.probabilities(image), probabilities, atol=1e-5)
+
+
+# -- the command ------------------------------------------------------------------------
+
+
+def test_predict_table_for_odd_sizes_and_modes(trained_runs: Path, odd_images: dict[str, Path]) -> None:
+    good = [str(path) for name, path in odd_images.items() if name not in ("notes.txt", "cut.png")]
+    result = invoke("predict", "--run", "tiny", "--runs-dir", str(trained_runs), "--device", "cpu", *good)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert f"{odd_images['wide.jpg']}: 97x61 RGB 8-bit -> crop 61x61 at (18, 0) -> 32x32" in out
+    assert f"{odd_images['gray.png']}: 45x70 grayscale 8-bit -> crop 45x45 at (0, 12) -> 32x32" in out
+    assert f"{odd_images['rgba.png']}: 50x50 RGBA 8-bit -> 32x32" in out
+    assert f"{odd_images['deep.png']}: 33x80 RGB 16-bit -> crop 33x33 at (0, 23) -> 32x32" in out
+    assert f"{odd_images['tiny.bmp']}: 9x5 RGB 8-bit -> crop 5x5 at (2, 0) -> 32x32" in out
+    assert out.count("confidence") == len(good) and out.count("%") == 3 * len(good)
+    assert result.stderr == ""
+
+
+def test_a_bad_file_among_good_ones(trained_runs: Path, odd_images: dict[str, Path], tmp_path: Path) -> None:
+    """In a real process, so that anything the image decoders print would show on stderr too."""
+    files = [
+        odd_images["wide.jpg"],
+        odd_images["notes.txt"],
+        odd_images["cut.png"],
+        tmp_path / "nope.png",
+        odd_images["gray.png"],
+    ]
+    command = [sys.executable, "-m", "cifarcam", "predict", "--run", "tiny", "--runs-dir", str(trained_runs)]
+    result = subprocess.run(
+        [*command, "--device", "cpu", *map(str, files)],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"OMP_NUM_THREADS": "1", "COLUMNS": "200"},
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"Error: '{odd_images['notes.txt']}' is not a readable image",
+        f"Error: '{odd_images['cut.png']}' is not a readable image",
+        f"Error: '{tmp_path / 'nope.png'}' does not exist",
+        "3 of 5 files could not be read",
+    ]
+    assert (
+        f"{odd_images['wide.jpg']}: 97x61" in result.stdout
+        and f"{odd_images['gray.png']}: 45x70" in result.stdout
+    )
+
+
+def test_json_document(trained_runs: Path, odd_images: dict[str, Path], tmp_path: Path) -> None:
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    before = snapshot(runs)
+    out = tmp_path / "overlays"
+    files = [odd_images["wide.jpg"], odd_images["notes.txt"], odd_images["rgba.png"]]
+    result = invoke(
+        "predict", "--run", "tiny", "--runs-dir", str(runs), "--device", "cpu", "--json", "--top-k", "4",
+        "--cam", "--layer", "layer3", "--layer", "layer4", "--class", "class7", "--out", str(out), *map(str, files),
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [f"Error: '{odd_images['notes.txt']}' is not a readable image"]
+    document = json.loads(result.stdout)
+    assert set(document) == {"run", "checkpoint", "epoch", "classes", "transform", "images", "failed"}
+    assert (document["run"], document["checkpoint"], document["epoch"], document["failed"]) == (
+        "tiny",
+        "last",
+        2,
+        1,
+    )
+    assert document["classes"] == [f"class{i}" for i in range(10)]
+    assert "centre-crop" in document["transform"]
+    wide, notes, rgba = document["images"]
+    assert notes == {
+        "path": str(odd_images["notes.txt"]),
+        "ok": False,
+        "error": f"'{odd_images['notes.txt']}' is not a readable image",
+    }
+    assert set(wide) == {"path", "ok", "width", "height", "mode", "crop", "transform", "top_k", "overlays"}
+    assert (wide["ok"], wide["width"], wide["height"], wide["mode"]) == (True, 97, 61, "RGB 8-bit")
+    assert wide["crop"] == {"x": 18, "y": 0, "side": 61}
+    for entry in (wide, rgba):
+        probabilities = [row["probability"] for row in entry["top_k"]]
+        assert len(probabilities) == 4 and probabilities == sorted(probabilities, reverse=True)
+        assert 0 < sum(probabilities) <= 1 + 1e-6
+        assert {row["class"] for row in entry["top_k"]} <= set(document["classes"])
+        pred = entry["top_k"][0]["class"]
+        drawn = {(o["target"], o["class"], o["method"], o["layer"]) for o in entry["overlays"]}
+        assert drawn == {
+            (target, name, "gradcam", layer)
+            for target, name in (("pred", pred), ("class", "class7"))
+            for layer in ("layer3", "layer4")
+        }
+        for overlay in entry["overlays"]:
+            path = Path(overlay["path"])
+            assert path.parent == out and path.name.startswith(Path(entry["path"]).stem + "_gradcam_")
+            image = cv2.imread(str(path))
+            assert image is not None and image.shape == (256, 256, 3)
+    by_layer = {o["layer"]: cv2.imread(o["path"]) for o in wide["overlays"] if o["target"] == "pred"}
+    assert not np.array_equal(by_layer["layer3"], by_layer["layer4"])
+    assert snapshot(runs) == before  # nothing written into the run directory
+
+
+def test_predict_needs_only_the_checkpoint(
+    trained_runs: Path, odd_images: dict[str, Path], tmp_path: Path
+) -> None:
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    config = json.loads((runs / "tiny" / "config.json").read_text())
+    (runs / "tiny" / "config.json").write_text(json.dumps(config | {"data": str(tmp_path / "gone")}))
+    result = invoke(
+        "predict", "--run", "tiny", "--runs-dir", str(runs), "--device", "cpu", str(odd_images["gray.png"])
+    )
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--top-k", "0"], "Error: --top-k must be between 1 and 10 (got 0)"),
+        (["--top-k", "11"], "Error: --top-k must be between 1 and 10 (got 11)"),
+        (
+            ["--class", "zebra"],
+            "Error: unknown class 'zebra'; classes: " + ", ".join(f"class{i}" for i in range(10)),
+        ),
+        (
+            ["--cam", "--method", "guesscam"],
+            "Error: unknown CAM method 'guesscam'; choose one of: gradcam, gradcam++, xgradcam, layercam, hirescam, scorecam, eigencam",
+        ),
+        (
+            ["--cam", "--out", "RUN/overlays"],
+            "Error: --out 'RUN/overlays' is inside the run directory; predictions never write there",
+        ),
+    ],
+)
+def test_bad_options_exit_2_before_reading_images(
+    trained_runs: Path, odd_images: dict[str, Path], options: list[str], message: str
+) -> None:
+    run_path = str(trained_runs / "tiny")
+    options = [option.replace("RUN", run_path) for option in options]
+    result = invoke(
+        "predict",
+        "--run",
+        "tiny",
+        "--runs-dir",
+        str(trained_runs),
+        "--device",
+        "cpu",
+        *options,
+        str(odd_images["gray.png"]),
+    )
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [message.replace("RUN", run_path)]
+    assert result.stdout == ""
+
+
+def test_unknown_layer_is_a_usage_error(trained_runs: Path, odd_images: dict[str, Path]) -> None:
+    result = invoke(
+        "predict",
+        "--run",
+        "tiny",
+        "--runs-dir",
+        str(trained_runs),
+        "--device",
+        "cpu",
+        "--layer",
+        "layer5",
+        str(odd_images["gray.png"]),
+    )
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: unknown layer 'layer5'")
+
+
+def test_predict_of_a_missing_run(runs_dir: Path, odd_images: dict[str, Path]) -> None:
+    result = invoke("predict", "--run", "nope", "--runs-dir", str(runs_dir), str(odd_images["gray.png"]))
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0] == f"Error: run 'nope' does not exist in '{runs_dir}'"
