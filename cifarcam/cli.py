@@ -474,8 +474,8 @@ def gradcam(
         str,
         typer.Option(
             help="fp32 (exact maps, the default), or bf16/auto: forward passes under bfloat16 "
-            "autocast, several times faster where supported; most maps move by a few hundredths, "
-            "a few nearly flat ones change more (see README)."
+            "autocast, several times faster where supported, maps less exact: measured, most move "
+            "by under 0.02 at layer4 but one in ten by over 0.1 at layer3 (see README)."
         ),
     ] = "fp32",
     checkpoint: CheckpointOpt = "last",
