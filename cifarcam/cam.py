@@ -136,6 +136,11 @@ def check_methods(methods: list[str]) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
+def check_layers(model: nn.Module, layers: list[str]) -> dict[str, nn.Module]:
+    """The modules named `layers` (duplicates dropped); a UsageError names an unknown one."""
+    return {name: find_layer(model, name) for name in dict.fromkeys(layers)}
+
+
 def normalize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """ReLU, bilinear upsampling to `size`, then min-max to [0, 1] per map; flat maps become 0."""
     maps = F.relu(maps).unsqueeze(1)
@@ -171,8 +176,8 @@ class CamExtractor:
         self.methods = check_methods(methods or ["gradcam"])
         self.amp_dtype = amp_dtype  # autocast for the forward passes; maps are computed in float32
         self.model = model
-        self.layers = list(dict.fromkeys(layers))
-        self.modules = {name: find_layer(model, name) for name in self.layers}
+        self.modules = check_layers(model, layers)
+        self.layers = list(self.modules)
         self.masked_batch_size = masked_batch_size
         self.needs_gradients = any(name not in GRADIENT_FREE for name in self.methods)
         self._handles: list[RemovableHandle] = []

@@ -24,7 +24,6 @@ from cifarcam.report import (
     fmt,
     minutes,
     percent,
-    read_epochs,
     read_optional,
     render,
     write_output,
@@ -90,7 +89,7 @@ def compare(runs: list[RunDir], out: Path) -> tuple[Path, Path]:
         raise UsageError(f"run '{repeated[0]}' is given more than once")
     if out.suffix != ".html":
         raise UsageError(f"--out must name an .html file (got '{out}'); the PNG is written next to it")
-    epochs = {run.name: read_epochs(run) for run in runs}
+    epochs = {run.name: run.read_epochs() for run in runs}
     metas = [as_dict(read_optional(run, run.meta_path)) for run in runs]
     evaluations = [as_dict(read_optional(run, run.evaluation_path)) for run in runs]
     configs = [flatten(as_dict(read_optional(run, run.config_path))) for run in runs]

@@ -17,9 +17,9 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from cifarcam import viz
-from cifarcam.cam import METHODS, CamExtractor, guided_backprop, guided_grad_cam
+from cifarcam.cam import METHODS, CamExtractor, check_layers, guided_backprop, guided_grad_cam
 from cifarcam.data import denormalize, normalize
-from cifarcam.engine import autocast_dtype, memory_format
+from cifarcam.engine import autocast_dtype
 from cifarcam.errors import UsageError
 from cifarcam.faithfulness import faithfulness, random_maps
 from cifarcam.fileio import atomic_write_bytes
@@ -84,13 +84,6 @@ def _inputs(loaded: LoadedRun, indices: torch.Tensor) -> torch.Tensor:
     return normalize(images, loaded.info.mean, loaded.info.std).float()
 
 
-def _cam_model(loaded: LoadedRun, amp_dtype: torch.dtype | None = None) -> nn.Module:
-    """The model in float32; NCHW unless under autocast, since torch 2.14's CPU channels_last
-    float32 convolution backward is unreliable for some batch sizes."""
-    layout = memory_format(loaded.device, amp_dtype, channels_last=True)
-    return loaded.model.float().to(memory_format=layout).eval()
-
-
 def explain_images(
     loaded: LoadedRun,
     indices: torch.Tensor,
@@ -103,7 +96,7 @@ def explain_images(
     amp_dtype: torch.dtype | None = None,
 ) -> Explanations:
     """Maps (and guided attributions) for `indices`, batch by batch, one forward pass per batch."""
-    model = _cam_model(loaded, amp_dtype)
+    model = loaded.cam_model(amp_dtype)
     classes = loaded.info.classes
     true = loaded.test.labels.cpu()[indices]
     result = Explanations(indices, pred, true)
@@ -233,7 +226,7 @@ def _faithfulness_rows(
     steps: int,
     batch_size: int,
 ) -> list[dict[str, Any]]:
-    model = _cam_model(loaded)
+    model = loaded.cam_model()
     x = _inputs(loaded, explained.indices)
     classes = _target_classes(target, explained.pred, explained.true, loaded.info.classes).to(loaded.device)
     candidates: list[tuple[str, str, torch.Tensor]] = [
@@ -249,7 +242,7 @@ def _faithfulness_rows(
 
 def _merge_metrics(run: RunDir, rows: list[dict[str, Any]], selection: str, steps: int) -> Path:
     """gradcam/metrics.json keeps rows from earlier calls unless this call recomputed them."""
-    path = run.gradcam_dir / "metrics.json"
+    path = run.faithfulness_path
     for row in rows:
         row["selection"] = selection
     keys = {(r["method"], r["layer"], r["target"], selection) for r in rows}
@@ -307,7 +300,7 @@ def gradcam(
     loaded = load_run(run, checkpoint, device_name)
     amp_dtype = autocast_dtype(loaded.device, precision)
     targets = resolve_target(target, loaded.info.classes)
-    CamExtractor(loaded.model, layers, [m for m in methods if m in METHODS])  # validates layer names
+    check_layers(loaded.model, layers)
     probs = torch.softmax(test_logits(loaded), dim=1)
     pred_all, confidence_all = probs.argmax(1), probs.max(1).values
     mistakes = select_misclassified(probs, loaded.test.labels.cpu(), count)
@@ -352,9 +345,9 @@ def sanity(
     if count < 2:
         raise UsageError("--count must be at least 2")
     loaded = load_run(run, checkpoint, device_name)
-    model = _cam_model(loaded)
+    model = loaded.cam_model()
     if layer:
-        CamExtractor(model, [layer])  # validates the layer name
+        check_layers(model, [layer])
     if count > len(loaded.test):
         raise UsageError(f"--count {count} is larger than the {len(loaded.test)} test images")
     indices = torch.linspace(0, len(loaded.test) - 1, count).round().long()
@@ -378,7 +371,7 @@ def sanity(
     steps, maps = cascading_randomization(model, compute_maps, seed=seed)
     table = similarity_table(steps, maps)
     name = f"{method}_{layer}" if layer else method
-    png, sidecar = run.path / "sanity" / f"{name}.png", run.path / "sanity" / f"{name}.json"
+    png, sidecar = run.sanity_dir / f"{name}.png", run.sanity_dir / f"{name}.json"
     where = f"{method} at {layer}" if layer else method
     viz.sanity_plot(
         table,

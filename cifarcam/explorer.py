@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import socket
 from dataclasses import dataclass
-from typing import Any
 
 import cv2
 import numpy as np
@@ -14,8 +13,8 @@ import torch
 
 from cifarcam import viz
 from cifarcam.errors import RunError, UsageError
-from cifarcam.pipeline import cached_test_logits, load_run, select_misclassified
-from cifarcam.predict import ImageInput, Predictor, overlay_image, to_model_input
+from cifarcam.pipeline import load_run, select_misclassified, test_logits
+from cifarcam.predict import ImageInput, Predictor, enlarge, overlay_image, to_model_input
 from cifarcam.rundir import RunDir
 
 APP_LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -47,11 +46,10 @@ class RunExplorer:
 
     def __init__(self, run: RunDir, checkpoint: str = "last", device_name: str = "auto") -> None:
         loaded = load_run(run, checkpoint, device_name)
-        logits = cached_test_logits(loaded)
-        if logits is None:
-            logits = loaded.predict_test()  # not cached: the run directory stays as it was
+        logits = test_logits(loaded, write=False)  # the run directory stays as it was
         probabilities = torch.softmax(logits, dim=1)
         self.run = run
+        self._last: tuple[tuple[bytes, str, str, str], torch.Tensor, int, np.ndarray] | None = None
         self.test_images = loaded.test.images.cpu()
         self.test_labels = loaded.test.labels.cpu()
         self.predictor = Predictor.from_loaded(loaded, checkpoint)
@@ -86,7 +84,7 @@ class RunExplorer:
         """The most confident mistakes as (enlarged image, caption)."""
         return [
             (
-                cv2.resize(self.test_image(m.index).pixels, (TILE, TILE), interpolation=cv2.INTER_NEAREST),
+                enlarge(self.test_image(m.index).pixels, TILE),
                 m.caption(),
             )
             for m in self.mistakes
@@ -94,11 +92,9 @@ class RunExplorer:
 
     def curves(self) -> np.ndarray | None:
         """Loss, accuracy and learning rate per epoch (the report's figure) as RGB; None before training."""
-        if not self.run.metrics_path.exists():
-            return None
-        metrics: Any = self.run.read_json(self.run.metrics_path)
-        epochs = metrics.get("epochs") if isinstance(metrics, dict) else None
-        if not epochs:
+        try:
+            epochs = self.run.read_epochs()
+        except RunError:
             return None
         decoded = cv2.imdecode(np.frombuffer(viz.report_curves(epochs), np.uint8), cv2.IMREAD_COLOR)
         return None if decoded is None else cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
@@ -108,9 +104,15 @@ class RunExplorer:
     ) -> Explanation:
         """Top-k of the image and the map of `target` (a class name, or PREDICTED) at `layer`."""
         predictor = self.predictor
-        probabilities = predictor.probabilities(image.pixels)
-        index = int(probabilities.argmax()) if target == PREDICTED else predictor.class_index(target)
-        cam = predictor.maps(image.pixels, [index], [method], [layer])[(index, method, layer)]
+        key = (image.pixels.tobytes(), layer, method, target)
+        if self._last is None or self._last[0] != key:
+            # Recomputed only when the image or the layer, method or target changes: moving the
+            # opacity slider just blends the same map again.
+            probabilities = predictor.probabilities(image.pixels)
+            index = int(probabilities.argmax()) if target == PREDICTED else predictor.class_index(target)
+            cam = predictor.maps(image.pixels, [index], [method], [layer])[(index, method, layer)]
+            self._last = (key, probabilities, index, cam)
+        _, probabilities, index, cam = self._last
         return Explanation(
             predictor.top_k(probabilities, top_k),
             predictor.classes[index],

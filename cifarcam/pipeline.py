@@ -354,6 +354,12 @@ class LoadedRun:
             channels_last=self.channels_last,
         ).cpu()
 
+    def cam_model(self, amp_dtype: torch.dtype | None = None) -> nn.Module:
+        """The model for CAM work: float32 weights, NCHW unless under autocast, since torch 2.14's
+        CPU channels_last float32 convolution backward is unreliable for some batch sizes."""
+        layout = memory_format(self.device, amp_dtype, channels_last=True)
+        return self.model.float().to(memory_format=layout).eval()
+
 
 def read_config(run: RunDir) -> TrainConfig:
     run.require()
@@ -396,9 +402,9 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
     return LoadedRun(run, model, info, dataset.test.to(device), device, amp_dtype, config.channels_last)
 
 
-def cached_test_logits(loaded: LoadedRun) -> torch.Tensor | None:
-    """The test-set logits in predictions.safetensors if they are this checkpoint's; reads only."""
-    cache = loaded.run.path / "predictions.safetensors"
+def _cached_test_logits(loaded: LoadedRun) -> torch.Tensor | None:
+    """The test-set logits in predictions.safetensors if they are this checkpoint's."""
+    cache = loaded.run.predictions_path
     if cache.exists():
         try:
             with safe_open(str(cache), framework="pt") as cached:
@@ -411,15 +417,17 @@ def cached_test_logits(loaded: LoadedRun) -> torch.Tensor | None:
     return None
 
 
-def test_logits(loaded: LoadedRun) -> torch.Tensor:
-    """Float32 logits (N, C) on the test set, cached per checkpoint in predictions.safetensors."""
-    cached = cached_test_logits(loaded)
+def test_logits(loaded: LoadedRun, write: bool = True) -> torch.Tensor:
+    """Float32 logits (N, C) on the test set, cached per checkpoint in predictions.safetensors
+    (computed and not cached with `write=False`, for readers that must not touch the run)."""
+    cached = _cached_test_logits(loaded)
     if cached is not None:
         return cached
-    cache = loaded.run.path / "predictions.safetensors"
     logits = loaded.predict_test()
-    metadata = {"checkpoint_id": loaded.info.checkpoint_id}
-    atomic_write_bytes(cache, save_safetensors({"logits": logits.contiguous()}, metadata=metadata))
+    if write:
+        metadata = {"checkpoint_id": loaded.info.checkpoint_id}
+        save = save_safetensors({"logits": logits.contiguous()}, metadata=metadata)
+        atomic_write_bytes(loaded.run.predictions_path, save)
     return logits
 
 
@@ -516,15 +524,7 @@ def misclassified(
 
 
 def plot(run: RunDir) -> list[Path]:
-    run.require()
-    if not run.metrics_path.exists():
-        raise RunError(
-            f"run '{run.name}' has no metrics.json", hint=f"run 'cifarcam train --run {run.name}' first"
-        )
-    metrics = run.read_json(run.metrics_path)
-    epochs = metrics.get("epochs") if isinstance(metrics, dict) else None
-    if not epochs:
-        raise RunError(f"run '{run.name}' has no completed epoch in metrics.json")
+    epochs = run.read_epochs()
     paths = [run.plots_dir / "loss.png", run.plots_dir / "accuracy.png"]
     viz.plot_curves(epochs, *paths)
     return paths

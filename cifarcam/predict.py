@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cifarcam import viz
-from cifarcam.cam import CamExtractor, check_methods
+from cifarcam.cam import CamExtractor, check_layers, check_methods
 from cifarcam.data import normalize
 from cifarcam.errors import DataError, UsageError
 from cifarcam.fileio import atomic_write_bytes
@@ -90,7 +90,8 @@ def decode_image(data: bytes, name: str) -> tuple[np.ndarray, str]:
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # no WARN lines for broken files
         try:
             array = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
-            if array is not None and array.ndim == 3 and array.shape[2] == 3 and array.dtype == np.uint8:
+            is_jpeg = data[:3] == b"\xff\xd8\xff"
+            if is_jpeg and array is not None and array.ndim == 3 and array.shape[2] == 3:
                 array = cv2.imdecode(buffer, cv2.IMREAD_COLOR)  # the same pixels, EXIF orientation applied
         except cv2.error:
             array = None
@@ -180,16 +181,14 @@ class Predictor:
 
     @classmethod
     def from_loaded(cls, loaded: LoadedRun, checkpoint: str = "last") -> Predictor:
-        # NCHW float32: torch 2.14's CPU channels_last float32 convolution backward is unreliable.
-        model = loaded.model.float().to(memory_format=torch.contiguous_format).eval()
-        return cls(model, loaded.info, loaded.device, loaded.run.name, checkpoint)
+        return cls(loaded.cam_model(), loaded.info, loaded.device, loaded.run.name, checkpoint)
 
     @property
     def classes(self) -> list[str]:
         return self.info.classes
 
     def check_layers(self, layers: Sequence[str]) -> None:
-        CamExtractor(self.model, list(layers))  # raises UsageError naming an unknown layer
+        check_layers(self.model, list(layers))
 
     def class_index(self, name: str) -> int:
         if name in self.classes:

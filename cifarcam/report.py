@@ -169,18 +169,6 @@ def as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def read_epochs(run: RunDir) -> list[dict[str, Any]]:
-    run.require()
-    if not run.metrics_path.exists():
-        raise RunError(
-            f"run '{run.name}' has no metrics.json", hint=f"run 'cifarcam train --run {run.name}' first"
-        )
-    epochs = as_dict(run.read_json(run.metrics_path)).get("epochs")
-    if not isinstance(epochs, list) or not [record for record in epochs if isinstance(record, dict)]:
-        raise RunError(f"run '{run.name}' has no completed epoch in metrics.json")
-    return [record for record in epochs if isinstance(record, dict)]
-
-
 def duration(meta: dict[str, Any]) -> float | None:
     try:
         start = datetime.fromisoformat(meta["started_at"])
@@ -231,7 +219,7 @@ def _overview(meta: dict[str, Any], epochs: list[dict[str, Any]]) -> list[tuple[
 
 def _epochs_table(epochs: list[dict[str, Any]]) -> Table:
     table = table_of(epochs)
-    assert table is not None  # read_epochs keeps only non-empty dicts
+    assert table is not None  # RunDir.read_epochs keeps only dicts
     for row in table.rows:
         for index, column in enumerate(table.columns):
             value = row[index]
@@ -266,7 +254,7 @@ def _add_cam_results(report: RunReport, run: RunDir) -> None:
         meta = as_dict(read_optional(run, png.with_suffix(".json")))
         facts = scalar_facts(meta, skip=("title", "maps"))
         report.gradcam.append(picture_file(png, describe(meta, png.stem), facts))
-    faithfulness = read_optional(run, run.gradcam_dir / "metrics.json")
+    faithfulness = read_optional(run, run.faithfulness_path)
     if faithfulness is not None:
         results = faithfulness if isinstance(faithfulness, list) else as_dict(faithfulness).get("results")
         report.faithfulness = table_of(results if isinstance(results, list) else [])
@@ -290,7 +278,7 @@ def _add_cam_results(report: RunReport, run: RunDir) -> None:
 
 def gather(run: RunDir) -> RunReport:
     """Read a trained run's files into a RunReport (metrics.json is required, the rest optional)."""
-    epochs = read_epochs(run)
+    epochs = run.read_epochs()
     meta = as_dict(read_optional(run, run.meta_path))
     config = as_dict(read_optional(run, run.config_path))
     name = run.name

@@ -81,6 +81,8 @@ class RunDir:
         self.misclassified_png = self.path / "misclassified.png"
         self.checkpoints_dir = self.path / "checkpoints"
         self.gradcam_dir = self.path / "gradcam"
+        self.faithfulness_path = self.gradcam_dir / "metrics.json"
+        self.predictions_path = self.path / "predictions.safetensors"
         self.plots_dir = self.path / "plots"
         self.sanity_dir = self.path / "sanity"
         self.report_path = self.path / "report.html"
@@ -129,6 +131,22 @@ class RunDir:
     def read_meta(self) -> dict[str, Any]:
         meta = self.read_json(self.meta_path)
         return meta if isinstance(meta, dict) else {}
+
+    def read_epochs(self) -> list[dict[str, Any]]:
+        """The per-epoch records of metrics.json; a RunError when the run has none yet."""
+        self.require()
+        if not self.metrics_path.exists():
+            raise RunError(
+                f"run '{self.name}' has no metrics.json", hint=f"run 'cifarcam train --run {self.name}' first"
+            )
+        metrics = self.read_json(self.metrics_path)
+        epochs = metrics.get("epochs") if isinstance(metrics, dict) else None
+        records = (
+            [record for record in epochs if isinstance(record, dict)] if isinstance(epochs, list) else []
+        )
+        if not records:
+            raise RunError(f"run '{self.name}' has no completed epoch in metrics.json")
+        return records
 
     def update_meta(self, **fields: Any) -> dict[str, Any]:
         meta = self.read_meta() if self.meta_path.exists() else {}
