@@ -18,7 +18,6 @@ from torch import nn
 
 from cifarcam import viz
 from cifarcam.cam import METHODS, CamExtractor, check_layers, guided_backprop, guided_grad_cam
-from cifarcam.data import denormalize, normalize
 from cifarcam.engine import autocast_dtype
 from cifarcam.errors import UsageError
 from cifarcam.faithfulness import faithfulness, random_maps
@@ -79,11 +78,6 @@ class Explanations:
     attributions: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
 
 
-def _inputs(loaded: LoadedRun, indices: torch.Tensor) -> torch.Tensor:
-    images = loaded.test.images[indices.to(loaded.device)]
-    return normalize(images, loaded.info.mean, loaded.info.std).float()
-
-
 def explain_images(
     loaded: LoadedRun,
     indices: torch.Tensor,
@@ -107,7 +101,7 @@ def explain_images(
     with CamExtractor(model, layers, cam_methods or ["gradcam"], amp_dtype=amp_dtype) as extractor:
         for start in range(0, len(indices), batch_size):
             batch = slice(start, start + batch_size)
-            x = _inputs(loaded, indices[batch])
+            x = loaded.test_inputs(indices[batch])
             wanted = {key: _target_classes(key, pred[batch], true[batch], classes) for key in targets}
             wanted = {key: value.to(loaded.device) for key, value in wanted.items()}
             maps = extractor(x, wanted).maps if cam_methods else {}
@@ -178,7 +172,7 @@ def _gallery(
 ) -> list[Path]:
     classes = loaded.info.classes
     indices = explained.indices[rows]
-    shown = denormalize(_inputs(loaded, indices), loaded.info.mean, loaded.info.std).cpu().numpy()
+    shown = loaded.test_display(indices)
     pred_names = [classes[int(p)] for p in explained.pred[rows]]
     true_names = [classes[int(t)] for t in explained.true[rows]]
     columns = []
@@ -227,7 +221,7 @@ def _faithfulness_rows(
     batch_size: int,
 ) -> list[dict[str, Any]]:
     model = loaded.cam_model()
-    x = _inputs(loaded, explained.indices)
+    x = loaded.test_inputs(explained.indices)
     classes = _target_classes(target, explained.pred, explained.true, loaded.info.classes).to(loaded.device)
     candidates: list[tuple[str, str, torch.Tensor]] = [
         (m, layer, explained.maps[(target, m, layer)]) for m in methods if m in METHODS for layer in layers
@@ -352,7 +346,7 @@ def sanity(
         raise UsageError(f"--count {count} is larger than the {len(loaded.test)} test images")
     indices = torch.linspace(0, len(loaded.test) - 1, count).round().long()
     pred = torch.softmax(test_logits(loaded), dim=1).argmax(1)[indices]
-    x = _inputs(loaded, indices)
+    x = loaded.test_inputs(indices)
     classes = pred.to(loaded.device)
 
     def compute_maps(candidate: nn.Module) -> torch.Tensor:

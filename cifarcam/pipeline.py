@@ -354,6 +354,15 @@ class LoadedRun:
             channels_last=self.channels_last,
         ).cpu()
 
+    def test_inputs(self, indices: torch.Tensor) -> torch.Tensor:
+        """Test images `indices` as the model takes them: normalised float, on the device."""
+        images = self.test.images[indices.to(self.device)]
+        return normalize(images, self.info.mean, self.info.std).float()
+
+    def test_display(self, indices: torch.Tensor) -> np.ndarray:
+        """The same images un-normalised with the checkpoint's mean/std, (N, 3, H, W) in [0, 1]."""
+        return denormalize(self.test_inputs(indices), self.info.mean, self.info.std).cpu().numpy()
+
     def cam_model(self, amp_dtype: torch.dtype | None = None) -> nn.Module:
         """The model for CAM work: float32 weights, NCHW unless under autocast, since torch 2.14's
         CPU channels_last float32 convolution backward is unreliable for some batch sizes."""
@@ -481,13 +490,6 @@ def select_misclassified(probs: torch.Tensor, labels: torch.Tensor, count: int) 
     return wrong[order[:count]]
 
 
-def _display_images(loaded: LoadedRun, indices: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """The normalised model input for `indices` and the same images un-normalised for display."""
-    x = normalize(loaded.test.images[indices.to(loaded.device)], loaded.info.mean, loaded.info.std)
-    shown = denormalize(x, loaded.info.mean, loaded.info.std).cpu().numpy()
-    return x, shown
-
-
 def misclassified(
     run: RunDir, count: int = 10, checkpoint: str = "last", device_name: str = "auto"
 ) -> list[dict[str, Any]]:
@@ -509,9 +511,8 @@ def misclassified(
         }
         for i in indices
     ]
-    _, shown = _display_images(loaded, indices)
     viz.misclassified_gallery(
-        shown,
+        loaded.test_display(indices),
         [classes[int(labels[i])] for i in indices],
         [classes[int(probs[i].argmax())] for i in indices],
         probs[indices].max(1).values.tolist(),

@@ -156,7 +156,7 @@ def enlarge(pixels: np.ndarray, size: int = OVERLAY_SIZE) -> np.ndarray:
     return cv2.resize(pixels, (size, size), interpolation=cv2.INTER_NEAREST)
 
 
-def png_bytes(rgb: np.ndarray) -> bytes:
+def rgb_png_bytes(rgb: np.ndarray) -> bytes:
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise DataError("could not encode a PNG")
@@ -324,7 +324,7 @@ def _write_overlays(
             for layer in cam.layers:
                 path = cam.out_dir / f"{stem}_{method}_{layer}_{target}-{_safe(name)}.png"
                 atomic_write_bytes(
-                    path, png_bytes(overlay_image(image.pixels, maps[(index, method, layer)], cam.alpha))
+                    path, rgb_png_bytes(overlay_image(image.pixels, maps[(index, method, layer)], cam.alpha))
                 )
                 overlays.append(Overlay(target, name, method, layer, path))
     return overlays
