@@ -13,7 +13,7 @@ import torch
 
 from cifarcam import viz
 from cifarcam.errors import RunError, UsageError
-from cifarcam.pipeline import load_run, select_misclassified, test_logits
+from cifarcam.pipeline import load_run, mistake_entries, select_misclassified, test_logits
 from cifarcam.predict import ImageInput, Predictor, enlarge, overlay_image, to_model_input
 from cifarcam.rundir import RunDir
 
@@ -53,18 +53,13 @@ class RunExplorer:
         self.test_images = loaded.test.images.cpu()
         self.test_labels = loaded.test.labels.cpu()
         self.predictor = Predictor.from_loaded(loaded, checkpoint)
-        self.accuracy = float((probabilities.argmax(1) == self.test_labels).float().mean())
-        wrong = int((probabilities.argmax(1) != self.test_labels).sum())
+        correct = probabilities.argmax(1) == self.test_labels
+        self.accuracy = float(correct.float().mean())
+        wrong = int((~correct).sum())
         indices = select_misclassified(probabilities, self.test_labels, min(GALLERY_SIZE, wrong))
-        classes = self.predictor.classes
         self.mistakes = [
-            Mistake(
-                int(i),
-                classes[int(self.test_labels[i])],
-                classes[int(probabilities[i].argmax())],
-                float(probabilities[i].max()),
-            )
-            for i in indices
+            Mistake(entry["index"], entry["true"], entry["pred"], entry["confidence"])
+            for entry in mistake_entries(probabilities, self.test_labels, self.predictor.classes, indices)
         ]
 
     @property

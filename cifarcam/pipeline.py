@@ -490,6 +490,24 @@ def select_misclassified(probs: torch.Tensor, labels: torch.Tensor, count: int) 
     return wrong[order[:count]]
 
 
+def mistake_entries(
+    probs: torch.Tensor, labels: torch.Tensor, classes: list[str], indices: torch.Tensor
+) -> list[dict[str, Any]]:
+    """One record per test image in `indices`: true and predicted class, confidence."""
+    confidence, predictions = probs[indices].max(dim=1)
+    return [
+        {
+            "index": int(i),
+            "true": classes[int(labels[i])],
+            "pred": classes[int(p)],
+            "true_label": int(labels[i]),
+            "pred_label": int(p),
+            "confidence": float(c),
+        }
+        for i, p, c in zip(indices, predictions, confidence, strict=True)
+    ]
+
+
 def misclassified(
     run: RunDir, count: int = 10, checkpoint: str = "last", device_name: str = "auto"
 ) -> list[dict[str, Any]]:
@@ -499,23 +517,12 @@ def misclassified(
     probs = torch.softmax(test_logits(loaded), dim=1)
     labels = loaded.test.labels.cpu()
     indices = select_misclassified(probs, labels, count)
-    classes = loaded.info.classes
-    entries = [
-        {
-            "index": int(i),
-            "true": classes[int(labels[i])],
-            "pred": classes[int(probs[i].argmax())],
-            "true_label": int(labels[i]),
-            "pred_label": int(probs[i].argmax()),
-            "confidence": float(probs[i].max()),
-        }
-        for i in indices
-    ]
+    entries = mistake_entries(probs, labels, loaded.info.classes, indices)
     viz.misclassified_gallery(
         loaded.test_display(indices),
-        [classes[int(labels[i])] for i in indices],
-        [classes[int(probs[i].argmax())] for i in indices],
-        probs[indices].max(1).values.tolist(),
+        [entry["true"] for entry in entries],
+        [entry["pred"] for entry in entries],
+        [entry["confidence"] for entry in entries],
         run.misclassified_png,
         f"run {run.name}: the {count} most confident mistakes on the test set "
         f"({checkpoint} checkpoint, epoch {loaded.info.epoch})",
