@@ -182,6 +182,18 @@ def train(
             show_default="no-sync-bn",
         ),
     ] = None,
+    label_smoothing: Annotated[
+        float | None,
+        typer.Option(help="Label smoothing of the training loss (0 = off).", show_default="0.1"),
+    ] = None,
+    compile_model: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the training step's model (CUDA; costs a compile at the start).",
+            show_default="no-compile",
+        ),
+    ] = None,
     seed: Annotated[
         int | None,
         typer.Option(help="Random seed (init, data order, augmentation, subsets).", show_default="0"),
@@ -230,6 +242,8 @@ def train(
         "seed": seed,
         "norm": norm,
         "sync_bn": sync_bn,
+        "compile": compile_model,
+        "label_smoothing": label_smoothing,
     }
 
     def action(group: Any) -> None:

@@ -227,6 +227,8 @@ def _train_loop(
     # CIFAR-10's official statistics for every source; each checkpoint keeps its own copy.
     mean, std = CIFAR10_MEAN, CIFAR10_STD
     torch.manual_seed(config.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick its fastest kernels
     layout = memory_format(device, prepared.amp_dtype, config.channels_last)
     model: nn.Module = build_model(config.model, config.width, len(dataset.classes), config.norm)
     model = model.to(device).to(memory_format=layout)

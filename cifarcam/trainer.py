@@ -93,7 +93,7 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             forward_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self.forward_model = (
-            cast(nn.Module, torch.compile(forward_model)) if config.compile else forward_model
+            cast(nn.Module, torch.compile(forward_model, dynamic=False)) if config.compile else forward_model
         )
         self.epoch = 0  # completed epochs
         self.records: list[dict[str, float]] = []

@@ -72,7 +72,8 @@ def misclassified_gallery(
     count = len(images)
     columns = min(5, count)
     rows = (count + columns - 1) // columns
-    figure = Figure(figsize=(columns * TILE_INCHES, rows * TILE_INCHES * 1.25 + 0.4))
+    # constrained layout keeps the title just above the grid, however many rows there are
+    figure = Figure(figsize=(columns * TILE_INCHES, rows * TILE_INCHES * 1.25 + 0.4), layout="constrained")
     axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
     for index, ax in enumerate(axes):
         ax.axis("off")
@@ -110,7 +111,7 @@ def cam_gallery(
     maps are JET overlays on the image, attributions are shown as images."""
     count = len(images)
     width = 1 + len(columns)
-    figure = Figure(figsize=(width * TILE_INCHES, count * TILE_INCHES * 1.2 + 0.8))
+    figure = Figure(figsize=(width * TILE_INCHES, count * TILE_INCHES * 1.2 + 0.8), layout="constrained")
     axes = figure.subplots(count, width, squeeze=False)
     for row in range(count):
         picture = to_hwc(images[row])

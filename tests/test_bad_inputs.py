@@ -151,6 +151,13 @@ CASES = [
         "Error: invalid value for 'lr': Input should be greater than 0 (got -0.1)",
     ),
     (
+        "label smoothing of 1",
+        None,
+        "train --run r --data {tree} --label-smoothing 1",
+        2,
+        "Error: invalid value for 'label_smoothing': Input should be less than 1 (got 1.0)",
+    ),
+    (
         "image folder without test/",
         "tree:no_test",
         "train --run r --data {tree}",

@@ -156,3 +156,15 @@ def test_an_immediate_stop_marks_the_run_interrupted_and_keeps_the_last_epoch(
     resumed = invoke("train", "--run", "r", "--runs-dir", str(runs), "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert [e["epoch"] for e in json.loads((runs / "r" / "metrics.json").read_text())["epochs"]] == [1, 2, 3]
+
+
+def test_label_smoothing_and_compile_options_reach_the_saved_config(synthetic_tree: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    common = ["--runs-dir", str(runs), "--data", str(synthetic_tree), "--data-dir", str(tmp_path / "cache")]
+    common += ["--epochs", "1", "--width", "4", "--subset", "40", "--device", "cpu"]
+    assert invoke("train", "--run", "a", *common, "--label-smoothing", "0.25", "--no-compile").exit_code == 0
+    config = json.loads((runs / "a" / "config.json").read_text())
+    assert (config["label_smoothing"], config["compile"]) == (0.25, False)
+    assert invoke("train", "--run", "b", *common).exit_code == 0
+    config = json.loads((runs / "b" / "config.json").read_text())
+    assert (config["label_smoothing"], config["compile"]) == (0.1, False)
