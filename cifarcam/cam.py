@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from cifarcam.errors import UsageError
 from cifarcam.models import find_layer
+from cifarcam.prefix import CompiledBelow, SplitModel, split_at
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,17 @@ class CamExtractor:
         methods: list[str] | None = None,
         masked_batch_size: int = 256,
         amp_dtype: torch.dtype | None = None,
+        fast: bool = False,
+        compiled: bool = False,
     ) -> None:
         self.methods = check_methods(methods or ["gradcam"])
+        # fast: on the CPU in float32, run the layers below the first CAM layer as a folded,
+        # channels_last copy (cifarcam.prefix); the model's weights must not change in the block.
+        # compiled: also torch.compile that copy (a few seconds once; pays off over many batches).
+        self.fast, self.compiled = fast, compiled
+        self._split: SplitModel | None = None
+        self._below: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._split_tried = False
         self.amp_dtype = amp_dtype  # autocast for the forward passes; maps are computed in float32
         self.model = model
         self.modules = check_layers(model, layers)
@@ -189,6 +199,7 @@ class CamExtractor:
     def __enter__(self) -> CamExtractor:
         self._was_training = self.model.training
         self.model.eval()
+        self._split, self._below, self._split_tried = None, None, False
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._keeper(name)))
         return self
@@ -203,6 +214,7 @@ class CamExtractor:
             handle.remove()
         self._handles.clear()
         self._activations.clear()
+        self._split, self._below = None, None
         self.model.train(self._was_training)
 
     def _keeper(self, name: str) -> Callable[[nn.Module, object, torch.Tensor], torch.Tensor | None]:
@@ -224,9 +236,27 @@ class CamExtractor:
         dtype = self.amp_dtype or torch.bfloat16
         return torch.autocast(device_type=x.device.type, dtype=dtype, enabled=self.amp_dtype is not None)
 
+    def _fast_split(self, x: torch.Tensor) -> SplitModel | None:
+        if not (self.fast and self.amp_dtype is None and x.device.type == "cpu"):
+            return None
+        if not self._split_tried:
+            self._split_tried = True
+            self._split = split_at(self.model, self.layers)
+            if self._split is not None:
+                self._below = CompiledBelow(self._split.below) if self.compiled else self._split.below
+        return self._split
+
     def _forward(self, x: torch.Tensor, cut_graph: bool) -> torch.Tensor:
-        self._recording, self._cut_graph = True, cut_graph
+        split = self._fast_split(x) if cut_graph else None
+        self._recording, self._cut_graph = True, cut_graph and split is None
         try:
+            if split is not None and self._below is not None:
+                with torch.no_grad():
+                    below = self._below(x.contiguous(memory_format=torch.channels_last))
+                # The first layer's output, from the folded copy: autograd starts here.
+                self._activations[split.cut] = below.requires_grad_(True)
+                with torch.enable_grad():
+                    return split.above(below).float()
             with self._autocast(x):
                 if cut_graph:
                     with torch.no_grad():

@@ -5,6 +5,7 @@ from torch import nn
 from cifarcam.cam import CamExtractor, Evidence, grad_cam, normalize_maps
 from cifarcam.errors import UsageError
 from cifarcam.models import build_model
+from cifarcam.prefix import CompiledBelow, split_at
 
 
 class TinyNet(nn.Module):
@@ -120,6 +121,131 @@ def test_layers_on_parallel_branches_fall_back_to_a_full_graph() -> None:
         maps = cam(x, {"t": torch.tensor([0, 1])}).maps["t"]["gradcam"]
     assert maps["layer4.0.shortcut"].shape == maps["layer4.0.conv1"].shape == (2, 32, 32)
     assert maps["layer4.0.shortcut"].amax() > 0
+
+
+def _random_statistics(model: nn.Module) -> nn.Module:
+    """BatchNorm with statistics and affine terms far from identity, so folding them matters."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def _maps_and_layer1_calls(
+    model: nn.Module, x: torch.Tensor, layers: list[str], methods: list[str], **options: object
+) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    calls = []  # a hook on a leaf module: tracing does not call it, the folded copy drops it
+    handle = model.layer1[0].conv1.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with CamExtractor(model, layers, methods, **options) as cam:  # type: ignore[arg-type]
+            maps = cam(x, {"t": torch.arange(len(x)) % 10}).maps["t"]
+    finally:
+        handle.remove()
+    return maps, len(calls)
+
+
+def test_fast_path_runs_a_folded_copy_below_the_layer_and_gives_the_same_maps() -> None:
+    torch.manual_seed(3)
+    model = _random_statistics(build_model("resnet18", 8))
+    x = torch.randn(5, 3, 32, 32)
+    methods = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recorded: list[bool] = []
+    model.linear.register_forward_hook(lambda _m, inputs, _o: recorded.append(inputs[0].requires_grad))
+    fast, fast_calls = _maps_and_layer1_calls(model, x, ["layer4"], methods, fast=True)
+    assert recorded == [True]  # the model's own head ran, inside the graph
+    plain, plain_calls = _maps_and_layer1_calls(model, x, ["layer4"], methods)
+    assert (fast_calls, plain_calls) == (0, 1)  # the fast path never ran the model's own layer1
+    for method in methods:
+        assert (fast[method]["layer4"] - plain[method]["layer4"]).abs().max().item() < 1e-5
+        assert fast[method]["layer4"].amax() > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training
+
+
+class Branching(nn.Module):
+    """A forward pass with data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = build_model("resnet18", 4)
+        self.layer1 = self.inner.layer1  # what the tests hook
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:
+            return self.inner(-x)
+        return self.inner(x)
+
+
+@pytest.mark.parametrize(
+    "case", ["nonlinear above the cut", "parallel branches", "layer inside a layer", "bf16", "untraceable"]
+)
+def test_fast_path_falls_back_to_the_plain_one(case: str) -> None:
+    torch.manual_seed(4)
+    model: nn.Module = _random_statistics(build_model("resnet18", 4))
+    layers, options, tolerance = ["layer4"], {"fast": True}, 1e-6
+    if case == "nonlinear above the cut":
+        layers = ["layer4", "layer3"]  # layer4's ReLUs lie between layer3 and the logits
+    elif case == "parallel branches":
+        layers = ["layer4.0.conv1", "layer4.0.shortcut"]
+    elif case == "layer inside a layer":
+        layers = ["layer4", "layer4.1.conv2"]
+    elif case == "bf16":
+        options["amp_dtype"] = torch.bfloat16
+    else:
+        model, layers = Branching().eval(), ["inner.layer4"]
+    x = torch.randn(3, 3, 32, 32)
+    fast, calls = _maps_and_layer1_calls(model, x, layers, ["gradcam"], **options)
+    plain, _ = _maps_and_layer1_calls(model, x, layers, ["gradcam"], amp_dtype=options.get("amp_dtype"))
+    assert calls == 1  # the model's own layers ran: no folded copy
+    for layer in layers:
+        assert torch.allclose(fast["gradcam"][layer], plain["gradcam"][layer], atol=tolerance)
+
+
+def test_split_at_cuts_only_where_one_value_crosses() -> None:
+    model = build_model("resnet18", 4).eval()
+    assert split_at(model, ["linear"]) is None  # nothing above the output layer
+    assert split_at(model, ["layer4.0.conv1", "layer4.0.shortcut"]) is None  # parallel branches
+    assert split_at(Branching().eval(), ["inner.layer4"]) is None  # not traceable
+    assert split_at(model, ["layer3"]) is None  # layer4's ReLUs lie above the cut
+    split = split_at(model, ["layer4"])
+    assert split is not None and split.cut == "layer4"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(split.above(split.below(x)), model(x), atol=1e-5)
+
+
+def test_compiled_folded_layers_give_the_same_maps() -> None:
+    torch.manual_seed(6)
+    model = _random_statistics(build_model("resnet18", 4))
+    split = split_at(model, ["layer4"])
+    assert split is not None
+    below = CompiledBelow(split.below)
+    x = torch.randn(6, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for batch in (x, x.flip(0), x[:5]):  # compiled for 6 images; the 5-image batch runs as is
+            assert torch.allclose(below(batch), split.below(batch), atol=1e-5)
+    assert below.shape == (6, 3, 32, 32) and not below.failed
+    compiled, _ = _maps_and_layer1_calls(model, x, ["layer4"], ["gradcam"], fast=True, compiled=True)
+    plain, _ = _maps_and_layer1_calls(model, x, ["layer4"], ["gradcam"])
+    assert (compiled["gradcam"]["layer4"] - plain["gradcam"]["layer4"]).abs().max().item() < 1e-5
+
+
+def test_each_block_folds_the_weights_it_finds() -> None:
+    torch.manual_seed(5)
+    model = _random_statistics(build_model("resnet18", 8))
+    x = torch.randn(4, 3, 32, 32)
+    first, _ = _maps_and_layer1_calls(model, x, ["layer4"], ["gradcam"], fast=True)
+    with torch.no_grad():
+        model.layer1[0].conv1.weight.mul_(-1)  # changed between two blocks
+    second, _ = _maps_and_layer1_calls(model, x, ["layer4"], ["gradcam"], fast=True)
+    plain, _ = _maps_and_layer1_calls(model, x, ["layer4"], ["gradcam"])
+    assert (second["gradcam"]["layer4"] - plain["gradcam"]["layer4"]).abs().max().item() < 1e-5
+    assert (first["gradcam"]["layer4"] - second["gradcam"]["layer4"]).abs().max().item() > 1e-2
 
 
 def test_no_memory_growth_over_100_uses() -> None:

@@ -70,11 +70,14 @@ def reference_maps(
     return rescale(out)
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
 @pytest.mark.parametrize("layer", ["layer4", "layer3"])
 @pytest.mark.parametrize("method", sorted(REFERENCE))
-def test_method_matches_pytorch_grad_cam(seeded, method: str, layer: str) -> None:
+def test_method_matches_pytorch_grad_cam(seeded, method: str, layer: str, fast: bool) -> None:
+    """Also with fast=True: at layer4, BatchNorm folded into the convolutions below the layer and
+    channels_last; at layer3 (ReLUs above it) fast=True takes the plain path."""
     model, x, classes = seeded
-    with CamExtractor(model, [layer], [method]) as cam:
+    with CamExtractor(model, [layer], [method], fast=fast) as cam:
         ours = cam(x, {"target": classes}).maps["target"][method][layer]
     expected = reference_maps(method, model, layer, x, classes)
     assert ours.shape == expected.shape == (6, 32, 32)

@@ -158,7 +158,9 @@ def test_an_immediate_stop_marks_the_run_interrupted_and_keeps_the_last_epoch(
     assert [e["epoch"] for e in json.loads((runs / "r" / "metrics.json").read_text())["epochs"]] == [1, 2, 3]
 
 
-def test_label_smoothing_and_compile_options_reach_the_saved_config(synthetic_tree: Path, tmp_path: Path) -> None:
+def test_label_smoothing_and_compile_options_reach_the_saved_config(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
     runs = tmp_path / "runs"
     common = ["--runs-dir", str(runs), "--data", str(synthetic_tree), "--data-dir", str(tmp_path / "cache")]
     common += ["--epochs", "1", "--width", "4", "--subset", "40", "--device", "cpu"]
