@@ -10,6 +10,9 @@ classes (the model's predictions, computed beforehand and not timed) go through:
 (c) pytorch-grad-cam's GradCAM (its usual full backward, maps upsampled and scaled),
 and, where the CPU has bf16 (or on CUDA), (a) and (b) again under bfloat16 autocast in
 channels_last (`cifarcam gradcam --precision bf16`).
+The passes are interleaved: the batches are cut into 5 rounds, and each round runs every pass
+in an order rotated from round to round, so the machine's changing speed (it is shared) falls
+on all of them alike; each pass's seconds are summed over the rounds.
 The float32 maps of (b) and (c) are compared over all images (after cifarcam's conventions);
 for bf16 the largest difference from the float32 maps is printed.
 
@@ -59,6 +62,9 @@ def load_model(run: str | None, width: int) -> tuple[torch.nn.Module, str]:
     return build_model("resnet18", width).eval(), f"seeded ResNet18 width {width}"
 
 
+ROUNDS = 5
+
+
 def timed(action: Callable[[], None]) -> float:
     started = time.perf_counter()
     action()
@@ -89,41 +95,57 @@ def main() -> None:
     amp = autocast_dtype(torch.device("cpu"), "auto")
     fast_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
 
-    def forward(net: torch.nn.Module, dtype: torch.dtype | None) -> None:
+    def forward(net: torch.nn.Module, dtype: torch.dtype | None, chunk: range) -> None:
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=dtype is not None):
-            for batch in batches:
-                net(batch)
+            for index in chunk:
+                net(batches[index])
 
-    def cifarcam_pass(
-        net: torch.nn.Module,
-        layer: str,
-        dtype: torch.dtype | None,
-        out: list[torch.Tensor],
-        fast: bool = True,
-    ) -> None:
-        with CamExtractor(net, [layer], amp_dtype=dtype, fast=fast, compiled=fast) as cam:
-            for batch, target in zip(batches, classes, strict=True):
-                out.append(cam(batch, {"pred": target}).maps["pred"]["gradcam"][layer])
+    def cam_pass(cam: CamExtractor, layer: str, out: list[torch.Tensor], chunk: range) -> None:
+        for index in chunk:
+            out.append(cam(batches[index], {"pred": classes[index]}).maps["pred"]["gradcam"][layer])
 
-    def reference_pass(module: torch.nn.Module, out: list[torch.Tensor]) -> None:
+    def plain_pass(layer: str, out: list[torch.Tensor], chunk: range) -> None:
+        with CamExtractor(model, [layer]) as cam:
+            cam_pass(cam, layer, out, chunk)
+
+    def reference_pass(module: torch.nn.Module, out: list[torch.Tensor], chunk: range) -> None:
         with GradCAM(model=model, target_layers=[module]) as cam:
-            for batch, target in zip(batches, classes, strict=True):
-                maps = cam(input_tensor=batch, targets=[ClassifierOutputTarget(int(c)) for c in target])
-                out.append(torch.from_numpy(maps))
+            for index in chunk:
+                targets = [ClassifierOutputTarget(int(c)) for c in classes[index]]
+                out.append(torch.from_numpy(cam(input_tensor=batches[index], targets=targets)))
 
-    forward(model, None)  # warm-up
+    def interleaved(passes: dict[str, Callable[[range], None]]) -> dict[str, float]:
+        """Seconds per pass over all batches, run in ROUNDS rounds of consecutive batches with the
+        order of the passes rotated each round, so that a slower or faster spell of this shared
+        machine falls on every pass alike."""
+        seconds = dict.fromkeys(passes, 0.0)
+        bounds = [round(len(batches) * r / ROUNDS) for r in range(ROUNDS + 1)]
+        for r in range(ROUNDS):
+            chunk = range(bounds[r], bounds[r + 1])
+            names = list(passes)
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                seconds[name] += timed(partial(passes[name], chunk))
+        return seconds
+
+    forward(model, None, range(1))  # warm-up
     count = sum(len(b) for b in batches)
     for layer in args.layers:
         ours: list[torch.Tensor] = []
         ours_bf16: list[torch.Tensor] = []
         ours_plain: list[torch.Tensor] = []
         theirs: list[torch.Tensor] = []
-        seconds = {
-            "forward": timed(partial(forward, model, None)),
-            "cifarcam": timed(partial(cifarcam_pass, model, layer, None, ours)),
-            "cifarcam plain": timed(partial(cifarcam_pass, model, layer, None, ours_plain, False)),
-            "pytorch-grad-cam": timed(partial(reference_pass, dict(model.named_modules())[layer], theirs)),
-        }
+        # The fast extractor stays open over all rounds, as in one `cifarcam gradcam` command (it
+        # compiles once); the others open per round. Its folded copy carries no hooks, so
+        # pytorch-grad-cam's hooks on the model's layer never fire inside it.
+        with CamExtractor(model, [layer], fast=True, compiled=True) as fast_cam:
+            seconds = interleaved(
+                {
+                    "forward": partial(forward, model, None),
+                    "cifarcam": partial(cam_pass, fast_cam, layer, ours),
+                    "cifarcam plain": partial(plain_pass, layer, ours_plain),
+                    "pytorch-grad-cam": partial(reference_pass, dict(model.named_modules())[layer], theirs),
+                }
+            )
         model.zero_grad(set_to_none=True)  # pytorch-grad-cam leaves gradients in the parameters
         reference = torch.cat([normalize_maps(m, tuple(m.shape[1:])) for m in theirs])
         difference = (torch.cat(ours) - reference).abs().max().item()
@@ -144,8 +166,13 @@ def main() -> None:
         if amp is None:
             print("  (no bf16 on this CPU: bf16 rows skipped)")
             continue
-        seconds["forward bf16"] = timed(partial(forward, fast_model, amp))
-        seconds["cifarcam bf16"] = timed(partial(cifarcam_pass, fast_model, layer, amp, ours_bf16))
+        with CamExtractor(fast_model, [layer], amp_dtype=amp) as bf16_cam:
+            seconds |= interleaved(
+                {
+                    "forward bf16": partial(forward, fast_model, amp),
+                    "cifarcam bf16": partial(cam_pass, bf16_cam, layer, ours_bf16),
+                }
+            )
         per_image = torch.cat(
             [(a - b).abs().flatten(1).amax(1) for a, b in zip(ours, ours_bf16, strict=True)]
         )
