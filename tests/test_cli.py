@@ -115,7 +115,7 @@ def test_first_signal_asks_to_stop_and_a_second_stops_at_once() -> None:
     import os
     import signal
 
-    from cifarcam.cli import _stop_on_signals
+    from cifarcam.cli.train import _stop_on_signals
 
     with _stop_on_signals() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -128,7 +128,7 @@ def test_first_signal_asks_to_stop_and_a_second_stops_at_once() -> None:
 def test_an_immediate_stop_marks_the_run_interrupted_and_keeps_the_last_epoch(
     tmp_path: Path, synthetic_tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import cifarcam.cli as cli
+    import cifarcam.cli.train as cli
 
     real = cli._training_progress
 

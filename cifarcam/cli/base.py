@@ -1,0 +1,128 @@
+"""What every command shares: the Typer app, the console, option types and the error handling
+that turns failures into one 'Error:' line and the documented exit code.
+
+Exit codes: 0 ok, 1 runtime error, 2 usage or config error, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from cifarcam.errors import (
+    EXIT_RUNTIME,
+    EXIT_SIGINT,
+    CifarcamError,
+    PeerFailed,
+)
+
+app = typer.Typer(
+    name="cifarcam",
+    help="Train a ResNet on CIFAR-10, plot its curves, find its mistakes and explain them with Grad-CAM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(highlight=False, soft_wrap=True)
+
+RunOpt = Annotated[
+    str, typer.Option("--run", help="Run name: a folder under --runs-dir.", show_default=False)
+]
+RunsDirOpt = Annotated[
+    Path, typer.Option("--runs-dir", envvar="CIFARCAM_RUNS_DIR", help="Folder holding the runs.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+CheckpointOpt = Annotated[
+    str, typer.Option("--checkpoint", help="Which checkpoint: last or best (best needs --val-split).")
+]
+CountOpt = Annotated[int, typer.Option("--count", help="How many misclassified test images.")]
+MethodOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--method",
+        help="gradcam, gradcam++, xgradcam, layercam, hirescam, scorecam, eigencam, guided-backprop "
+        "or guided-gradcam; repeat for several.",
+        show_default="gradcam",
+    ),
+]
+LayerOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--layer",
+        help="Module to explain: layer1..layer4 or a dotted name like layer4.1.conv2; repeat for several.",
+        show_default="layer4",
+    ),
+]
+
+T = TypeVar("T")
+
+
+def fail(message: str, hint: str | None, code: int) -> typer.Exit:
+    typer.echo(f"Error: {message}", err=True)
+    if hint:
+        typer.echo(f"Hint: {hint}", err=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def user_errors(rank: int = 0) -> Iterator[None]:
+    """Turn known failures into one 'Error: ...' line and the documented exit code.
+
+    `rank`: this process's rank under torchrun; other ranks than 0 name themselves. A rank that
+    stops because another one failed (PeerFailed) prints nothing: the failing rank says why.
+    """
+    who = f"rank {rank}: " if rank else ""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except PeerFailed as error:
+        raise typer.Exit(error.exit_code) from None
+    except CifarcamError as error:
+        raise fail(who + error.message, error.hint, error.exit_code) from None
+    except KeyboardInterrupt:
+        raise fail(who + "interrupted", None, EXIT_SIGINT) from None
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        raise fail(f"{who}{error.strerror or error}{where}", None, EXIT_RUNTIME) from None
+    except Exception as error:
+        if os.environ.get("CIFARCAM_DEBUG"):
+            raise
+        if _lost_peer(error):
+            raise fail(
+                f"{who}lost contact with the other processes of this run ({type(error).__name__})",
+                "the process that failed first printed the reason",
+                EXIT_RUNTIME,
+            ) from None
+        raise fail(
+            f"{who}unexpected {type(error).__name__}: {error}",
+            "set CIFARCAM_DEBUG=1 for the traceback, and please report it",
+            EXIT_RUNTIME,
+        ) from None
+
+
+def _lost_peer(error: Exception) -> bool:
+    """A collective failed because another rank is gone (it exited or was stopped)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or not distributed.is_initialized():
+        return False
+    return isinstance(error, distributed.DistError) or "Connection closed by peer" in str(error)
+
+
+def guarded(action: Callable[[], T]) -> T:
+    with user_errors():
+        return action()
+
+
+def run_dir(runs_dir: Path, run: str) -> Any:
+    from cifarcam.rundir import RunDir
+
+    return RunDir(runs_dir, run)

@@ -1,0 +1,200 @@
+"""Commands that present runs: report, compare, predict and the app."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from cifarcam.cli.base import (
+    CheckpointOpt,
+    DeviceOpt,
+    LayerOpt,
+    RunOpt,
+    RunsDirOpt,
+    console,
+    guarded,
+    run_dir,
+    user_errors,
+)
+from cifarcam.errors import (
+    EXIT_RUNTIME,
+    CifarcamError,
+)
+
+
+def report(run: RunOpt, runs_dir: RunsDirOpt = Path("runs")) -> None:
+    """Write runs/NAME/report.html: one self-contained page with everything the run has produced.
+
+    Example: cifarcam report --run r1
+    """
+    from cifarcam.report import write_report
+
+    path = guarded(lambda: write_report(run_dir(runs_dir, run)))
+    console.print(f"Wrote {path}")
+
+
+def compare(
+    runs: Annotated[list[str], typer.Argument(help="Two or more run names.", show_default=False)],
+    runs_dir: RunsDirOpt = Path("runs"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="The HTML page to write; the PNG goes next to it.",
+            show_default="RUNS_DIR/compare.html",
+        ),
+    ] = None,
+) -> None:
+    """Compare runs: curves on shared axes (PNG) and a page of final metrics and config differences.
+
+    Example: cifarcam compare r1 r2 --out comparison.html
+    """
+    from cifarcam.compare import compare as compare_runs
+
+    paths = guarded(
+        lambda: compare_runs([run_dir(runs_dir, name) for name in runs], out or runs_dir / "compare.html")
+    )
+    console.print("Wrote " + ", ".join(str(p) for p in paths))
+
+
+def predict(
+    images: Annotated[
+        list[Path], typer.Argument(help="Image files: PNG, JPEG, WebP, BMP, TIFF, GIF...", show_default=False)
+    ],
+    run: RunOpt,
+    runs_dir: RunsDirOpt = Path("runs"),
+    top_k: Annotated[int, typer.Option("--top-k", help="How many classes to list per image.")] = 3,
+    cam: Annotated[
+        bool,
+        typer.Option("--cam", help="Write CAM overlay PNGs (predicted class, and each --class) to --out."),
+    ] = False,
+    layer: LayerOpt = None,
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="gradcam, gradcam++, xgradcam, layercam, hirescam, scorecam or eigencam; repeatable.",
+            show_default="gradcam",
+        ),
+    ] = None,
+    class_names: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--class", help="Also draw the map of this class; repeat for several.", show_default=False
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the overlays (never inside the run directory).")
+    ] = Path("predictions"),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document instead of tables.")
+    ] = False,
+    checkpoint: CheckpointOpt = "last",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Classify your own images (any size and mode) with a run's model; optionally draw CAM overlays.
+
+    Each image is centre-cropped to a square and resized to 32x32 (the table shows how). A file
+    that cannot be read is reported on one line and the others are still processed; the exit
+    code is then 1.
+
+    Example: cifarcam predict --run r1 cat.jpg dog.png --top-k 3 --cam --layer layer3
+    """
+    import json
+
+    from cifarcam.predict import CamRequest, Predictor, check_request, predict_document, predict_files
+
+    wants_cam = cam or bool(layer or method or class_names)
+    request = (
+        CamRequest(out, method or ["gradcam"], layer or ["layer4"], class_names or []) if wants_cam else None
+    )
+
+    def prepare() -> Any:
+        rundir = run_dir(runs_dir, run)
+        predictor = Predictor.from_run(rundir, checkpoint, device)
+        check_request(predictor, rundir, top_k, request)
+        return predictor
+
+    predictor = guarded(prepare)
+    results = []
+    with user_errors():
+        for result in predict_files(predictor, images, top_k, request):
+            results.append(result)
+            if result.error is not None:
+                typer.echo(f"Error: {result.error}", err=True)
+            elif not as_json:
+                _print_prediction(result)
+    if as_json:
+        typer.echo(json.dumps(predict_document(predictor, results), indent=2))
+    failed = sum(result.error is not None for result in results)
+    if failed:
+        if not as_json:
+            typer.echo(f"{failed} of {len(results)} files could not be read", err=True)
+        raise typer.Exit(EXIT_RUNTIME)
+
+
+def _print_prediction(result: Any) -> None:
+    console.print(f"{result.path}: {result.image.describe()}", markup=False)
+    table = Table("class", "confidence")
+    for name, probability in result.top:
+        table.add_row(Text(name), f"{probability:.1%}")
+    console.print(table)
+    for overlay in result.overlays:
+        console.print(f"Wrote {overlay.path}", markup=False)
+
+
+def app_command(
+    run: RunOpt,
+    runs_dir: RunsDirOpt = Path("runs"),
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (loopback: only this machine can connect).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 7860,
+    checkpoint: CheckpointOpt = "last",
+    device: DeviceOpt = "auto",
+) -> None:
+    """A local web app over a run: your images or test images, top-k, CAM controls, mistakes, curves.
+
+    Needs the optional extra: pip install "cifarcam[app]". Nothing is fetched from the internet,
+    nothing is written into the run directory; Ctrl-C or SIGTERM stops it (exit 0).
+
+    Example: cifarcam app --run r1 --port 7860
+    """
+    import threading
+
+    def start() -> tuple[Any, str]:
+        os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            from cifarcam import app as webapp
+        except ImportError as error:
+            if error.name is None or not error.name.startswith("gradio"):
+                raise
+            raise CifarcamError(
+                "the app needs Gradio, which is not installed", hint='pip install "cifarcam[app]"'
+            ) from None
+        from cifarcam.explorer import RunExplorer, check_port_free
+
+        check_port_free(host, port)
+        explorer = RunExplorer(run_dir(runs_dir, run), checkpoint, device)
+        demo = webapp.build(explorer)
+        return demo, webapp.launch(demo, host, port)
+
+    demo, url = guarded(start)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        console.print(f"Serving run '{run}' at {url} (Ctrl-C to stop)")
+        while not stop.wait(0.5):
+            pass
+        demo.close(verbose=False)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    console.print("Stopped")

@@ -1,0 +1,279 @@
+"""The train command: options, resume, progress display and the SIGINT/SIGTERM handling."""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from cifarcam.cli.base import (
+    RunOpt,
+    RunsDirOpt,
+    console,
+    run_dir,
+    user_errors,
+)
+from cifarcam.errors import (
+    EXIT_SIGINT,
+    TrainingInterrupted,
+    UsageError,
+)
+
+
+def train(
+    run: RunOpt,
+    runs_dir: RunsDirOpt = Path("runs"),
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="'cifar10' (torchvision download) or PATH of an image-folder tree "
+            "(PATH/train/<class>/*, PATH/test/<class>/*).",
+            show_default="cifar10",
+        ),
+    ] = None,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Where CIFAR-10 is downloaded and decoded images are cached.",
+            show_default="$CIFARCAM_DATA_DIR or ~/.cache/cifarcam",
+        ),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="resnet18 or resnet34.", show_default="resnet18")] = None,
+    width: Annotated[
+        int | None,
+        typer.Option(
+            help="Channels of layer1 (64 = standard ResNet; 16 trains ~10x faster).", show_default="64"
+        ),
+    ] = None,
+    norm: Annotated[
+        str | None,
+        typer.Option(
+            help="batch (BatchNorm) or group (GroupNorm: no statistics across images).", show_default="batch"
+        ),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.", show_default="20")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.", show_default="512")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate of the one-cycle schedule.", show_default="0.4")
+    ] = None,
+    subset: Annotated[
+        int | None,
+        typer.Option(
+            help="Train on a class-balanced, seeded subset of N training images.", show_default="all"
+        ),
+    ] = None,
+    val_split: Annotated[
+        int | None,
+        typer.Option(
+            help="Hold out N class-balanced training images for validation; keeps best.safetensors.",
+            show_default="0",
+        ),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.", show_default="auto")] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(help="auto (bf16 autocast where supported), bf16 or fp32.", show_default="auto"),
+    ] = None,
+    sync_bn: Annotated[
+        bool | None,
+        typer.Option(
+            "--sync-bn/--no-sync-bn",
+            help="Under torchrun on CUDA: BatchNorm statistics over the whole global batch.",
+            show_default="no-sync-bn",
+        ),
+    ] = None,
+    label_smoothing: Annotated[
+        float | None,
+        typer.Option(help="Label smoothing of the training loss (0 = off).", show_default="0.1"),
+    ] = None,
+    compile_model: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the training step's model (CUDA; costs a compile at the start).",
+            show_default="no-compile",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Random seed (init, data order, augmentation, subsets).", show_default="0"),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from a named preset: quick (CPU-sized) or seed-albumentations.", show_default=False
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="JSON config file; it overrides --preset, command-line options override it."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier training of this run.")
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue an interrupted run from its last saved state, with its own config."
+        ),
+    ] = False,
+) -> None:
+    """Train a model and write config, metrics and checkpoints into the run directory.
+
+    Example: cifarcam train --run r1 --data ~/cifar10-folder --subset 2000 --width 16 --epochs 2
+    """
+    from cifarcam import pipeline
+    from cifarcam.config import build_config, merge_overrides, preset_values, read_config_file
+
+    overrides = {
+        "data": data,
+        "data_dir": data_dir,
+        "model": model,
+        "width": width,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "subset": subset,
+        "val_split": val_split,
+        "device": device,
+        "precision": precision,
+        "seed": seed,
+        "norm": norm,
+        "sync_bn": sync_bn,
+        "compile": compile_model,
+        "label_smoothing": label_smoothing,
+    }
+
+    def action(group: Any) -> None:
+        rundir = run_dir(runs_dir, run)
+        try:
+            train_or_resume(rundir, group)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(
+                "stopped at once by a second interrupt; the last saved epoch, if any, is kept",
+                hint=f"resume with 'cifarcam train --run {run} --resume'",
+                exit_code=EXIT_SIGINT,
+            ) from None
+
+    def train_or_resume(rundir: Any, group: Any) -> None:
+        command = shlex.join(["cifarcam", *sys.argv[1:]])
+        if resume:
+            given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+            given += ["--preset"] * bool(preset) + ["--config"] * bool(config) + ["--overwrite"] * overwrite
+            if given:
+                raise UsageError(
+                    f"--resume continues with the run's own config.json; leave out {', '.join(given)}"
+                )
+            with _stop_on_signals(group) as stop, _training_progress(group.is_main) as callbacks:
+                records = pipeline.resume(rundir, command, callbacks, stop, group)
+        else:
+            base = merge_overrides(
+                preset_values(preset) if preset else {}, read_config_file(config) if config else {}
+            )
+            resolved = build_config(merge_overrides(base, overrides))
+            with _stop_on_signals(group) as stop, _training_progress(group.is_main) as callbacks:
+                records = pipeline.train(resolved, rundir, overwrite, command, callbacks, stop, group)
+        if not group.is_main:
+            return
+        last = records[-1]
+        console.print(
+            f"Finished: test accuracy {last['test_acc']:.2%}, test loss {last['test_loss']:.4f}. "
+            f"Run directory: {rundir.path}"
+        )
+
+    from cifarcam.distributed import process_group
+
+    with user_errors(), process_group() as group, user_errors(group.rank):
+        action(group)
+
+
+# Under torchrun a Ctrl-C reaches each worker twice: from the terminal and forwarded by torchrun.
+_SAME_SIGNAL_S = 2.0
+
+
+@contextmanager
+def _stop_on_signals(group: Any = None) -> Iterator[Any]:
+    """First SIGINT/SIGTERM: finish the step, save, exit 130/143. A second one: stop at once."""
+    from cifarcam.distributed import SINGLE
+    from cifarcam.pipeline import StopSignal
+
+    group = group or SINGLE
+    stop = StopSignal()
+    first_at = [0.0]
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.signal is not None:
+            if group.distributed and time.monotonic() - first_at[0] < _SAME_SIGNAL_S:
+                return
+            raise KeyboardInterrupt
+        stop.signal, first_at[0] = signum, time.monotonic()
+        if group.is_main:
+            typer.echo(
+                "Stopping after this step and saving (press Ctrl-C again to stop at once)...", err=True
+            )
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
+def _training_progress(shown: bool = True) -> Iterator[Any]:
+    from cifarcam.pipeline import TrainCallbacks
+
+    if not shown:  # another rank of a torchrun training reports
+        yield TrainCallbacks()
+        return
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    task = progress.add_task("epoch 1", total=None, loss="-")
+    epoch = {"n": 1, "total": 0}
+
+    def on_start(meta: dict[str, Any]) -> None:
+        epoch["n"], epoch["total"] = meta["start_epoch"], meta["epochs"]
+        resumed = f", resuming at epoch {epoch['n']}" if epoch["n"] > 1 else ""
+        console.print(
+            f"Training on {meta['device']} ({meta['precision']}), {meta['train_images']} training images, "
+            f"{meta['test_images']} test images, data: {meta['data']}{resumed}"
+        )
+
+    def on_step(step: int, steps: int, loss: float | None) -> None:
+        progress.update(task, completed=step, total=steps, description=f"epoch {epoch['n']}/{epoch['total']}")
+        if loss is not None:
+            progress.update(task, loss=f"{loss:.4f}")
+
+    def on_epoch(record: dict[str, float]) -> None:
+        line = (
+            f"epoch {int(record['epoch']):>3}/{epoch['total']}  lr {record['lr']:.4f}  "
+            f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%}  "
+            f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}"
+        )
+        if "val_acc" in record:
+            line += f"  val acc {record['val_acc']:.2%}"
+        progress.console.print(line + f"  ({record['epoch_time_s']:.1f}s)")
+        epoch["n"] = int(record["epoch"]) + 1
+        progress.reset(task, total=None, loss="-")
+
+    with progress:
+        yield TrainCallbacks(on_start=on_start, on_step=on_step, on_epoch=on_epoch)
