@@ -24,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from cifarcam.errors import UsageError
 from cifarcam.models import find_layer
-from cifarcam.prefix import CompiledBelow, SplitModel, split_at
+from cifarcam.prefix import SplitModel, split_at
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,6 @@ class CamExtractor:
         # compiled: also torch.compile that copy (a few seconds once; pays off over many batches).
         self.fast, self.compiled = fast, compiled
         self._split: SplitModel | None = None
-        self._below: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._split_tried = False
         self.amp_dtype = amp_dtype  # autocast for the forward passes; maps are computed in float32
         self.model = model
@@ -199,7 +198,7 @@ class CamExtractor:
     def __enter__(self) -> CamExtractor:
         self._was_training = self.model.training
         self.model.eval()
-        self._split, self._below, self._split_tried = None, None, False
+        self._split, self._split_tried = None, False
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._keeper(name)))
         return self
@@ -214,7 +213,7 @@ class CamExtractor:
             handle.remove()
         self._handles.clear()
         self._activations.clear()
-        self._split, self._below = None, None
+        self._split = None
         self.model.train(self._was_training)
 
     def _keeper(self, name: str) -> Callable[[nn.Module, object, torch.Tensor], torch.Tensor | None]:
@@ -241,18 +240,16 @@ class CamExtractor:
             return None
         if not self._split_tried:
             self._split_tried = True
-            self._split = split_at(self.model, self.layers)
-            if self._split is not None:
-                self._below = CompiledBelow(self._split.below) if self.compiled else self._split.below
+            self._split = split_at(self.model, self.layers, self.compiled)
         return self._split
 
     def _forward(self, x: torch.Tensor, cut_graph: bool) -> torch.Tensor:
         split = self._fast_split(x) if cut_graph else None
         self._recording, self._cut_graph = True, cut_graph and split is None
         try:
-            if split is not None and self._below is not None:
+            if split is not None:
                 with torch.no_grad():
-                    below = self._below(x.contiguous(memory_format=torch.channels_last))
+                    below = split.below(x.contiguous(memory_format=torch.channels_last))
                 # The first layer's output, from the folded copy: autograd starts here.
                 self._activations[split.cut] = below.requires_grad_(True)
                 with torch.enable_grad():

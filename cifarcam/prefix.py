@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,8 @@ class SplitModel:
     """`below(x)` gives the output of layer `cut`; `above(output)` gives the logits from it."""
 
     cut: str  # the requested layer that runs first
-    below: nn.Module  # a folded, channels_last copy: later weight changes do not reach it
+    # a folded, channels_last copy (compiled when asked): later weight changes do not reach it
+    below: Callable[[torch.Tensor], torch.Tensor]
     above: nn.Module  # the model's own modules from the cut up (their hooks fire)
 
 
@@ -40,14 +42,14 @@ class _KeepLayers(fx.Tracer):
         return qualified_name in self.layers or super().is_leaf_module(module, qualified_name)
 
 
-def split_at(model: nn.Module, layers: list[str]) -> SplitModel | None:
+def split_at(model: nn.Module, layers: list[str], compiled: bool = False) -> SplitModel | None:
     """Split `model` at the output of the first of `layers` to run, or None where it cannot be.
 
     None when torch.fx cannot trace the model, when a layer lies inside another, when anything
     besides the cut layer's output crosses the cut (a skip connection over it, or another
     requested layer on a parallel branch), or when the part above the cut is not linear in
     the layer's output (see `_is_linear_head`). The model must be in eval mode; the folded
-    part copies its current weights.
+    part copies its current weights. `compiled`: run that part through `CompiledBelow`.
     """
     try:
         with warnings.catch_warnings():
@@ -80,7 +82,7 @@ def split_at(model: nn.Module, layers: list[str]) -> SplitModel | None:
         module._forward_hooks.clear()
         module._forward_pre_hooks.clear()
         module._backward_hooks.clear()
-    return SplitModel(cut, folded, above)
+    return SplitModel(cut, CompiledBelow(folded) if compiled else folded, above)
 
 
 _LINEAR_MODULES = (nn.Linear, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)

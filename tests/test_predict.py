@@ -66,6 +66,11 @@ def odd_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+def predict_tiny(runs: Path, *args: str):
+    """`cifarcam predict` on the run 'tiny' under `runs`, on the CPU."""
+    return invoke("predict", "--run", "tiny", "--runs-dir", str(runs), "--device", "cpu", *args)
+
+
 # -- the transform, on pixels ---------------------------------------------------------
 
 
@@ -143,7 +148,7 @@ def test_predictions_match_the_test_set_inference(trained_runs: Path) -> None:
 
 def test_predict_table_for_odd_sizes_and_modes(trained_runs: Path, odd_images: dict[str, Path]) -> None:
     good = [str(path) for name, path in odd_images.items() if name not in ("notes.txt", "cut.png")]
-    result = invoke("predict", "--run", "tiny", "--runs-dir", str(trained_runs), "--device", "cpu", *good)
+    result = predict_tiny(trained_runs, *good)
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert f"{odd_images['wide.jpg']}: 97x61 RGB 8-bit -> crop 61x61 at (18, 0) -> 32x32" in out
@@ -273,35 +278,14 @@ def test_bad_options_exit_2_before_reading_images(
 ) -> None:
     run_path = str(trained_runs / "tiny")
     options = [option.replace("RUN", run_path) for option in options]
-    result = invoke(
-        "predict",
-        "--run",
-        "tiny",
-        "--runs-dir",
-        str(trained_runs),
-        "--device",
-        "cpu",
-        *options,
-        str(odd_images["gray.png"]),
-    )
+    result = predict_tiny(trained_runs, *options, str(odd_images["gray.png"]))
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [message.replace("RUN", run_path)]
     assert result.stdout == ""
 
 
 def test_unknown_layer_is_a_usage_error(trained_runs: Path, odd_images: dict[str, Path]) -> None:
-    result = invoke(
-        "predict",
-        "--run",
-        "tiny",
-        "--runs-dir",
-        str(trained_runs),
-        "--device",
-        "cpu",
-        "--layer",
-        "layer5",
-        str(odd_images["gray.png"]),
-    )
+    result = predict_tiny(trained_runs, "--layer", "layer5", str(odd_images["gray.png"]))
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: unknown layer 'layer5'")
 
