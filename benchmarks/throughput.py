@@ -1,20 +1,22 @@
 """Training throughput on this machine, measured in one run against two references.
 
 (a) cifarcam: the real training loop (engine.train_one_epoch) with its on-device batched
-    augmentation (flip, translate, cutout), bf16 autocast where supported, channels_last.
+    augmentation (flip, translate, cutout), bf16 autocast where supported, channels_last;
+    also without the GEMM weight gradients of small-map convolutions, alternating with it.
 (b) a naive baseline written the common way: per-sample albumentations in DataLoader
     workers, fp32, NCHW, loss.item() every step; the same ResNet.
 (c) the machine's ceiling: GEMM GFLOP/s (bf16 and fp32) divided by the model's training
     FLOPs per image, counted with torch.utils.flop_counter.
 
 Prints cifarcam as a fraction of the bf16 ceiling and as a ratio to the baseline.
-Usage: python benchmarks/throughput.py [--width 64] [--batch-size 256] [--steps 8]
+Usage: python benchmarks/throughput.py [--width 64] [--batch-size 256] [--steps 4] [--rounds 6]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import albumentations as A
@@ -56,7 +58,11 @@ def fake_cifar(count: int) -> Split:
     return Split(images, torch.randint(0, 10, (count,), generator=generator))
 
 
-def cifarcam_images_per_s(width: int, batch_size: int, steps: int) -> tuple[float, str]:
+def cifarcam_images_per_s(
+    width: int, batch_size: int, steps: int, rounds: int
+) -> tuple[dict[bool, float], str]:
+    """Median images/s over `rounds` of `steps` steps, with (True) and without (False) the GEMM
+    weight gradients of cifarcam.convgrad; the two alternate, so machine noise hits both alike."""
     device = torch.device("cpu")
     amp = autocast_dtype(device, "auto")
     torch.manual_seed(0)
@@ -67,15 +73,24 @@ def cifarcam_images_per_s(width: int, batch_size: int, steps: int) -> tuple[floa
     augment = AugmentConfig(flip=True, translate=4, cutout=8)
     generator = torch.Generator().manual_seed(1)
 
-    def run(count: int) -> float:
+    def run(count: int, gemm: bool) -> float:
         order = torch.randperm(len(data))[: batch_size * count]
         batches = device_batches(data, order, batch_size, CIFAR10_MEAN, CIFAR10_STD, augment, generator)
         started = time.perf_counter()
-        train_one_epoch(model, optimizer, scheduler, batches, count, device, 0.1, amp, True)
-        return time.perf_counter() - started
+        train_one_epoch(
+            model, optimizer, scheduler, batches, count, device, 0.1, amp, True, gemm_weight_grad=gemm
+        )
+        return batch_size * count / (time.perf_counter() - started)
 
-    run(2)  # warm-up: oneDNN picks its kernels on the first steps
-    return batch_size * steps / run(steps), "fp32" if amp is None else str(amp).removeprefix("torch.")
+    for gemm in (True, False):
+        run(2, gemm)  # warm-up: oneDNN picks its kernels on the first steps
+    speeds: dict[bool, list[float]] = {True: [], False: []}
+    for index in range(rounds):
+        for gemm in (True, False) if index % 2 == 0 else (False, True):
+            speeds[gemm].append(run(steps, gemm))
+    return {gemm: statistics.median(values) for gemm, values in speeds.items()}, (
+        "fp32" if amp is None else str(amp).removeprefix("torch.")
+    )
 
 
 class NaiveDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -127,7 +142,8 @@ def main() -> None:
     )
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds of cifarcam with/without")
     parser.add_argument("--baseline-batch-size", type=int, default=128)
     parser.add_argument("--baseline-steps", type=int, default=4)
     args = parser.parse_args()
@@ -145,8 +161,13 @@ def main() -> None:
         f"training FLOPs per image: {flops / 1e9:.3f} GFLOP -> ceiling {ceiling:.1f} img/s (bf16), "
         f"{fp32 * 1e9 / flops:.1f} img/s (fp32)"
     )
-    ours, precision = cifarcam_images_per_s(args.width, args.batch_size, args.steps)
+    speeds, precision = cifarcam_images_per_s(args.width, args.batch_size, args.steps, args.rounds)
+    ours = speeds[True]
     print(f"cifarcam ({precision}, channels_last, on-device augmentation): {ours:.1f} img/s")
+    print(
+        f"cifarcam without the GEMM weight gradients (cifarcam.convgrad): {speeds[False]:.1f} img/s "
+        f"-> the GEMM gradients give {ours / speeds[False]:.2f}x"
+    )
     naive = baseline_images_per_s(args.width, args.baseline_batch_size, args.baseline_steps)
     print(f"naive baseline (albumentations DataLoader, fp32, NCHW): {naive:.1f} img/s")
     print(f"cifarcam / bf16 ceiling = {ours / ceiling:.2f}")

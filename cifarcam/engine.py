@@ -14,6 +14,7 @@ from torch import nn
 
 from cifarcam.augment import augment_batch
 from cifarcam.config import AugmentConfig, TrainConfig
+from cifarcam.convgrad import gemm_weight_grads
 from cifarcam.data import Split, normalize
 from cifarcam.distributed import SINGLE, Group
 from cifarcam.errors import UsageError
@@ -206,6 +207,7 @@ def train_steps(
     on_step: StepCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     group: Group = SINGLE,
+    gemm_weight_grad: bool = True,
 ) -> bool:
     """Train on `batches`, adding to `tally`. Returns False if `should_stop` ended it early.
 
@@ -215,15 +217,19 @@ def train_steps(
     The tallied loss is the plain cross-entropy per sample (what test_loss measures too),
     even when the optimised objective adds label smoothing. The host reads the device
     only every few steps (progress, divergence check), never on every step.
+
+    `gemm_weight_grad`: on the CPU in bf16, compute the weight gradients of convolutions with
+    small output maps as one GEMM each (cifarcam.convgrad); leave it off for a compiled model.
     """
     model.train()
     device = tally.loss_sum.device
     layout = memory_format(device, amp_dtype, channels_last)
+    fast_grads = gemm_weight_grads(device, amp_dtype) if gemm_weight_grad else contextlib.nullcontext()
     eps = label_smoothing
     for images, labels, loss_scale in batches:
         x = images.to(device, non_blocking=True).contiguous(memory_format=layout)
         labels = labels.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
+        with _autocast(device, amp_dtype), fast_grads:
             logits = model(x)
         log_probs = F.log_softmax(logits.float(), dim=1)
         nll = -log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
@@ -264,11 +270,22 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = True,
     on_step: StepCallback | None = None,
+    gemm_weight_grad: bool = True,
 ) -> dict[str, float]:
     """One pass over `batches`; returns the per-sample mean loss and accuracy."""
     tally = Tally.zeros(device)
     train_steps(
-        model, optimizer, scheduler, batches, tally, steps, label_smoothing, amp_dtype, channels_last, on_step
+        model,
+        optimizer,
+        scheduler,
+        batches,
+        tally,
+        steps,
+        label_smoothing,
+        amp_dtype,
+        channels_last,
+        on_step,
+        gemm_weight_grad=gemm_weight_grad,
     )
     return tally.result()
 

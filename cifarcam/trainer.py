@@ -161,6 +161,7 @@ class Trainer:
                     on_step,
                     should_stop,
                     group,
+                    gemm_weight_grad=not config.compile,
                 )
             except NonFiniteLoss as error:
                 raise TrainingDiverged(
