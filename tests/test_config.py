@@ -78,6 +78,9 @@ def test_presets_and_their_errors() -> None:
 
     quick = build_config(preset_values("quick"))
     assert quick.width < 64 and quick.subset is not None and quick.epochs == 20
+    assert quick.augment.translate == 2 and quick.augment.flip
+    preset_values("quick")["augment"]["translate"] = 9  # a caller's edit stays its own
+    assert build_config(preset_values("quick")).augment.translate == 2
     seeded = build_config(preset_values("seed-albumentations"))
     names = [t["__class_fullname__"] for t in (seeded.albumentations or {})["transform"]["transforms"]]
     assert names == ["HorizontalFlip", "Affine", "CoarseDropout"]
