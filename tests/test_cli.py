@@ -20,6 +20,26 @@ def invoke(*args: str):
     return result
 
 
+def test_train_help_shows_the_config_defaults() -> None:
+    """The defaults --help prints are written out in the CLI (it imports the config lazily, to
+    start fast); they must be the TrainConfig's own."""
+    import typer.main
+
+    from cifarcam.config import TrainConfig
+
+    fields = TrainConfig.model_fields
+    checked = []
+    for param in typer.main.get_command(app).commands["train"].params:  # type: ignore[attr-defined]
+        option = param.opts[0].removeprefix("--")
+        field = option.replace("-", "_")
+        if field not in fields or field in ("data_dir", "subset"):  # these describe, not state, a value
+            continue
+        default = fields[field].default
+        assert param.show_default == (f"no-{option}" if default is False else str(default)), option
+        checked.append(option)
+    assert len(checked) == 14
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help_with_an_example(command: str) -> None:
     result = invoke(command, "--help")
