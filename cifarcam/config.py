@@ -144,5 +144,10 @@ def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return merged
 
 
+def data_dir_path(config: TrainConfig) -> Path | None:
+    """Where downloads and decode caches go (`data_dir`, ~ expanded); None = the user cache."""
+    return Path(config.data_dir).expanduser() if config.data_dir else None
+
+
 def config_to_json(config: TrainConfig) -> str:
     return config.model_dump_json(indent=2) + "\n"

@@ -22,9 +22,9 @@ from cifarcam.engine import autocast_dtype
 from cifarcam.errors import UsageError
 from cifarcam.faithfulness import faithfulness, random_maps
 from cifarcam.fileio import atomic_write_bytes
-from cifarcam.pipeline import LoadedRun, load_run, select_misclassified, test_logits
 from cifarcam.rundir import RunDir
 from cifarcam.sanity import cascading_randomization, similarity_table
+from cifarcam.trained import LoadedRun, load_run, select_misclassified, test_logits
 
 GUIDED = ("guided-backprop", "guided-gradcam")
 ALL_METHODS = (*METHODS, *GUIDED)

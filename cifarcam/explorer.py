@@ -13,9 +13,9 @@ import torch
 
 from cifarcam import viz
 from cifarcam.errors import RunError, UsageError
-from cifarcam.pipeline import load_run, mistake_entries, select_misclassified, test_logits
 from cifarcam.predict import ImageInput, Predictor, enlarge, overlay_image, to_model_input
 from cifarcam.rundir import RunDir
+from cifarcam.trained import load_run, mistake_entries, select_misclassified, test_logits
 
 APP_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 PREDICTED = "predicted class"

@@ -1,4 +1,5 @@
-"""What each command does to a run directory, as library calls the CLI wraps.
+"""The train and resume commands on a run directory, as library calls the CLI wraps (the
+commands over a trained run are in cifarcam.trained).
 
 Nothing here prints: progress goes out through callbacks, results come back as values.
 """
@@ -12,50 +13,38 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
-from pydantic import ValidationError
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
 import cifarcam
-from cifarcam import viz
-from cifarcam.config import TrainConfig, config_to_json
+from cifarcam.config import TrainConfig, config_to_json, data_dir_path
 from cifarcam.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     Dataset,
     Split,
-    denormalize,
     load_dataset,
-    normalize,
     split_train,
 )
 from cifarcam.distributed import SINGLE, Group
 from cifarcam.engine import (
     StepCallback,
-    Tta,
     autocast_dtype,
     memory_format,
-    predict,
     resolve_device,
-    score,
 )
 from cifarcam.errors import (
-    CheckpointError,
     CifarcamError,
-    RunError,
     TrainingDiverged,
     TrainingInterrupted,
     UsageError,
 )
-from cifarcam.fileio import atomic_write_bytes, atomic_write_text
+from cifarcam.fileio import atomic_write_text
 from cifarcam.models import build_model
-from cifarcam.rundir import CheckpointInfo, RunDir, now_iso
+from cifarcam.rundir import RunDir, now_iso
+from cifarcam.trained import read_config
 from cifarcam.trainer import StopRequested, Trainer
 
 T = TypeVar("T")
@@ -66,10 +55,6 @@ class TrainCallbacks:
     on_start: Callable[[dict[str, Any]], None] | None = None
     on_step: StepCallback | None = None
     on_epoch: Callable[[dict[str, float]], None] | None = None
-
-
-def _data_dir(config: TrainConfig) -> Path | None:
-    return Path(config.data_dir).expanduser() if config.data_dir else None
 
 
 def _precision_name(amp_dtype: torch.dtype | None) -> str:
@@ -109,7 +94,7 @@ def _prepare(config: TrainConfig, group: Group = SINGLE) -> _Prepared:
             "normalises its share of the batch with its own statistics",
             hint="leave out --sync-bn, or use --norm group for normalisation without batch statistics",
         )
-    dataset = load_dataset(config.data, _data_dir(config))
+    dataset = load_dataset(config.data, data_dir_path(config))
     train_split, validation = split_train(
         dataset.train, len(dataset.classes), config.subset, config.val_split, config.seed
     )
@@ -329,212 +314,3 @@ def _train_loop(
 
 def _mark_failed(run: RunDir, completed_epochs: int, reason: str) -> None:
     run.update_meta(status="failed", ended_at=now_iso(), completed_epochs=completed_epochs, error=reason)
-
-
-# -- commands over a trained run --------------------------------------------------------
-
-
-@dataclass
-class LoadedRun:
-    run: RunDir
-    model: nn.Module
-    info: CheckpointInfo
-    test: Split  # on `device`
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    channels_last: bool
-
-    def predict_test(self, tta: Tta = "none") -> torch.Tensor:
-        """Float32 logits (N, C) on the CPU for the whole test set."""
-        return predict(
-            self.model,
-            self.test.images,
-            self.info.mean,
-            self.info.std,
-            amp_dtype=self.amp_dtype,
-            tta=tta,
-            channels_last=self.channels_last,
-        ).cpu()
-
-    def test_inputs(self, indices: torch.Tensor) -> torch.Tensor:
-        """Test images `indices` as the model takes them: normalised float, on the device."""
-        images = self.test.images[indices.to(self.device)]
-        return normalize(images, self.info.mean, self.info.std).float()
-
-    def test_display(self, indices: torch.Tensor) -> np.ndarray:
-        """The same images un-normalised with the checkpoint's mean/std, (N, 3, H, W) in [0, 1]."""
-        return denormalize(self.test_inputs(indices), self.info.mean, self.info.std).cpu().numpy()
-
-    def cam_model(self, amp_dtype: torch.dtype | None = None) -> nn.Module:
-        """The model for CAM work: float32 weights, NCHW unless under autocast, since torch 2.14's
-        CPU channels_last float32 convolution backward is unreliable for some batch sizes."""
-        layout = memory_format(self.device, amp_dtype, channels_last=True)
-        return self.model.float().to(memory_format=layout).eval()
-
-
-def read_config(run: RunDir) -> TrainConfig:
-    run.require()
-    try:
-        return TrainConfig.model_validate(run.read_json(run.config_path))
-    except ValidationError as error:
-        raise RunError(
-            f"'{run.config_path}' is not a valid cifarcam config ({error.error_count()} errors)"
-        ) from None
-
-
-def load_checkpoint(
-    run: RunDir, checkpoint: str = "last", device_name: str = "auto"
-) -> tuple[nn.Module, CheckpointInfo, TrainConfig, torch.device]:
-    """The run's model rebuilt from its checkpoint alone and checked against config.json; no data
-    is read. The model stays on the CPU in float32; the device is resolved for the caller."""
-    run.require()
-    device = resolve_device(device_name)
-    model, info = run.load_model(checkpoint)
-    config = read_config(run)
-    if (info.model, info.width) != (config.model, config.width):
-        raise CheckpointError(
-            f"checkpoint '{run.checkpoint_path(checkpoint)}' holds {info.model} width {info.width}, "
-            f"but the run's config.json says {config.model} width {config.width}"
-        )
-    return model, info, config, device
-
-
-def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -> LoadedRun:
-    """The run's model (from its checkpoint alone) and its test set, ready on the device."""
-    model, info, config, device = load_checkpoint(run, checkpoint, device_name)
-    dataset = load_dataset(config.data, _data_dir(config))
-    if dataset.classes != info.classes:
-        raise RunError(
-            f"the data at '{config.data}' has classes {dataset.classes}, "
-            f"but the checkpoint was trained on {info.classes}"
-        )
-    amp_dtype = autocast_dtype(device, config.precision)
-    model = model.to(device).to(memory_format=memory_format(device, amp_dtype, config.channels_last)).eval()
-    return LoadedRun(run, model, info, dataset.test.to(device), device, amp_dtype, config.channels_last)
-
-
-def _cached_test_logits(loaded: LoadedRun) -> torch.Tensor | None:
-    """The test-set logits in predictions.safetensors if they are this checkpoint's."""
-    cache = loaded.run.predictions_path
-    if cache.exists():
-        try:
-            with safe_open(str(cache), framework="pt") as cached:
-                logits: torch.Tensor = cached.get_tensor("logits")
-                same_checkpoint = (cached.metadata() or {}).get("checkpoint_id") == loaded.info.checkpoint_id
-            if same_checkpoint and logits.shape[0] == len(loaded.test):
-                return logits
-        except (SafetensorError, OSError):
-            pass  # a bad cache is recomputed (and replaced by test_logits)
-    return None
-
-
-def test_logits(loaded: LoadedRun, write: bool = True) -> torch.Tensor:
-    """Float32 logits (N, C) on the test set, cached per checkpoint in predictions.safetensors
-    (computed and not cached with `write=False`, for readers that must not touch the run)."""
-    cached = _cached_test_logits(loaded)
-    if cached is not None:
-        return cached
-    logits = loaded.predict_test()
-    if write:
-        metadata = {"checkpoint_id": loaded.info.checkpoint_id}
-        save = save_safetensors({"logits": logits.contiguous()}, metadata=metadata)
-        atomic_write_bytes(loaded.run.predictions_path, save)
-    return logits
-
-
-def evaluate(
-    run: RunDir, checkpoint: str = "last", device_name: str = "auto", tta: bool = True
-) -> dict[str, Any]:
-    """Accuracy, mean loss, per-class accuracy and the confusion matrix on the test set.
-
-    With `tta`, also the accuracy and loss of logits averaged over six views (identity,
-    mirror, and both shifted one pixel up-left and down-right); per-class figures and the
-    confusion matrix are for the single view.
-    """
-    loaded = load_run(run, checkpoint, device_name)
-    logits = test_logits(loaded)
-    labels = loaded.test.labels.cpu()
-    scores = score(logits, labels)
-    predictions = logits.argmax(1)
-    classes = loaded.info.classes
-    num_classes = len(classes)
-    confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes**2)
-    confusion = confusion.view(num_classes, num_classes)
-    per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1).double()
-    result = {
-        "checkpoint": checkpoint,
-        "epoch": loaded.info.epoch,
-        "num_images": len(labels),
-        "accuracy": scores["acc"],
-        "loss": scores["loss"],
-        "per_class_accuracy": {name: per_class[i].item() for i, name in enumerate(classes)},
-        "confusion_matrix": confusion.tolist(),
-        "confusion_matrix_rows": "true class",
-        "classes": classes,
-    }
-    if tta:
-        tta_logits = loaded.predict_test(tta="flip-translate")
-        tta_scores = score(tta_logits, labels)
-        result |= {"accuracy_tta": tta_scores["acc"], "loss_tta": tta_scores["loss"], "tta": "flip-translate"}
-    run.write_json(run.evaluation_path, result)
-    return result
-
-
-def select_misclassified(probs: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the `count` wrong predictions made with the highest confidence (ties: lower index)."""
-    confidence, predictions = probs.max(dim=1)
-    wrong = torch.nonzero(predictions != labels).flatten()
-    if count > len(wrong):
-        raise RunError(
-            f"only {len(wrong)} test images are misclassified; ask for --count {len(wrong)} or fewer"
-        )
-    order = torch.sort(-confidence[wrong], stable=True).indices
-    return wrong[order[:count]]
-
-
-def mistake_entries(
-    probs: torch.Tensor, labels: torch.Tensor, classes: list[str], indices: torch.Tensor
-) -> list[dict[str, Any]]:
-    """One record per test image in `indices`: true and predicted class, confidence."""
-    confidence, predictions = probs[indices].max(dim=1)
-    return [
-        {
-            "index": int(i),
-            "true": classes[int(labels[i])],
-            "pred": classes[int(p)],
-            "true_label": int(labels[i]),
-            "pred_label": int(p),
-            "confidence": float(c),
-        }
-        for i, p, c in zip(indices, predictions, confidence, strict=True)
-    ]
-
-
-def misclassified(
-    run: RunDir, count: int = 10, checkpoint: str = "last", device_name: str = "auto"
-) -> list[dict[str, Any]]:
-    if count < 1:
-        raise UsageError("--count must be at least 1")
-    loaded = load_run(run, checkpoint, device_name)
-    probs = torch.softmax(test_logits(loaded), dim=1)
-    labels = loaded.test.labels.cpu()
-    indices = select_misclassified(probs, labels, count)
-    entries = mistake_entries(probs, labels, loaded.info.classes, indices)
-    viz.misclassified_gallery(
-        loaded.test_display(indices),
-        [entry["true"] for entry in entries],
-        [entry["pred"] for entry in entries],
-        [entry["confidence"] for entry in entries],
-        run.misclassified_png,
-        f"run {run.name}: the {count} most confident mistakes on the test set "
-        f"({checkpoint} checkpoint, epoch {loaded.info.epoch})",
-    )
-    run.write_json(run.misclassified_json, entries)
-    return entries
-
-
-def plot(run: RunDir) -> list[Path]:
-    epochs = run.read_epochs()
-    paths = [run.plots_dir / "loss.png", run.plots_dir / "accuracy.png"]
-    viz.plot_curves(epochs, *paths)
-    return paths

@@ -21,8 +21,8 @@ from cifarcam.cam import CamExtractor, check_layers, check_methods
 from cifarcam.data import normalize
 from cifarcam.errors import DataError, UsageError
 from cifarcam.fileio import atomic_write_bytes
-from cifarcam.pipeline import LoadedRun, load_checkpoint
 from cifarcam.rundir import CheckpointInfo, RunDir
+from cifarcam.trained import LoadedRun, load_checkpoint
 
 INPUT_SIZE = 32
 OVERLAY_SIZE = 256  # overlays are drawn at 8x the model input: image pixels as blocks, the map smooth

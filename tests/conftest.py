@@ -136,14 +136,14 @@ def tiny_train_args(runs: Path, tree: Path, run: str = "r", epochs: int = 3) -> 
 @pytest.fixture(scope="session")
 def reported_runs(tmp_path_factory: pytest.TempPathFactory, trained_runs: Path) -> Path:
     """A copy of 'tiny' with everything a report shows: evaluation, mistakes, Grad-CAM, CAM checks, the report."""
-    from cifarcam import explain, pipeline
+    from cifarcam import explain, trained
     from cifarcam.report import write_report
     from cifarcam.rundir import RunDir
 
     runs = copy_tree(trained_runs, tmp_path_factory.mktemp("reported") / "runs")
     run = RunDir(runs, "tiny")
-    pipeline.evaluate(run, device_name="cpu")
-    pipeline.misclassified(run, count=5, device_name="cpu")
+    trained.evaluate(run, device_name="cpu")
+    trained.misclassified(run, count=5, device_name="cpu")
     explain.gradcam(
         run, ["gradcam", "gradcam++"], ["layer4"], count=5, metrics=True, steps=4, device_name="cpu"
     )
@@ -162,7 +162,7 @@ def hostile_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_tree: Path)
 
     Its Grad-CAM gallery's title holds a '<script>' too; the report is written.
     """
-    from cifarcam import explain, pipeline
+    from cifarcam import explain, pipeline, trained
     from cifarcam.config import build_config
     from cifarcam.report import write_report
     from cifarcam.rundir import RunDir
@@ -177,7 +177,7 @@ def hostile_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_tree: Path)
     )
     run = RunDir(base / "runs", "hostile")
     pipeline.train(config, run, command="cifarcam train --run hostile --data '<script>alert(2)</script>'")
-    pipeline.evaluate(run, device_name="cpu", tta=False)
+    trained.evaluate(run, device_name="cpu", tta=False)
     explain.gradcam(run, ["gradcam"], ["layer4"], count=2, device_name="cpu")
     gallery = run.gradcam_dir / "gradcam_layer4.json"
     gallery.write_text(json.dumps(json.loads(gallery.read_text()) | {"title": "<script>alert(3)</script>"}))

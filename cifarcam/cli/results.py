@@ -39,9 +39,9 @@ def evaluate(
 
     Example: cifarcam evaluate --run r1 --checkpoint last
     """
-    from cifarcam import pipeline
+    from cifarcam import trained
 
-    result = guarded(lambda: pipeline.evaluate(run_dir(runs_dir, run), checkpoint, device, tta))
+    result = guarded(lambda: trained.evaluate(run_dir(runs_dir, run), checkpoint, device, tta))
     console.print(
         f"Test accuracy {result['accuracy']:.2%}, mean loss {result['loss']:.4f} "
         f"({result['num_images']} images, {checkpoint} checkpoint, epoch {result['epoch']})"
@@ -67,10 +67,10 @@ def misclassified(
 
     Example: cifarcam misclassified --run r1 --count 10
     """
-    from cifarcam import pipeline
+    from cifarcam import trained
 
     rundir = run_dir(runs_dir, run)
-    entries = guarded(lambda: pipeline.misclassified(rundir, count, checkpoint, device))
+    entries = guarded(lambda: trained.misclassified(rundir, count, checkpoint, device))
     table = Table("test index", "true", "predicted", "confidence")
     for entry in entries:
         table.add_row(str(entry["index"]), entry["true"], entry["pred"], f"{entry['confidence']:.1%}")
@@ -206,7 +206,7 @@ def plot(run: RunOpt, runs_dir: RunsDirOpt = Path("runs")) -> None:
 
     Example: cifarcam plot --run r1
     """
-    from cifarcam import pipeline
+    from cifarcam import trained
 
-    paths = guarded(lambda: pipeline.plot(run_dir(runs_dir, run)))
+    paths = guarded(lambda: trained.plot(run_dir(runs_dir, run)))
     console.print("Wrote " + ", ".join(str(p) for p in paths))
