@@ -48,6 +48,10 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(5e-4, ge=0, le=1)
     decay_norm_and_bias: bool = True  # False: BatchNorm weights and biases skip weight decay
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    # Weight EMA: per-step decay of an average of the weights (0 = off), which evaluation and
+    # the checkpoints use from the step a fraction `ema_start` of the way through training.
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    ema_start: float = Field(0.5, ge=0, le=1)
     subset: int | None = Field(None, ge=10)  # class-balanced training subset size
     val_split: int = Field(0, ge=0)  # class-balanced validation images held out of training
     device: DeviceName = "auto"

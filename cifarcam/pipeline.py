@@ -249,10 +249,10 @@ def _train_loop(
         """The state first (the commit point of an epoch), then what is derived from it."""
         run.save_state(*trainer.state())
         epoch_header = header | {"epoch": trainer.epoch}
-        run.save_checkpoint("last", model, epoch_header)
+        run.save_checkpoint("last", trainer.final_model, epoch_header)
         val_acc = trainer.records[-1].get("val_acc", -1.0)
         if validation is not None and val_acc > best_val:
-            run.save_checkpoint("best", model, epoch_header)
+            run.save_checkpoint("best", trainer.final_model, epoch_header)
             best_val = val_acc
         run.write_json(run.metrics_path, {"epochs": trainer.records})
         return best_val

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cifarcam.augment import albumentations_loader
+from cifarcam.averaging import WeightAverage
 from cifarcam.config import TrainConfig
 from cifarcam.data import Split, normalize
 from cifarcam.distributed import SINGLE, Group
@@ -38,6 +39,11 @@ def _any_rank(group: Group, asked: Callable[[], bool]) -> bool:
 
 class StopRequested(Exception):
     """Raised by `Trainer.epochs` when `should_stop` asked for a stop in the middle of an epoch."""
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries whose names start with `prefix`, without it."""
+    return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
 
 
 def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
@@ -86,7 +92,8 @@ class Trainer:
         self.device = train.images.device
         self.steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
         self.optimizer = make_optimizer(model, config)
-        self.lr_factor = one_cycle(self.steps_per_epoch * config.epochs, config.warmup)
+        total_steps = self.steps_per_epoch * config.epochs
+        self.lr_factor = one_cycle(total_steps, config.warmup)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         forward_model = model
         if group.distributed:
@@ -95,11 +102,35 @@ class Trainer:
         self.forward_model = (
             cast(nn.Module, torch.compile(forward_model, dynamic=False)) if config.compile else forward_model
         )
+        self.average = (
+            WeightAverage(model, config.ema_decay, round(config.ema_start * total_steps))
+            if config.ema_decay > 0
+            else None
+        )
         self.epoch = 0  # completed epochs
         self.records: list[dict[str, float]] = []
         self.partial: PartialEpoch | None = None
 
+    @property
+    def final_model(self) -> nn.Module:
+        """The model that is evaluated and saved: the weight average once it has started."""
+        if self.average is not None and self.average.started:
+            return self.average.model
+        return self.model
+
     # -- training ---------------------------------------------------------------------
+    def _after_step(self, on_step: StepCallback | None) -> StepCallback | None:
+        average = self.average
+        if average is None:
+            return on_step
+
+        def after_step(step: int, steps: int, loss: float | None) -> None:
+            average.update(int(self.scheduler.last_epoch))  # optimizer steps over the whole run
+            if on_step is not None:
+                on_step(step, steps, loss)
+
+        return after_step
+
     def _batches(self, epoch: int) -> tuple[Iterable[Batch], PartialEpoch | None]:
         config = self.config
         if config.albumentations is not None:
@@ -137,6 +168,7 @@ class Trainer:
         `state()` then holds the partial epoch (on-device augmentation) or the last whole one.
         """
         config, group = self.config, self.group
+        on_step = self._after_step(on_step)
         if should_stop is not None and group.distributed:
             should_stop = functools.partial(_any_rank, group, should_stop)  # all ranks stop at the same step
         for epoch in range(self.epoch + 1, config.epochs + 1):
@@ -189,17 +221,16 @@ class Trainer:
         """Per-sample mean loss and accuracy on the test (and validation) split."""
         result: dict[str, float] = {}
         splits = {"test": self.test} | ({"val": self.validation} if self.validation is not None else {})
-        group = self.group
-        group.broadcast_buffers(self.model)  # every rank scores rank 0's model, the one saved
+        group, model = self.group, self.final_model
+        group.broadcast_buffers(model)  # every rank scores rank 0's model, the one saved
         for prefix, split in splits.items():
             rows = group.rows(len(split))
             logits = predict(
-                self.model,
+                model,
                 split.images[rows],
                 self.mean,
                 self.std,
-                max(self.config.batch_size, 1024),
-                self.amp_dtype,
+                amp_dtype=self.amp_dtype,
                 channels_last=self.config.channels_last,
             )
             if group.distributed:
@@ -218,6 +249,8 @@ class Trainer:
         for index, values in optimizer_state["state"].items():
             for name, value in values.items():
                 tensors[f"optimizer.{index}.{name}"] = value
+        if self.average is not None:
+            tensors |= {f"average.{k}": v for k, v in self.average.state().items()}
         tensors["rng.torch"] = torch.get_rng_state()
         meta: dict[str, Any] = {
             "epoch": self.epoch,
@@ -244,14 +277,15 @@ class Trainer:
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        prefix = "model."
-        self.model.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        self.model.load_state_dict(_prefixed(tensors, "model."))
         optimizer_state: dict[str, Any] = {"state": {}, "param_groups": meta["optimizer_param_groups"]}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
                 _, index, name = key.split(".", 2)
                 optimizer_state["state"].setdefault(int(index), {})[name] = value.to(self.device)
         self.optimizer.load_state_dict(optimizer_state)
+        if self.average is not None:
+            self.average.load_state(_prefixed(tensors, "average."))
         self.scheduler.load_state_dict(meta["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
         self.epoch = int(meta["epoch"])

@@ -37,7 +37,7 @@ def test_train_help_shows_the_config_defaults() -> None:
         default = fields[field].default
         assert param.show_default == (f"no-{option}" if default is False else str(default)), option
         checked.append(option)
-    assert len(checked) == 14
+    assert len(checked) == 15
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -20,6 +20,9 @@ import pytest
 from safetensors.torch import load_file
 
 TRAIN_OPTIONS = ["--width", "8", "--epochs", "5", "--batch-size", "32", "--device", "cpu", "--seed", "7"]
+# A weight EMA from step 6 of 65 (in epoch 1 of 5): the stops below land after it started, so
+# resuming must restore the average too. The options come after --config and override it.
+EMA_CONFIG = {"ema_decay": 0.9, "ema_start": 0.1}
 KILL_SEED = 20261126
 KILL_POINTS = 3
 
@@ -50,9 +53,12 @@ def assert_files_readable(run: Path) -> None:
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory: pytest.TempPathFactory, synthetic_tree: Path) -> dict[str, object]:
     root = tmp_path_factory.mktemp("resume")
+    config = root / "ema.json"
+    config.write_text(json.dumps(EMA_CONFIG))
+    options = ["--data", str(synthetic_tree), "--config", str(config), *TRAIN_OPTIONS]
     env = os.environ | {"CIFARCAM_DATA_DIR": str(root / "cache"), "CIFARCAM_RUNS_DIR": str(root / "runs")}
     started = time.perf_counter()
-    reference = start(["train", "--run", "reference", "--data", str(synthetic_tree), *TRAIN_OPTIONS], env)
+    reference = start(["train", "--run", "reference", *options], env)
     meta = root / "runs" / "reference" / "meta.json"
     while not meta.exists() and reference.poll() is None:
         time.sleep(0.02)
@@ -62,7 +68,7 @@ def setting(tmp_path_factory: pytest.TempPathFactory, synthetic_tree: Path) -> d
     return {
         "env": env,
         "runs": root / "runs",
-        "tree": synthetic_tree,
+        "options": options,
         "training_starts": training_starts,
         "seconds": time.perf_counter() - started,
     }
@@ -74,7 +80,7 @@ def finish_by_resuming(name: str, setting: dict[str, object]) -> None:
     if (runs / name / "config.json").exists():
         args = ["train", "--run", name, "--resume"]
     else:  # killed before the run directory existed: a user just runs the command again
-        args = ["train", "--run", name, "--data", str(setting["tree"]), *TRAIN_OPTIONS]
+        args = ["train", "--run", name, *setting["options"]]  # type: ignore[misc]
     process = start(args, env)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
@@ -104,7 +110,7 @@ def test_sigkill_at_a_random_moment_then_resume(point: int, setting: dict[str, o
     # Anywhere from the creation of the run directory to the end of the last epoch.
     delay = random.Random(KILL_SEED + point).uniform(first, 0.95 * total)
     name = f"killed{point}"
-    process = start(["train", "--run", name, "--data", str(setting["tree"]), *TRAIN_OPTIONS], setting["env"])  # type: ignore[arg-type]
+    process = start(["train", "--run", name, *setting["options"]], setting["env"])  # type: ignore[arg-type,misc]
     time.sleep(delay)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
@@ -123,7 +129,7 @@ def test_signal_stops_mid_epoch_saves_and_resumes_exactly(
     runs = setting["runs"]
     assert isinstance(runs, Path)
     name = f"signalled-{sig.name}"
-    process = start(["train", "--run", name, "--data", str(setting["tree"]), *TRAIN_OPTIONS], setting["env"])  # type: ignore[arg-type]
+    process = start(["train", "--run", name, *setting["options"]], setting["env"])  # type: ignore[arg-type,misc]
     metrics = runs / name / "metrics.json"
     deadline = time.monotonic() + 120
     while not metrics.exists() and time.monotonic() < deadline:

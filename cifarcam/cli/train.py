@@ -94,6 +94,14 @@ def train(
         float | None,
         typer.Option(help="Label smoothing of the training loss (0 = off).", show_default="0.1"),
     ] = None,
+    ema_decay: Annotated[
+        float | None,
+        typer.Option(
+            help="Per-step decay of a weight average (EMA) over the second half of training, "
+            "which evaluation and checkpoints use (0 = off).",
+            show_default="0.0",
+        ),
+    ] = None,
     compile_model: Annotated[
         bool | None,
         typer.Option(
@@ -152,6 +160,7 @@ def train(
         "sync_bn": sync_bn,
         "compile": compile_model,
         "label_smoothing": label_smoothing,
+        "ema_decay": ema_decay,
     }
 
     def action(group: Any) -> None:
