@@ -1,4 +1,4 @@
-"""Prediction speed against batch size: why `engine.inference_batch_size` is 256 on the CPU.
+"""Prediction speed against batch size: why `engine.inference_batch_size` is 128 on the CPU.
 
 Times `engine.predict` (bf16 autocast where supported, channels_last, eval mode) over the same
 images at several batch sizes, in alternating rounds so machine noise hits them alike, and
@@ -19,7 +19,7 @@ from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD
 from cifarcam.engine import autocast_dtype, predict
 from cifarcam.models import build_model
 
-SIZES = (128, 256, 512, 1024)
+SIZES = (64, 128, 256, 512, 1024)
 
 
 def main() -> None:

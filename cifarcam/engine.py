@@ -303,11 +303,12 @@ def _tta_views(x: torch.Tensor, tta: Tta) -> list[torch.Tensor]:
 
 
 def inference_batch_size(device: torch.device) -> int:
-    """Images per forward pass when only predicting: 1024 on a GPU, 256 on a CPU.
+    """Images per forward pass when only predicting: 1024 on a GPU, 128 on a CPU.
 
-    On the CPU smaller batches keep the activations in cache: ResNet18 forward passes ran 1.3-1.9x
-    (width 16) and 1.2x (width 64) faster at 256 than at 1024 here (benchmarks/RESULTS.md)."""
-    return 256 if device.type == "cpu" else 1024
+    On the CPU smaller batches keep the activations in cache: bf16 ResNet18 forward passes ran
+    2.2x (width 16) and 1.2x (width 64) faster at 128 than at 1024 on the 2-core development
+    machine (benchmarks/inference_batch.py; benchmarks/RESULTS.md)."""
+    return 128 if device.type == "cpu" else 1024
 
 
 @torch.no_grad()

@@ -158,6 +158,13 @@ CASES = [
         "Error: invalid value for 'label_smoothing': Input should be less than 1 (got 1.0)",
     ),
     (
+        "EMA decay of 1",
+        None,
+        "train --run r --data {tree} --ema-decay 1",
+        2,
+        "Error: invalid value for 'ema_decay': Input should be less than 1 (got 1.0)",
+    ),
+    (
         "image folder without test/",
         "tree:no_test",
         "train --run r --data {tree}",
