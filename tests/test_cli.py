@@ -137,12 +137,14 @@ def test_first_signal_asks_to_stop_and_a_second_stops_at_once() -> None:
 
     from cifarcam.cli.train import _stop_on_signals
 
+    # What was there before (SIG_IGN, not Python's handler, when started in the background).
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with _stop_on_signals() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signal == signal.SIGTERM and stop.requested()
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # handlers restored
 
 
 def test_an_immediate_stop_marks_the_run_interrupted_and_keeps_the_last_epoch(
