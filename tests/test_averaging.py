@@ -8,22 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli import invoke
 from torch import nn
-from typer.testing import CliRunner
 
 from cifarcam.averaging import WeightAverage
-from cifarcam.cli import app
 from cifarcam.config import build_config
 from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, synthetic_dataset
 from cifarcam.engine import predict, score
 from cifarcam.models import build_model
 from cifarcam.trainer import StopRequested, Trainer
-
-
-def invoke(*args: str):  # type: ignore[no-untyped-def]
-    result = CliRunner().invoke(app, list(args))
-    assert "Traceback" not in result.output
-    return result
 
 
 def small_net() -> nn.Module:
