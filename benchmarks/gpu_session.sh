@@ -17,25 +17,8 @@ EPOCHS=${EPOCHS:-20}
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/gpu-session-out}
 WORK=${WORK:-/tmp/gpu-session}
-mkdir -p "$OUT" "$WORK"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-export PYTHONUNBUFFERED=1 COLUMNS=100
-
-if [ -z "${NO_WHEELS:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$WORK/site" .whl/*.whl || exit 1
-    export PYTHONPATH="$WORK/site:$PWD"
-else
-    export PYTHONPATH="$PWD"
-fi
-DATA=$WORK/cifar
-if [ ! -d "$DATA/train" ]; then
-    mkdir -p "$DATA" && tar -xzf .gpudata/cifar10-jpeg.tar.gz -C "$DATA" || exit 1
-fi
-export CIFARCAM_DATA_DIR=$WORK/cache CIFARCAM_RUNS_DIR=$WORK/runs
-
-elapsed() { echo $(($(date +%s) - START)); }
-left() { echo $((BUDGET_S - $(elapsed))); }
+# shellcheck source=benchmarks/gpu_setup.sh
+source benchmarks/gpu_setup.sh
 cc() {  # one cifarcam command, timed
     local t0=$(date +%s%N)
     echo "=== [$(elapsed) s] cifarcam $*"

@@ -24,8 +24,8 @@ import albumentations as A
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flops import training_flops_per_image
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.flop_counter import FlopCounterMode
 
 from cifarcam.config import AugmentConfig
 from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, Split
@@ -43,14 +43,6 @@ def gemm_gflops(dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best / 1e9
-
-
-def training_flops_per_image(width: int) -> float:
-    model = build_model("resnet18", width)
-    x = torch.randn(8, 3, 32, 32)
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
-    return counter.get_total_flops() / 8
 
 
 def fake_cifar(count: int) -> Split:

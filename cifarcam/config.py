@@ -59,6 +59,9 @@ class TrainConfig(BaseModel):
     channels_last: bool = True
     seed: int = Field(0, ge=0, le=2**63 - 1)
     compile: bool = False  # torch.compile the training forward pass
+    # CUDA only: replay the training forward and backward of full batches from CUDA graphs
+    # (ignored on the CPU, with --compile and under torchrun)
+    cuda_graphs: bool = True
     sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     # An albumentations pipeline (A.to_dict form) run per sample in DataLoader workers;

@@ -31,6 +31,7 @@ from cifarcam.engine import (
     train_steps,
 )
 from cifarcam.errors import TrainingDiverged
+from cifarcam.graphs import GraphedTraining
 
 
 def _any_rank(group: Group, asked: Callable[[], bool]) -> bool:
@@ -99,9 +100,11 @@ class Trainer:
         if group.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             forward_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        self.forward_model = (
-            cast(nn.Module, torch.compile(forward_model, dynamic=False)) if config.compile else forward_model
-        )
+        if config.compile:
+            forward_model = cast(nn.Module, torch.compile(forward_model, dynamic=False))
+        elif config.cuda_graphs and self.device.type == "cuda" and not group.distributed:
+            forward_model = GraphedTraining(model, config.batch_size, amp_dtype)
+        self.forward_model = forward_model
         self.average = (
             WeightAverage(model, config.ema_decay, round(config.ema_start * total_steps))
             if config.ema_decay > 0

@@ -110,6 +110,14 @@ def train(
             show_default="no-compile",
         ),
     ] = None,
+    cuda_graphs: Annotated[
+        bool | None,
+        typer.Option(
+            "--cuda-graphs/--no-cuda-graphs",
+            help="Replay the training forward and backward from CUDA graphs (CUDA only; fewer launches).",
+            show_default="cuda-graphs",
+        ),
+    ] = None,
     seed: Annotated[
         int | None,
         typer.Option(help="Random seed (init, data order, augmentation, subsets).", show_default="0"),
@@ -159,6 +167,7 @@ def train(
         "norm": norm,
         "sync_bn": sync_bn,
         "compile": compile_model,
+        "cuda_graphs": cuda_graphs,
         "label_smoothing": label_smoothing,
         "ema_decay": ema_decay,
     }

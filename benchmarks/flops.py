@@ -1,0 +1,19 @@
+"""Training FLOPs per image, shared by the throughput benchmarks (no albumentations import, so
+the GPU machine, which lacks it, can run gpu_step.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from cifarcam.models import build_model
+
+
+def training_flops_per_image(width: int) -> float:
+    """Forward + backward FLOPs of one ResNet18 training image, by torch.utils.flop_counter."""
+    model = build_model("resnet18", width)
+    x = torch.randn(8, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
+    return counter.get_total_flops() / 8
