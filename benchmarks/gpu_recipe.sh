@@ -22,12 +22,6 @@ WORK=${WORK:-/tmp/gpu-recipe}
 # shellcheck source=benchmarks/gpu_setup.sh
 source benchmarks/gpu_setup.sh
 mkdir -p "$WORK/logs" "$WORK/configs"
-size=()
-[ -n "${SUBSET:-}" ] && size+=(--subset "$SUBSET")
-[ -n "${WIDTH:-}" ] && size+=(--width "$WIDTH")
-common=(--data "$DATA" --device "$DEVICE" --epochs "$EPOCHS" "${size[@]}")
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
 
 pack() {
     (cd "$WORK/runs" && tar -czf "$OUT/.runs.tmp" --exclude='*.safetensors' --exclude='*.lock' --exclude='*.png' .) &&

@@ -27,13 +27,6 @@ cc() {  # one cifarcam command, timed
     echo "=== rc=$rc in $((($(date +%s%N) - t0) / 1000000)) ms: cifarcam $1 $3"
     return $rc
 }
-size=()
-[ -n "${SUBSET:-}" ] && size+=(--subset "$SUBSET")
-[ -n "${WIDTH:-}" ] && size+=(--width "$WIDTH")
-common=(--data "$DATA" --device "$DEVICE" --epochs "$EPOCHS" "${size[@]}")
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-python3 -c "import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
 
 pack() {  # every run's JSON and PNG files so far, replaced atomically (a killed script keeps the last)
     (cd "$WORK/runs" && tar -czf "$OUT/.runs.tmp" --exclude='*.safetensors' --exclude='*.lock' .) &&

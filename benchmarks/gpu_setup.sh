@@ -1,8 +1,9 @@
 # Sourced by the GPU session scripts (gpu_session.sh, gpu_recipe.sh), with OUT and WORK set:
 # logs everything to $OUT/log.txt, installs the carried wheels (.whl/*.whl, unless NO_WHEELS is
 # set) into $WORK/site, unpacks the carried CIFAR-10 copy (.gpudata/cifar10-jpeg.tar.gz) into
-# $DATA, points cifarcam's caches and runs into $WORK, and defines elapsed/left (seconds since
-# START, and what is left of BUDGET_S).
+# $DATA, points cifarcam's caches and runs into $WORK, defines elapsed/left (seconds since
+# START, and what is left of BUDGET_S) and `common` (the options of every training run, from
+# DATA, DEVICE, EPOCHS and the optional SUBSET and WIDTH), and prints the machine's GPU.
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1 COLUMNS=100
@@ -22,3 +23,11 @@ export CIFARCAM_DATA_DIR=$WORK/cache CIFARCAM_RUNS_DIR=$WORK/runs
 
 elapsed() { echo $(($(date +%s) - START)); }
 left() { echo $((BUDGET_S - $(elapsed))); }
+
+size=()
+[ -n "${SUBSET:-}" ] && size+=(--subset "$SUBSET")
+[ -n "${WIDTH:-}" ] && size+=(--width "$WIDTH")
+common=(--data "$DATA" --device "$DEVICE" --epochs "$EPOCHS" "${size[@]}")
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+python3 -c "import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
