@@ -19,10 +19,10 @@ import statistics
 import time
 
 import torch
-from flops import training_flops_per_image
+from workload import fake_cifar, training_flops_per_image
 
 from cifarcam.config import AugmentConfig
-from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, Split
+from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD
 from cifarcam.engine import autocast_dtype, device_batches, memory_format, one_cycle, train_one_epoch
 from cifarcam.graphs import GraphedTraining
 from cifarcam.models import build_model
@@ -60,10 +60,7 @@ class Setup:
             self.model.parameters(), lr=0.05, momentum=0.9, nesterov=True, foreach=True
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, one_cycle(10**6, 0.2))
-        generator = torch.Generator().manual_seed(0)
-        count = batch_size * steps
-        images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator)
-        self.data = Split(images, torch.randint(0, 10, (count,), generator=generator)).to(device)
+        self.data = fake_cifar(batch_size * steps).to(device)
         self.generator = torch.Generator(device=device).manual_seed(1)
         self.forward: torch.nn.Module = self.model
         if graphs:

@@ -24,8 +24,8 @@ import albumentations as A
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flops import training_flops_per_image
 from torch.utils.data import DataLoader, Dataset
+from workload import fake_cifar, training_flops_per_image
 
 from cifarcam.config import AugmentConfig
 from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, Split
@@ -43,12 +43,6 @@ def gemm_gflops(dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best / 1e9
-
-
-def fake_cifar(count: int) -> Split:
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    return Split(images, torch.randint(0, 10, (count,), generator=generator))
 
 
 def cifarcam_images_per_s(

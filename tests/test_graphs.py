@@ -19,14 +19,33 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 
 def _train(
-    forward: torch.nn.Module, model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
+    forward: torch.nn.Module,
+    model: torch.nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    amp_dtype: torch.dtype | None = None,
+    lr: float = 0.1,
+    momentum: float = 0.9,
 ) -> None:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    """SGD steps on `batches` through `forward` (the model itself, or its graphed wrapper)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=momentum > 0)
     forward.train()
     for x, y in batches:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(forward(x), y).backward()
+        with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = forward(x)
+        F.cross_entropy(logits.float(), y).backward()
         optimizer.step()
+
+
+def _assert_same_state(model: torch.nn.Module, reference: torch.nn.Module, **tolerance: float) -> None:
+    """Every floating parameter and buffer within `tolerance` (assert_close's), integer ones equal."""
+    for (name, value), expected in zip(
+        model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        if not value.is_floating_point():
+            assert torch.equal(value, expected), name
+            continue
+        torch.testing.assert_close(value, expected, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _batches(device: str, sizes: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -49,10 +68,7 @@ def test_on_the_cpu_nothing_is_captured_and_the_model_runs_as_itself() -> None:
     _train(wrapped, model, batches)
     _train(reference, reference, batches)
     assert not wrapped.captured
-    for (name, value), expected in zip(
-        model.state_dict().items(), reference.state_dict().values(), strict=True
-    ):
-        assert torch.equal(value, expected), name
+    _assert_same_state(model, reference, rtol=0.0, atol=0.0)
 
 
 @needs_cuda
@@ -75,12 +91,7 @@ def test_graphed_training_matches_eager_training_including_a_short_last_batch(
     _train(reference, reference, batches)
     assert wrapped.captured
     # Parameters and BatchNorm statistics alike: the capture's warm-up passes left no trace.
-    for (name, value), expected in zip(
-        model.state_dict().items(), reference.state_dict().values(), strict=True
-    ):
-        torch.testing.assert_close(
-            value, expected, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
-        )
+    _assert_same_state(model, reference, rtol=1e-6, atol=1e-7)
 
 
 @needs_cuda
@@ -95,24 +106,10 @@ def test_graphed_bf16_training_stays_close_to_eager_and_eval_mode_runs_eagerly(
     batches = [
         (x.contiguous(memory_format=torch.channels_last), y) for x, y in _batches("cuda", (32, 32, 32))
     ]
-    optimizers = {}
-    for key, (forward, module) in {"graphed": (wrapped, model), "eager": (reference, reference)}.items():
-        optimizers[key] = torch.optim.SGD(module.parameters(), lr=0.05)
-        forward.train()
-        for x, y in batches:
-            optimizers[key].zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = forward(x)
-            F.cross_entropy(logits.float(), y).backward()
-            optimizers[key].step()
+    _train(wrapped, model, batches, torch.bfloat16, lr=0.05, momentum=0.0)
+    _train(reference, reference, batches, torch.bfloat16, lr=0.05, momentum=0.0)
     assert wrapped.captured
-    for (name, value), expected in zip(
-        model.state_dict().items(), reference.state_dict().values(), strict=True
-    ):
-        if value.is_floating_point():
-            torch.testing.assert_close(
-                value, expected, rtol=1e-2, atol=1e-3, msg=lambda m, name=name: f"{name}: {m}"
-            )
+    _assert_same_state(model, reference, rtol=1e-2, atol=1e-3)
     wrapped.eval()
     x = batches[0][0]
     with torch.no_grad():

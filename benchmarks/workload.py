@@ -1,5 +1,5 @@
-"""Training FLOPs per image, shared by the throughput benchmarks (no albumentations import, so
-the GPU machine, which lacks it, can run gpu_step.py)."""
+"""What the throughput benchmarks share: their stand-in dataset and the training FLOPs per image
+(no albumentations import, so the GPU machine, which lacks it, can run gpu_step.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from cifarcam.data import Split
 from cifarcam.models import build_model
+
+
+def fake_cifar(count: int) -> Split:
+    """`count` random uint8 images and labels, the same for every call (seed 0)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    return Split(images, torch.randint(0, 10, (count,), generator=generator))
 
 
 def training_flops_per_image(width: int) -> float:
