@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# The sixth session's prepared GPU check (issue 4), run once on a lent CUDA machine with no
-# internet. Expects .gpudata/cifar10-jpeg.tar.gz and, optionally, .whl/*.whl (what the machine
-# lacks); writes log.txt, step.txt (benchmarks/gpu_step.py), runs.json and runs.tar.gz (every
-# run's JSON files) into $OUT.
+# The prepared GPU check of issue 4 (sixth session: CUDA graphs; seventh: the first epoch's
+# cost), run once on a lent CUDA machine with no internet. Expects .gpudata/cifar10-jpeg.tar.gz,
+# optionally .whl/*.whl (what the machine lacks) and .baseline/cifarcam (an earlier commit's
+# package, `git archive REV cifarcam | tar -x -C .baseline`, to time against on the same
+# machine); writes log.txt, warmup.txt (benchmarks/gpu_warmup.py), runs.json and runs.tar.gz
+# (every run's JSON files) into $OUT.
 #
-# 1. benchmarks/gpu_step.py: where a training step's time goes, eager against CUDA graphs.
-# 2. The default recipe eagerly (--no-cuda-graphs), then as it is (CUDA graphs), one at a time
-#    (timed), each evaluated.
+# 1. benchmarks/gpu_warmup.py: what the first steps cost beyond the steady one, cuDNN's
+#    benchmark mode on and off. Then the CUDA-graph tests.
+# 2. Timed whole runs (TIMED), one at a time, each evaluated. By default: the defaults; the
+#    baseline package's defaults (when carried); cudnn_benchmark off; the defaults again; then,
+#    while BUDGET_S allows, the baseline and cudnn_benchmark off again. The seventh session's
+#    second call: TIMED="f16a|--precision fp16;bf16|;f16b|--precision fp16 --seed 1;f16off|--precision fp16 --config OFF"
 # 3. Recipe variants, PARALLEL at a time on the one GPU (their times are not comparable; their
-#    accuracies are), each evaluated; eager if step 2's graphed run failed.
+#    accuracies are), each evaluated, while time is left.
 # 4. benchmarks/gpu_summary.py's table of every run.
-# CPU dry run: NO_WHEELS=1 EPOCHS=1 SUBSET=1000 WIDTH=8 DEVICE=cpu STEP_ARGS="--device cpu --width 8 --steps 2 --batch-sizes 64 --profile-batch 64 --rounds 1" bash benchmarks/gpu_recipe.sh
+# CPU dry run: NO_WHEELS=1 EPOCHS=1 SUBSET=1000 WIDTH=8 DEVICE=cpu MAX_VARIANTS=2 WARMUP_ARGS="--device cpu --width 4 --batch-size 16 --short 12 --steps 2" bash benchmarks/gpu_recipe.sh
 set -u
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-420}
@@ -29,50 +34,64 @@ pack() {
     python3 benchmarks/gpu_summary.py "$WORK/runs" "$OUT/runs.json" >"$OUT/summary.txt"
 }
 
-# 1. The step's time, eager against graphed.
-echo "=== [$(elapsed) s] gpu_step.py"
-# shellcheck disable=SC2086  # STEP_ARGS is a list of options
-timeout 150 python3 benchmarks/gpu_step.py ${STEP_ARGS:-} >"$OUT/step.txt" 2>&1
+# 1. The first steps' cost, cuDNN benchmark mode on and off (BENCH=0: skip this and the tests).
+if [ "${BENCH:-1}" != 0 ]; then
+echo "=== [$(elapsed) s] gpu_warmup.py"
+# shellcheck disable=SC2086  # WARMUP_ARGS is a list of options
+timeout 150 python3 benchmarks/gpu_warmup.py ${WARMUP_ARGS:-} >"$OUT/warmup.txt" 2>&1
 echo "=== rc=$? after $(elapsed) s"
-grep -v "^ *$" "$OUT/step.txt" | grep -v "^-\|aten::\|Name  \|void \|USDT\|Self CPU" | tail -12
+tail -14 "$OUT/warmup.txt"
 
 # The CUDA-graph tests (skipped on a CPU-only machine).
 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | grep -E "^E |FAILED|passed|failed" | head -20
+fi
 
-# 2. The default recipe, eager and graphed, one at a time, each evaluated.
+# 2. Timed whole runs, one at a time, each evaluated.
 one() {  # name, options...: train then evaluate, output to logs/name.txt; prints one line
     local name=$1 t0
     shift
     t0=$(date +%s%N)
     {
-        timeout $(($(left) + 30)) python3 -m cifarcam train --run "$name" "${common[@]}" "$@" &&
-            python3 -m cifarcam evaluate --run "$name"
+        timeout $(($(left) + 30)) "${cli[@]}" train --run "$name" "${common[@]}" "$@" &&
+            "${cli[@]}" evaluate --run "$name"
     } >"$WORK/logs/$name.txt" 2>&1
     local rc=$?
-    echo "=== [$(elapsed) s] $name rc=$rc in $((($(date +%s%N) - t0) / 1000000)) ms: $*"
+    echo "=== [$(elapsed) s] $name rc=$rc in $((($(date +%s%N) - t0) / 1000000)) ms: ${cli[*]:0:2} $*"
     [ $rc -eq 0 ] || tail -5 "$WORK/logs/$name.txt"
     return $rc
 }
-one eager --no-cuda-graphs
-graphs=()
-one default || graphs=(--no-cuda-graphs)  # the default replays CUDA graphs; eager if that failed
+cfg() { echo "$2" >"$WORK/configs/$1.json"; echo "$WORK/configs/$1.json"; }
+cli=(python3 -m cifarcam)
+# The baseline package: -P keeps the working tree's cifarcam off the path.
+baseline=(env "PYTHONPATH=$PWD/.baseline:$WORK/site" python3 -P -m cifarcam)
+off=$(cfg cudnn_off '{"cudnn_benchmark": false}')
+base() {
+    [ -d .baseline/cifarcam ] || return 0
+    local cli=("${baseline[@]}")  # seen by `one`
+    one "$@"
+}
+# name|options, ';' between runs; BASE: the baseline package's defaults; OFF: cudnn_benchmark off.
+TIMED=${TIMED:-"new1|;base1|BASE;off1|--config OFF;new2|;base2|BASE;off2|--config OFF"}
+IFS=';' read -ra timed <<<"$TIMED"
+for index in "${!timed[@]}"; do
+    spec=${timed[$index]}
+    name=${spec%%|*} options=${spec#*|}
+    [ "$index" -lt 4 ] || [ "$(left)" -gt 110 ] || { echo "=== skipped $name: $(left) s left"; continue; }
+    if [ "$options" = BASE ]; then
+        base "$name"
+    else
+        # shellcheck disable=SC2086  # the options are split on spaces
+        one "$name" ${options//OFF/$off}
+    fi
+done
 pack
 
 # 3. Variants, PARALLEL at a time, while time is left.
-cfg() { echo "$2" >"$WORK/configs/$1.json"; echo "$WORK/configs/$1.json"; }
 VARIANTS=(
-    "ema99|--ema-decay 0.99"
-    "lr08|--lr 0.8"
-    "nobndecay|--config $(cfg nobndecay '{"decay_norm_and_bias": false}')"
-    "bs1024|--batch-size 1024 --lr 0.8"
-    "ema995|--ema-decay 0.995"
-    "wd1e3|--config $(cfg wd1e3 '{"weight_decay": 0.001}')"
-    "ls02|--label-smoothing 0.2"
-    "lr02|--lr 0.2"
-    "bs256|--batch-size 256 --lr 0.4"
-    "warm01|--config $(cfg warm01 '{"warmup": 0.1}')"
-    "cut8|--config $(cfg cut8 '{"augment": {"flip": true, "translate": 4, "cutout": 8}}')"
-    "seed1|--seed 1"
+    "t3|--config $(cfg t3 '{"augment": {"flip": true, "translate": 3, "cutout": 0}}')"
+    "ls0|--label-smoothing 0"
+    "wd25|--config $(cfg wd25 '{"weight_decay": 0.00025}')"
+    "lr03|--lr 0.3"
 )
 # Several torch processes, each with a thread per core, can stall one another: share the cores.
 export OMP_NUM_THREADS=$(($(nproc) / PARALLEL > 0 ? $(nproc) / PARALLEL : 1))
@@ -81,7 +100,7 @@ for spec in "${VARIANTS[@]:0:${MAX_VARIANTS:-99}}"; do
     while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do wait -n $(jobs -rp); done
     [ "$(left)" -gt 60 ] || { echo "=== skipped ${spec%%|*}: $(left) s left"; continue; }
     # shellcheck disable=SC2086  # the options are split on spaces
-    one "${spec%%|*}" ${spec#*|} "${graphs[@]}" &
+    one "${spec%%|*}" ${spec#*|} &
     pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done

@@ -13,7 +13,7 @@ from cifarcam.errors import ConfigError
 
 ModelName = Literal["resnet18", "resnet34"]
 DeviceName = Literal["auto", "cpu", "cuda"]
-Precision = Literal["auto", "bf16", "fp32"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
 NormName = Literal["batch", "group"]
 
 
@@ -55,13 +55,18 @@ class TrainConfig(BaseModel):
     subset: int | None = Field(None, ge=10)  # class-balanced training subset size
     val_split: int = Field(0, ge=0)  # class-balanced validation images held out of training
     device: DeviceName = "auto"
-    precision: Precision = "auto"  # bf16 autocast where the device supports it
+    # auto: fp16 autocast on CUDA, bf16 on CPUs that support it, else fp32; fp16 is CUDA only
+    # and trains with a static loss scale (engine.FP16_LOSS_SCALE)
+    precision: Precision = "auto"
     channels_last: bool = True
     seed: int = Field(0, ge=0, le=2**63 - 1)
     compile: bool = False  # torch.compile the training forward pass
     # CUDA only: replay the training forward and backward of full batches from CUDA graphs
     # (ignored on the CPU, with --compile and under torchrun)
     cuda_graphs: bool = True
+    # CUDA only: cuDNN's benchmark mode, which times its kernels for the full-batch shape in the
+    # first steps and keeps the fastest; off: its heuristics choose. Short batches never time.
+    cudnn_benchmark: bool = True
     sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     # An albumentations pipeline (A.to_dict form) run per sample in DataLoader workers;

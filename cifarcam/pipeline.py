@@ -31,9 +31,9 @@ from cifarcam.data import (
 from cifarcam.distributed import SINGLE, Group
 from cifarcam.engine import (
     StepCallback,
-    autocast_dtype,
     memory_format,
     resolve_device,
+    training_dtype,
 )
 from cifarcam.errors import (
     CifarcamError,
@@ -94,13 +94,15 @@ def _prepare(config: TrainConfig, group: Group = SINGLE) -> _Prepared:
             "normalises its share of the batch with its own statistics",
             hint="leave out --sync-bn, or use --norm group for normalisation without batch statistics",
         )
+    if config.precision == "fp16" and device.type != "cuda":
+        raise UsageError(f"--precision fp16 needs CUDA (the device is {device.type}); use bf16 or fp32")
     dataset = load_dataset(config.data, data_dir_path(config))
     train_split, validation = split_train(
         dataset.train, len(dataset.classes), config.subset, config.val_split, config.seed
     )
     if len(train_split) == 0:
         raise UsageError("no training images are left after --val-split")
-    return _Prepared(device, autocast_dtype(device, config.precision), dataset, train_split, validation)
+    return _Prepared(device, training_dtype(device, config.precision), dataset, train_split, validation)
 
 
 def _environment(prepared: _Prepared, command: str, group: Group) -> dict[str, Any]:
@@ -213,7 +215,7 @@ def _train_loop(
     mean, std = CIFAR10_MEAN, CIFAR10_STD
     torch.manual_seed(config.seed)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark
     layout = memory_format(device, prepared.amp_dtype, config.channels_last)
     model: nn.Module = build_model(config.model, config.width, len(dataset.classes), config.norm)
     model = model.to(device).to(memory_format=layout)

@@ -27,11 +27,11 @@ from cifarcam.data import (
 )
 from cifarcam.engine import (
     Tta,
-    autocast_dtype,
     memory_format,
     predict,
     resolve_device,
     score,
+    training_dtype,
 )
 from cifarcam.errors import (
     CheckpointError,
@@ -116,7 +116,7 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
             f"the data at '{config.data}' has classes {dataset.classes}, "
             f"but the checkpoint was trained on {info.classes}"
         )
-    amp_dtype = autocast_dtype(device, config.precision)
+    amp_dtype = training_dtype(device, config.precision)
     model = model.to(device).to(memory_format=memory_format(device, amp_dtype, config.channels_last)).eval()
     return LoadedRun(run, model, info, dataset.test.to(device), device, amp_dtype, config.channels_last)
 

@@ -92,6 +92,8 @@ class Trainer:
         self.config, self.mean, self.std, self.amp_dtype = config, mean, std, amp_dtype
         self.device = train.images.device
         self.steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
+        rows = group.rows(config.batch_size)
+        self.full_batch_rows = rows.stop - rows.start  # this rank's share of a full batch
         self.optimizer = make_optimizer(model, config)
         total_steps = self.steps_per_epoch * config.epochs
         self.lr_factor = one_cycle(total_steps, config.warmup)
@@ -197,11 +199,13 @@ class Trainer:
                     should_stop,
                     group,
                     gemm_weight_grad=not config.compile,
+                    autotune_rows=self.full_batch_rows,
                 )
             except NonFiniteLoss as error:
                 raise TrainingDiverged(
                     f"training diverged: the loss became NaN or infinite at epoch {epoch}, step {error.step}",
-                    hint=f"try a lower learning rate (--lr, now {config.lr})",
+                    hint=f"try a lower learning rate (--lr, now {config.lr})"
+                    + (" or --precision bf16" if self.amp_dtype == torch.float16 else ""),
                 ) from None
             if not finished:
                 if partial is not None:

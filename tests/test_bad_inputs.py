@@ -165,6 +165,13 @@ CASES = [
         "Error: invalid value for 'ema_decay': Input should be less than 1 (got 1.0)",
     ),
     (
+        "fp16 without CUDA",
+        None,
+        "train --run r --data {tree} --device cpu --precision fp16",
+        2,
+        "Error: --precision fp16 needs CUDA (the device is cpu); use bf16 or fp32",
+    ),
+    (
         "image folder without test/",
         "tree:no_test",
         "train --run r --data {tree}",

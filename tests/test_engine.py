@@ -6,7 +6,17 @@ from torch import nn
 
 from cifarcam.config import AugmentConfig, build_config
 from cifarcam.data import Split, normalize, synthetic_dataset
-from cifarcam.engine import device_batches, make_optimizer, one_cycle, predict, score, train_one_epoch
+from cifarcam.engine import (
+    FP16_LOSS_SCALE,
+    Tally,
+    device_batches,
+    make_optimizer,
+    one_cycle,
+    predict,
+    score,
+    train_one_epoch,
+    train_steps,
+)
 from cifarcam.models import build_model
 from cifarcam.trainer import fit
 
@@ -38,6 +48,46 @@ def test_train_loss_is_the_per_sample_mean_over_uneven_batches() -> None:
     assert abs(sum(batch_means) / 3 - expected) > 1e-3
     assert result["train_loss"] == pytest.approx(expected, rel=1e-5)
     assert result["train_acc"] == pytest.approx((logits.argmax(1) == data.train.labels).float().mean().item())
+
+
+class AutotuneRecorder(nn.Module):
+    """Wraps a model; notes cuDNN's benchmark flag in each forward pass and in its backward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.forward_flags: list[tuple[int, bool]] = []
+        self.backward_flags: list[tuple[int, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        self.forward_flags.append((rows, torch.backends.cudnn.benchmark))
+        out = self.model(x)
+        if out.requires_grad:
+            out.register_hook(lambda grad: self.backward_flags.append((rows, torch.backends.cudnn.benchmark)))
+        return out
+
+
+def test_only_full_batches_and_chunks_use_cudnn_benchmark_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    data = synthetic_dataset(23, 7)
+    model = AutotuneRecorder(linear_model())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    no_augment = AugmentConfig(flip=False, translate=0, cutout=0)
+    batches = device_batches(data.train, torch.arange(23), 10, MEAN, STD, no_augment, torch.Generator())
+    tally = Tally.zeros(torch.device("cpu"))
+    assert train_steps(model, optimizer, scheduler, batches, tally, 3, channels_last=False, autotune_rows=10)
+    expected = [(10, True), (10, True), (3, False)]
+    assert model.forward_flags == expected and model.backward_flags == expected
+    assert torch.backends.cudnn.benchmark  # put back
+    model.forward_flags.clear()
+    predict(model, data.test.images, MEAN, STD, batch_size=3, channels_last=False)  # 7 images
+    assert model.forward_flags == [(3, True), (3, True), (1, False)]
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # as configured: never on
+    model.forward_flags.clear()
+    predict(model, data.test.images, MEAN, STD, batch_size=3, channels_last=False)
+    assert model.forward_flags == [(3, False), (3, False), (1, False)]
 
 
 def test_norm_and_bias_weight_decay_switch() -> None:
@@ -242,3 +292,24 @@ def test_compile_flag_trains_the_same_parameters() -> None:
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert not torch.equal(after["conv1.weight"], before["conv1.weight"])
+
+
+def test_fp16_training_scales_the_loss_and_leaves_true_gradients() -> None:
+    """fp16 steps backpropagate the loss times FP16_LOSS_SCALE, then divide the gradients by it."""
+    data = synthetic_dataset(16, 1)
+    no_augment = AugmentConfig(flip=False, translate=0, cutout=0)
+    images = normalize(data.train.images, MEAN, STD)
+    model = linear_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    seen: list[torch.Tensor] = []
+    model[1].weight.register_hook(lambda grad: seen.append(grad.clone()))  # before the division
+    batches = device_batches(data.train, torch.arange(16), 16, MEAN, STD, no_augment, torch.Generator())
+    tally = Tally.zeros(torch.device("cpu"))
+    train_steps(model, optimizer, scheduler, batches, tally, 1, amp_dtype=torch.float16, channels_last=False)
+    with torch.autocast("cpu", dtype=torch.float16):
+        logits = model(images)
+    expected = torch.autograd.grad(F.cross_entropy(logits.float(), data.train.labels), model[1].weight)[0]
+    assert model[1].weight.grad is not None
+    torch.testing.assert_close(seen[0], expected * FP16_LOSS_SCALE, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(model[1].weight.grad, expected, rtol=2e-2, atol=1e-6)

@@ -80,7 +80,11 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.", show_default="auto")] = None,
     precision: Annotated[
         str | None,
-        typer.Option(help="auto (bf16 autocast where supported), bf16 or fp32.", show_default="auto"),
+        typer.Option(
+            help="auto (fp16 autocast on CUDA, bf16 on CPUs that support it), bf16, fp16 (CUDA only) "
+            "or fp32.",
+            show_default="auto",
+        ),
     ] = None,
     sync_bn: Annotated[
         bool | None,
