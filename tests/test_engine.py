@@ -9,6 +9,7 @@ from cifarcam.data import Split, normalize, synthetic_dataset
 from cifarcam.engine import (
     FP16_LOSS_SCALE,
     Tally,
+    autocast_dtype,
     device_batches,
     make_optimizer,
     one_cycle,
@@ -16,6 +17,7 @@ from cifarcam.engine import (
     score,
     train_one_epoch,
     train_steps,
+    training_dtype,
 )
 from cifarcam.models import build_model
 from cifarcam.trainer import fit
@@ -313,3 +315,13 @@ def test_fp16_training_scales_the_loss_and_leaves_true_gradients() -> None:
     assert model[1].weight.grad is not None
     torch.testing.assert_close(seen[0], expected * FP16_LOSS_SCALE, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(model[1].weight.grad, expected, rtol=2e-2, atol=1e-6)
+
+
+def test_precision_names_map_to_autocast_dtypes() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # no CUDA call is needed for these
+    assert training_dtype(cuda, "auto") == torch.float16  # runs train in fp16 on CUDA
+    assert autocast_dtype(cuda, "fp16") == torch.float16
+    assert training_dtype(cuda, "fp32") is None and autocast_dtype(cpu, "fp32") is None
+    assert autocast_dtype(cpu, "bf16") == torch.bfloat16
+    # On a CPU, fp16 (a run trained on CUDA, scored here) means what auto means.
+    assert autocast_dtype(cpu, "fp16") == autocast_dtype(cpu, "auto") == training_dtype(cpu, "auto")

@@ -95,19 +95,20 @@ def test_graphed_training_matches_eager_training_including_a_short_last_batch(
 
 
 @needs_cuda
-def test_graphed_bf16_training_stays_close_to_eager_and_eval_mode_runs_eagerly(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_graphed_autocast_training_stays_close_to_eager_and_eval_mode_runs_eagerly(
+    monkeypatch: pytest.MonkeyPatch, amp_dtype: torch.dtype
 ) -> None:
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     torch.manual_seed(0)
     model = build_model("resnet18", 8).cuda().to(memory_format=torch.channels_last)
     reference = copy.deepcopy(model)
-    wrapped = GraphedTraining(model, 32, torch.bfloat16)
+    wrapped = GraphedTraining(model, 32, amp_dtype)
     batches = [
         (x.contiguous(memory_format=torch.channels_last), y) for x, y in _batches("cuda", (32, 32, 32))
     ]
-    _train(wrapped, model, batches, torch.bfloat16, lr=0.05, momentum=0.0)
-    _train(reference, reference, batches, torch.bfloat16, lr=0.05, momentum=0.0)
+    _train(wrapped, model, batches, amp_dtype, lr=0.05, momentum=0.0)
+    _train(reference, reference, batches, amp_dtype, lr=0.05, momentum=0.0)
     assert wrapped.captured
     _assert_same_state(model, reference, rtol=1e-2, atol=1e-3)
     wrapped.eval()
