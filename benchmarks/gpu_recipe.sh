@@ -36,14 +36,14 @@ pack() {
 
 # 1. The first steps' cost, cuDNN benchmark mode on and off (BENCH=0: skip this and the tests).
 if [ "${BENCH:-1}" != 0 ]; then
-echo "=== [$(elapsed) s] gpu_warmup.py"
-# shellcheck disable=SC2086  # WARMUP_ARGS is a list of options
-timeout 150 python3 benchmarks/gpu_warmup.py ${WARMUP_ARGS:-} >"$OUT/warmup.txt" 2>&1
-echo "=== rc=$? after $(elapsed) s"
-tail -14 "$OUT/warmup.txt"
+    echo "=== [$(elapsed) s] gpu_warmup.py"
+    # shellcheck disable=SC2086  # WARMUP_ARGS is a list of options
+    timeout 150 python3 benchmarks/gpu_warmup.py ${WARMUP_ARGS:-} >"$OUT/warmup.txt" 2>&1
+    echo "=== rc=$? after $(elapsed) s"
+    tail -14 "$OUT/warmup.txt"
 
-# The CUDA-graph tests (skipped on a CPU-only machine).
-python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | grep -E "^E |FAILED|passed|failed" | head -20
+    # The CUDA-graph tests (skipped on a CPU-only machine).
+    python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | grep -E "^E |FAILED|passed|failed" | head -20
 fi
 
 # 2. Timed whole runs, one at a time, each evaluated.
