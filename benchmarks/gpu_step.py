@@ -1,12 +1,14 @@
 """Where a CUDA training step's time goes, measured in one run on one GPU.
 
 For each batch size: cifarcam's own training loop (engine.train_one_epoch over device_batches,
-on-device flip + translate, bf16 autocast, channels_last, cuDNN benchmark mode) run eagerly and
-with the forward/backward replayed from CUDA graphs (cifarcam.graphs.GraphedTraining), in
-alternating rounds; images/s and ms per step, medians. Then a profile of eager steps at the
-default batch (host time against the GPU's kernel time: a step whose kernels take much less
-than its wall time waits on the host's launches), and the ceiling: a large bf16 matrix
-product's TFLOP/s over the model's training FLOPs per image (torch.utils.flop_counter).
+on-device flip + translate, channels_last, cuDNN benchmark mode, autocast as `cifarcam train
+--precision P` sets it: auto is fp16 on CUDA; the sixth session's figures were bf16, the CUDA
+default then) run eagerly and with the forward/backward replayed from CUDA graphs
+(cifarcam.graphs.GraphedTraining), in alternating rounds; images/s and ms per step, medians.
+Then a profile of eager steps at the default batch (host time against the GPU's kernel time: a
+step whose kernels take much less than its wall time waits on the host's launches), and the
+ceiling: a large bf16 matrix product's TFLOP/s over the model's training FLOPs per image
+(torch.utils.flop_counter).
 
 Usage: python benchmarks/gpu_step.py [--width 64] [--batch-sizes 256,512,1024] [--steps 40]
 CPU dry run of the flow (no graphs): python benchmarks/gpu_step.py --device cpu --width 8 --steps 2
@@ -23,7 +25,7 @@ from workload import fake_cifar, training_flops_per_image
 
 from cifarcam.config import AugmentConfig
 from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD
-from cifarcam.engine import autocast_dtype, device_batches, memory_format, one_cycle, train_one_epoch
+from cifarcam.engine import device_batches, memory_format, one_cycle, train_one_epoch, training_dtype
 from cifarcam.graphs import GraphedTraining
 from cifarcam.models import build_model
 
@@ -50,9 +52,17 @@ def matmul_tflops(device: torch.device, size: int) -> float:
 class Setup:
     """One model, optimizer and dataset on the device; `run` times `steps` training steps."""
 
-    def __init__(self, device: torch.device, width: int, batch_size: int, steps: int, graphs: bool) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        width: int,
+        batch_size: int,
+        steps: int,
+        graphs: bool,
+        precision: str = "auto",
+    ) -> None:
         self.device, self.batch_size = device, batch_size
-        self.amp = autocast_dtype(device, "auto")
+        self.amp = training_dtype(device, precision)
         torch.manual_seed(0)
         layout = memory_format(device, self.amp, True)
         self.model: torch.nn.Module = build_model("resnet18", width).to(device).to(memory_format=layout)
@@ -115,11 +125,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile-batch", type=int, default=512)
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"training autocast: {training_dtype(device, args.precision)}")
     modes = (False, True) if device.type == "cuda" else (False,)
     flops = training_flops_per_image(args.width)
     tflops = matmul_tflops(device, 8192 if device.type == "cuda" else 1024)
@@ -128,7 +140,10 @@ def main() -> None:
     print(f"ceiling: {ceiling:,.0f} images/s")
     rows = []
     for batch_size in (int(size) for size in args.batch_sizes.split(",")):
-        setups = {graphs: Setup(device, args.width, batch_size, args.steps, graphs) for graphs in modes}
+        setups = {
+            graphs: Setup(device, args.width, batch_size, args.steps, graphs, args.precision)
+            for graphs in modes
+        }
         for setup in setups.values():
             setup.run(min(5, args.steps))  # warm-up: cuDNN's benchmark search, allocator growth
         times: dict[bool, list[float]] = {graphs: [] for graphs in modes}

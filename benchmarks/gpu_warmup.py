@@ -1,14 +1,18 @@
 """What a CUDA training run's first steps cost beyond the steady step, measured on one GPU.
 
 One fresh process per cuDNN setting (benchmark mode on, as `cifarcam train` sets it by
-default, and off), since cuDNN keeps what it timed for the rest of a process. Each times, with
-the device synchronised around every step (on-device augmentation, bf16 autocast,
-channels_last): the first eager training step at the full batch (cuDNN's kernel timing when
-on, and the loading of every kernel it uses) and a second one; the first call of the CUDA-graph
-wrapper (its warm-up passes, the capture, one replay) and a second replay; the first step at a
-short batch of a shape not seen before with benchmark mode allowed and one at another new shape
-with it off (cifarcam.engine.cudnn_autotune; what `train` does for a short last batch), with
-each shape's second step; and the steady graphed step (median over rounds).
+default, and off), since cuDNN keeps what it timed for the rest of a process. Autocast is what
+`cifarcam train --precision P` uses (auto: fp16 on CUDA; the seventh session's figures were
+bf16, the default before). Each process times, with the device synchronised around every step
+(on-device augmentation, channels_last):
+- the first eager training step at the full batch (cuDNN's kernel timing when on, and the
+  loading of every kernel it uses) and a second one;
+- the first call of the CUDA-graph wrapper (its warm-up passes, the capture, one replay) and a
+  second replay;
+- the first step at a short batch of a shape not seen before with benchmark mode allowed, and
+  one at another new shape with it off (cifarcam.engine.cudnn_autotune; what `train` does for
+  a short last batch), with each shape's second step;
+- the steady graphed step (median over rounds).
 
 Usage: python benchmarks/gpu_warmup.py [--width 64] [--batch-size 512] [--short 336]
 CPU dry run of the flow (no graphs): python benchmarks/gpu_warmup.py --device cpu --width 4
@@ -57,7 +61,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     sync(device)
     result = {"device_init_ms": (time.perf_counter() - started) * 1e3}
     torch.backends.cudnn.benchmark = MODES[args.mode]
-    setup = Setup(device, args.width, args.batch_size, args.steps, graphs=False)
+    setup = Setup(device, args.width, args.batch_size, args.steps, graphs=False, precision=args.precision)
     full, short = args.batch_size, args.short
     result["eager_first_ms"] = timed_step(setup, setup.model, full)
     result["eager_second_ms"] = timed_step(setup, setup.model, full)
@@ -82,6 +86,7 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=336, help="a short last batch (50,000 mod 512)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--mode", choices=sorted(MODES), help="measure one setting in this process")
     args = parser.parse_args()
     if args.mode is not None:
