@@ -28,9 +28,8 @@ WORK=${WORK:-/tmp/gpu-recipe}
 source benchmarks/gpu_setup.sh
 mkdir -p "$WORK/logs" "$WORK/configs"
 
-pack() {
-    (cd "$WORK/runs" && tar -czf "$OUT/.runs.tmp" --exclude='*.safetensors' --exclude='*.lock' --exclude='*.png' .) &&
-        mv "$OUT/.runs.tmp" "$OUT/runs.tar.gz"
+pack_json() {  # the runs' JSON files (no PNGs) and the summary table
+    pack --exclude='*.png'
     python3 benchmarks/gpu_summary.py "$WORK/runs" "$OUT/runs.json" >"$OUT/summary.txt"
 }
 
@@ -84,7 +83,7 @@ for index in "${!timed[@]}"; do
         one "$name" ${options//OFF/$off}
     fi
 done
-pack
+pack_json
 
 # 3. Variants, PARALLEL at a time, while time is left.
 VARIANTS=(
@@ -104,6 +103,6 @@ for spec in "${VARIANTS[@]:0:${MAX_VARIANTS:-99}}"; do
     pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
-pack
+pack_json
 echo "=== done after $(elapsed) s"
 cat "$OUT/summary.txt"

@@ -28,11 +28,6 @@ cc() {  # one cifarcam command, timed
     return $rc
 }
 
-pack() {  # every run's JSON and PNG files so far, replaced atomically (a killed script keeps the last)
-    (cd "$WORK/runs" && tar -czf "$OUT/.runs.tmp" --exclude='*.safetensors' --exclude='*.lock' .) &&
-        mv "$OUT/.runs.tmp" "$OUT/runs.tar.gz"
-}
-
 chain() {  # the commands a user runs after training
     cc evaluate --run "$1"
     cc misclassified --run "$1" --count 10

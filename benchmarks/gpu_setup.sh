@@ -3,7 +3,9 @@
 # set) into $WORK/site, unpacks the carried CIFAR-10 copy (.gpudata/cifar10-jpeg.tar.gz) into
 # $DATA, points cifarcam's caches and runs into $WORK, defines elapsed/left (seconds since
 # START, and what is left of BUDGET_S) and `common` (the options of every training run, from
-# DATA, DEVICE, EPOCHS and the optional SUBSET and WIDTH), and prints the machine's GPU.
+# DATA, DEVICE, EPOCHS and the optional SUBSET and WIDTH) and pack (every run's files so far,
+# less checkpoints, locks and any further --exclude given, into $OUT/runs.tar.gz, replaced
+# atomically so a killed script keeps the last), and prints the machine's GPU.
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1 COLUMNS=100
@@ -22,6 +24,10 @@ fi
 export CIFARCAM_DATA_DIR=$WORK/cache CIFARCAM_RUNS_DIR=$WORK/runs
 
 elapsed() { echo $(($(date +%s) - START)); }
+pack() {
+    (cd "$WORK/runs" && tar -czf "$OUT/.runs.tmp" --exclude='*.safetensors' --exclude='*.lock' "$@" .) &&
+        mv "$OUT/.runs.tmp" "$OUT/runs.tar.gz"
+}
 left() { echo $((BUDGET_S - $(elapsed))); }
 
 size=()

@@ -76,17 +76,27 @@ class Setup:
         if graphs:
             self.forward = GraphedTraining(self.model, batch_size, self.amp)
 
-    def run(self, steps: int) -> float:
-        """Seconds for `steps` steps, augmentation included, the device synchronised at both ends."""
-        order = torch.randperm(len(self.data), device=self.device)[: self.batch_size * steps]
+    def run(self, steps: int, forward: torch.nn.Module | None = None, batch_size: int | None = None) -> float:
+        """Seconds for `steps` steps, augmentation included, the device synchronised at both ends;
+        through `forward` (default: this setup's) at `batch_size` images a step (default: its own)."""
+        batch_size = batch_size or self.batch_size
+        order = torch.randperm(len(self.data), device=self.device)[: batch_size * steps]
         augment = AugmentConfig(flip=True, translate=4, cutout=0)
         batches = device_batches(
-            self.data, order, self.batch_size, CIFAR10_MEAN, CIFAR10_STD, augment, self.generator
+            self.data, order, batch_size, CIFAR10_MEAN, CIFAR10_STD, augment, self.generator
         )
         sync(self.device)
         started = time.perf_counter()
         train_one_epoch(
-            self.forward, self.optimizer, self.scheduler, batches, steps, self.device, 0.1, self.amp, True
+            forward or self.forward,
+            self.optimizer,
+            self.scheduler,
+            batches,
+            steps,
+            self.device,
+            0.1,
+            self.amp,
+            True,
         )
         sync(self.device)
         return time.perf_counter() - started

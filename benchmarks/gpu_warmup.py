@@ -31,9 +31,7 @@ import time
 import torch
 from gpu_step import Setup, sync
 
-from cifarcam.config import AugmentConfig
-from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD
-from cifarcam.engine import cudnn_autotune, device_batches, train_one_epoch
+from cifarcam.engine import cudnn_autotune
 from cifarcam.graphs import GraphedTraining
 
 MODES = {"on": True, "off": False}
@@ -41,17 +39,8 @@ MODES = {"on": True, "off": False}
 
 def timed_step(setup: Setup, model: torch.nn.Module, rows: int, autotune: bool = True) -> float:
     """Milliseconds for one training step on `rows` images, the device synchronised at both ends."""
-    order = torch.arange(rows, device=setup.device)
-    augment = AugmentConfig(flip=True, translate=4, cutout=0)
-    batches = device_batches(setup.data, order, rows, CIFAR10_MEAN, CIFAR10_STD, augment, setup.generator)
-    sync(setup.device)
-    started = time.perf_counter()
     with cudnn_autotune(autotune):
-        train_one_epoch(
-            model, setup.optimizer, setup.scheduler, batches, 1, setup.device, 0.1, setup.amp, True
-        )
-    sync(setup.device)
-    return (time.perf_counter() - started) * 1e3
+        return setup.run(1, model, rows) * 1e3
 
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
@@ -72,8 +61,8 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     result["short_timed_second_ms"] = timed_step(setup, graphed, short, autotune=True)
     result["short_untimed_first_ms"] = timed_step(setup, graphed, short - 2, autotune=False)
     result["short_untimed_second_ms"] = timed_step(setup, graphed, short - 2, autotune=False)
-    setup.forward = graphed if device.type == "cuda" else setup.model
-    rounds = [setup.run(args.steps) for _ in range(args.rounds)]
+    steady = graphed if device.type == "cuda" else setup.model
+    rounds = [setup.run(args.steps, steady) for _ in range(args.rounds)]
     result["steady_ms"] = statistics.median(rounds) * 1e3 / args.steps
     return result
 
