@@ -37,8 +37,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from cifarcam.cam import CamExtractor, normalize_maps
 from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, load_dataset, normalize, synthetic_dataset
-from cifarcam.engine import autocast_dtype
 from cifarcam.models import build_model
+from cifarcam.precision import autocast_dtype
 from cifarcam.rundir import RunDir
 
 

@@ -25,9 +25,10 @@ from workload import fake_cifar, training_flops_per_image
 
 from cifarcam.config import AugmentConfig
 from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD
-from cifarcam.engine import device_batches, memory_format, one_cycle, train_one_epoch, training_dtype
+from cifarcam.engine import device_batches, one_cycle, train_one_epoch
 from cifarcam.graphs import GraphedTraining
 from cifarcam.models import build_model
+from cifarcam.precision import memory_format, training_dtype
 
 
 def sync(device: torch.device) -> None:

@@ -10,7 +10,7 @@ bf16, the default before). Each process times, with the device synchronised arou
 - the first call of the CUDA-graph wrapper (its warm-up passes, the capture, one replay) and a
   second replay;
 - the first step at a short batch of a shape not seen before with benchmark mode allowed, and
-  one at another new shape with it off (cifarcam.engine.cudnn_autotune; what `train` does for
+  one at another new shape with it off (cifarcam.precision.cudnn_autotune; what `train` does for
   a short last batch), with each shape's second step;
 - the steady graphed step (median over rounds).
 
@@ -31,8 +31,8 @@ import time
 import torch
 from gpu_step import Setup, sync
 
-from cifarcam.engine import cudnn_autotune
 from cifarcam.graphs import GraphedTraining
+from cifarcam.precision import cudnn_autotune
 
 MODES = {"on": True, "off": False}
 

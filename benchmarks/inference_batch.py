@@ -16,8 +16,9 @@ import time
 import torch
 
 from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD
-from cifarcam.engine import autocast_dtype, predict
+from cifarcam.engine import predict
 from cifarcam.models import build_model
+from cifarcam.precision import autocast_dtype
 
 SIZES = (64, 128, 256, 512, 1024)
 

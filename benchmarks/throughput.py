@@ -29,8 +29,9 @@ from workload import fake_cifar, training_flops_per_image
 
 from cifarcam.config import AugmentConfig
 from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, Split
-from cifarcam.engine import autocast_dtype, device_batches, one_cycle, train_one_epoch
+from cifarcam.engine import device_batches, one_cycle, train_one_epoch
 from cifarcam.models import build_model
+from cifarcam.precision import autocast_dtype
 
 
 def gemm_gflops(dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:

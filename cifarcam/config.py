@@ -56,7 +56,7 @@ class TrainConfig(BaseModel):
     val_split: int = Field(0, ge=0)  # class-balanced validation images held out of training
     device: DeviceName = "auto"
     # auto: fp16 autocast on CUDA, bf16 on CPUs that support it, else fp32; fp16 is CUDA only
-    # and trains with a static loss scale (engine.FP16_LOSS_SCALE)
+    # and trains with a static loss scale (precision.FP16_LOSS_SCALE)
     precision: Precision = "auto"
     channels_last: bool = True
     seed: int = Field(0, ge=0, le=2**63 - 1)

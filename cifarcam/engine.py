@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +17,11 @@ from cifarcam.convgrad import gemm_weight_grads
 from cifarcam.data import Split, normalize
 from cifarcam.distributed import SINGLE, Group
 from cifarcam.errors import UsageError
+from cifarcam.precision import FP16_LOSS_SCALE, autocast, cudnn_autotune, memory_format
 
 StepCallback = Callable[[int, int, float | None], None]  # (step, steps, running loss or None)
 Tta = Literal["none", "flip", "flip-translate"]
 _LOSS_REPORT_EVERY = 20  # steps between host syncs that refresh the progress bar's loss
-# fp16 training multiplies the loss by this before the backward pass and divides the gradients
-# by it after, so that small activation gradients stay above fp16's normal range (6e-5). Static,
-# unlike torch.amp.GradScaler, so that no step waits for the host to check for overflow.
-FP16_LOSS_SCALE = 1024.0
 
 
 def resolve_device(name: str, gpu: int | None = None) -> torch.device:
@@ -37,73 +33,6 @@ def resolve_device(name: str, gpu: int | None = None) -> torch.device:
     if name == "cuda" and gpu is not None:
         return torch.device("cuda", gpu % torch.cuda.device_count())
     return torch.device(name)
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 arithmetic (AVX512-bf16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype for this device and setting; None means plain fp32.
-
-    fp16 is for CUDA; elsewhere (a CPU scoring a run trained in fp16) it means auto."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if precision == "fp16" or not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
-    if precision == "bf16" or cpu_supports_bf16():
-        return torch.bfloat16
-    return None
-
-
-def training_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype of a run (its training and the scoring of its model): `autocast_dtype`,
-    except that auto on CUDA is fp16. There BatchNorm runs cuDNN's kernels in fp16 (torch's
-    own in bf16): on an H200 each epoch after the first took 16% less time than in bf16, at
-    the same accuracy (benchmarks/RESULTS.md)."""
-    if precision == "auto" and device.type == "cuda":
-        return torch.float16
-    return autocast_dtype(device, precision)
-
-
-def memory_format(
-    device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool
-) -> torch.memory_format:
-    """channels_last where asked for, except fp32 on the CPU.
-
-    There, torch 2.14.1 training convolutions in channels_last corrupt the heap for some
-    batch sizes (seen here with 7, 25 and 33 images at widths 4 and 8: 'double free or
-    corruption'); NCHW and bf16 channels_last do not. NCHW costs fp32 about 15% speed.
-    """
-    if not channels_last or (device.type == "cpu" and amp_dtype is None):
-        return torch.contiguous_format
-    return torch.channels_last
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@contextlib.contextmanager
-def cudnn_autotune(enabled: bool) -> Iterator[None]:
-    """cuDNN's benchmark mode (timing its kernels for each new input shape) left as configured
-    if `enabled`, off otherwise, for the duration. A shape met once or twice per epoch, like a
-    short last batch, costs more to time than the fastest kernel saves."""
-    configured = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = configured and enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = configured
 
 
 def one_cycle(total_steps: int, warmup: float) -> Callable[[int], float]:
@@ -266,7 +195,7 @@ def train_steps(
         x = images.to(device, non_blocking=True).contiguous(memory_format=layout)
         labels = labels.to(device, non_blocking=True)
         with cudnn_autotune(autotune_rows in (None, x.shape[0])):
-            with _autocast(device, amp_dtype), fast_grads:
+            with autocast(device, amp_dtype), fast_grads:
                 logits = model(x)
             log_probs = F.log_softmax(logits.float(), dim=1)
             nll = -log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
@@ -381,7 +310,7 @@ def predict(
         for start in range(0, images.shape[0], batch_size):
             x = normalize(images[start : start + batch_size], mean, std)
             views = _tta_views(x, tta)
-            with _autocast(images.device, amp_dtype), cudnn_autotune(x.shape[0] == batch_size):
+            with autocast(images.device, amp_dtype), cudnn_autotune(x.shape[0] == batch_size):
                 logits = [model(v.contiguous(memory_format=layout)).float() for v in views]
             outputs.append(torch.stack(logits).mean(0))
     finally:

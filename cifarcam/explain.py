@@ -18,10 +18,10 @@ from torch import nn
 
 from cifarcam import viz
 from cifarcam.cam import METHODS, CamExtractor, check_layers, guided_backprop, guided_grad_cam
-from cifarcam.engine import autocast_dtype
 from cifarcam.errors import UsageError
 from cifarcam.faithfulness import faithfulness, random_maps
 from cifarcam.fileio import atomic_write_bytes
+from cifarcam.precision import autocast_dtype
 from cifarcam.rundir import RunDir
 from cifarcam.sanity import cascading_randomization, similarity_table
 from cifarcam.trained import LoadedRun, load_run, select_misclassified, test_logits

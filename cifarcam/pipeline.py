@@ -29,12 +29,7 @@ from cifarcam.data import (
     split_train,
 )
 from cifarcam.distributed import SINGLE, Group
-from cifarcam.engine import (
-    StepCallback,
-    memory_format,
-    resolve_device,
-    training_dtype,
-)
+from cifarcam.engine import StepCallback, resolve_device
 from cifarcam.errors import (
     CifarcamError,
     TrainingDiverged,
@@ -43,6 +38,7 @@ from cifarcam.errors import (
 )
 from cifarcam.fileio import atomic_write_text
 from cifarcam.models import build_model
+from cifarcam.precision import memory_format, training_dtype
 from cifarcam.rundir import RunDir, now_iso
 from cifarcam.trained import read_config
 from cifarcam.trainer import StopRequested, Trainer

@@ -25,20 +25,14 @@ from cifarcam.data import (
     load_dataset,
     normalize,
 )
-from cifarcam.engine import (
-    Tta,
-    memory_format,
-    predict,
-    resolve_device,
-    score,
-    training_dtype,
-)
+from cifarcam.engine import Tta, predict, resolve_device, score
 from cifarcam.errors import (
     CheckpointError,
     RunError,
     UsageError,
 )
 from cifarcam.fileio import atomic_write_bytes
+from cifarcam.precision import memory_format, training_dtype
 from cifarcam.rundir import CheckpointInfo, RunDir
 
 

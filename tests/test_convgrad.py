@@ -14,8 +14,9 @@ from cifarcam import convgrad
 from cifarcam.config import build_config
 from cifarcam.convgrad import MAX_POSITIONS, gemm_weight_grads, weight_grad
 from cifarcam.data import synthetic_dataset
-from cifarcam.engine import cpu_supports_bf16, device_batches, make_optimizer, train_one_epoch
+from cifarcam.engine import device_batches, make_optimizer, train_one_epoch
 from cifarcam.models import build_model
+from cifarcam.precision import cpu_supports_bf16
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

@@ -7,9 +7,7 @@ from torch import nn
 from cifarcam.config import AugmentConfig, build_config
 from cifarcam.data import Split, normalize, synthetic_dataset
 from cifarcam.engine import (
-    FP16_LOSS_SCALE,
     Tally,
-    autocast_dtype,
     device_batches,
     make_optimizer,
     one_cycle,
@@ -17,9 +15,9 @@ from cifarcam.engine import (
     score,
     train_one_epoch,
     train_steps,
-    training_dtype,
 )
 from cifarcam.models import build_model
+from cifarcam.precision import FP16_LOSS_SCALE, autocast_dtype, training_dtype
 from cifarcam.trainer import fit
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
