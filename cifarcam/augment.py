@@ -137,15 +137,16 @@ def _seed_worker(_worker_id: int) -> None:
 
 
 def albumentations_loader(
-    train: Split, pipeline: dict[str, Any], batch_size: int, workers: int, seed: int
+    train: Split, order: torch.Tensor, pipeline: dict[str, Any], batch_size: int, workers: int, seed: int
 ) -> DataLoader[tuple[torch.Tensor, int]]:
-    """A shuffling DataLoader that applies `pipeline` per image in `workers` processes."""
+    """A DataLoader over the images of `train` at the indices `order`, in that order, that applies
+    `pipeline` per image in `workers` processes."""
     images = train.images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
     dataset = AlbumentationsDataset(images, train.labels.cpu().numpy(), pipeline, seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=True,
+        sampler=order.tolist(),
         num_workers=workers,
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=_seed_worker,

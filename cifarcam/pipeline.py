@@ -265,7 +265,14 @@ def _train_loop(
         else:
             best_val = max(val_accs, default=-1.0)
     if callbacks.on_start:
-        callbacks.on_start(run.read_meta() | {"start_epoch": trainer.epoch + 1, "epochs": config.epochs})
+        callbacks.on_start(
+            run.read_meta()
+            | {
+                "start_epoch": trainer.epoch + 1,
+                "epochs": config.epochs,
+                "epoch_images": trainer.epoch_images,
+            }
+        )
     try:
         for record in trainer.epochs(callbacks.on_step, stop.requested if stop else None):
             best_val = on_main(partial(save_epoch_end, best_val), best_val)

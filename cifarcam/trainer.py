@@ -52,6 +52,21 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + stream) % 2**63
 
 
+def epoch_order(count: int, per_epoch: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training indices of `epoch` (1-based): positions (epoch-1)*per_epoch onwards of a
+    stream of seeded shuffles of range(count), one after another. Each image comes once per
+    shuffle, so epochs of fewer images than `count` go through all of them in turn. With
+    per_epoch == count, epoch e is exactly shuffle e."""
+    start = (epoch - 1) * per_epoch
+    passes = range(start // count, (start + per_epoch - 1) // count + 1)
+    shuffles = [
+        torch.randperm(count, generator=torch.Generator().manual_seed(_epoch_seed(seed, p + 1, 1)))
+        for p in passes
+    ]
+    offset = start - passes[0] * count
+    return torch.cat(shuffles)[offset : offset + per_epoch]
+
+
 @dataclass
 class PartialEpoch:
     """Where an epoch stopped on request: enough to finish it exactly as if never stopped."""
@@ -91,7 +106,8 @@ class Trainer:
         self.group = group
         self.config, self.mean, self.std, self.amp_dtype = config, mean, std, amp_dtype
         self.device = train.images.device
-        self.steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
+        self.epoch_images = config.epoch_images or len(train)
+        self.steps_per_epoch = (self.epoch_images + config.batch_size - 1) // config.batch_size
         rows = group.rows(config.batch_size)
         self.full_batch_rows = rows.stop - rows.start  # this rank's share of a full batch
         self.optimizer = make_optimizer(model, config)
@@ -141,6 +157,7 @@ class Trainer:
         if config.albumentations is not None:
             loader = albumentations_loader(
                 self.train,
+                epoch_order(len(self.train), self.epoch_images, config.seed, epoch),
                 config.albumentations,
                 config.batch_size,
                 config.workers,
@@ -149,10 +166,9 @@ class Trainer:
             return (Batch(normalize(x.to(self.device), self.mean, self.std), y) for x, y in loader), None
         partial = self.partial
         if partial is None or partial.epoch != epoch:
-            order_generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, 1))
             augment_generator = torch.Generator(device=self.device)
             augment_generator.manual_seed(_epoch_seed(config.seed, epoch, 2))
-            order = torch.randperm(len(self.train), generator=order_generator).to(self.device)
+            order = epoch_order(len(self.train), self.epoch_images, config.seed, epoch).to(self.device)
             partial = PartialEpoch(epoch, order, Tally.zeros(self.device), augment_generator, 0.0)
         batches = device_batches(
             self.train,

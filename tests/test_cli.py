@@ -9,6 +9,7 @@ from conftest import copy_tree, tiny_train_args
 from typer.testing import CliRunner
 
 from cifarcam.cli import app
+from cifarcam.rundir import RunDir
 
 runner = CliRunner()
 COMMANDS = ["train", "evaluate", "misclassified", "gradcam", "sanity", "plot", "report", "predict", "app"]
@@ -32,7 +33,11 @@ def test_train_help_shows_the_config_defaults() -> None:
     for param in typer.main.get_command(app).commands["train"].params:  # type: ignore[attr-defined]
         option = param.opts[0].removeprefix("--")
         field = option.replace("-", "_")
-        if field not in fields or field in ("data_dir", "subset"):  # these describe, not state, a value
+        if field not in fields or field in (
+            "data_dir",
+            "subset",
+            "epoch_images",
+        ):  # these describe, not state, a value
             continue
         default = fields[field].default
         written = str(default)
@@ -195,3 +200,16 @@ def test_label_smoothing_and_compile_options_reach_the_saved_config(
     assert invoke("train", "--run", "b", *common).exit_code == 0
     config = json.loads((runs / "b" / "config.json").read_text())
     assert (config["label_smoothing"], config["compile"]) == (0.1, False)
+
+
+def test_epoch_images_option_sets_the_steps_of_an_epoch(synthetic_tree: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    args = [*tiny_train_args(runs, synthetic_tree, epochs=2), "--epoch-images", "250"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "400 training images (250 per epoch)" in result.stdout
+    assert json.loads((runs / "r" / "config.json").read_text())["epoch_images"] == 250
+    saved = RunDir(runs, "r").load_state()
+    assert saved is not None
+    # Batches of 100: 3 steps an epoch (100, 100, 50 images), so 6 SGD steps in all.
+    assert saved[1]["scheduler"]["last_epoch"] == 6

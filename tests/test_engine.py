@@ -18,7 +18,7 @@ from cifarcam.engine import (
 )
 from cifarcam.models import build_model
 from cifarcam.precision import FP16_LOSS_SCALE, autocast_dtype, training_dtype
-from cifarcam.trainer import fit
+from cifarcam.trainer import epoch_order, fit
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -104,9 +104,12 @@ def test_albumentations_path_trains_and_is_seeded() -> None:
 
     data = synthetic_dataset(64, 32, seed=4)
     pipeline = seed_project_pipeline()
-    first = [x for x, _ in albumentations_loader(data.train, pipeline, 16, 0, seed=3)]
-    again = [x for x, _ in albumentations_loader(data.train, pipeline, 16, 0, seed=3)]
+    order = torch.randperm(64)[:40]
+    batches = list(albumentations_loader(data.train, order, pipeline, 16, 0, seed=3))
+    first = [x for x, _ in batches]
+    again = [x for x, _ in albumentations_loader(data.train, order, pipeline, 16, 0, seed=3)]
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert torch.equal(torch.cat([y for _, y in batches]), data.train.labels[order])  # in that order
     assert first[0].dtype == torch.uint8 and first[0].shape == (16, 3, 32, 32)
     config = build_config(
         {"epochs": 1, "batch_size": 16, "lr": 0.05, "albumentations": pipeline, "workers": 1}
@@ -114,6 +117,22 @@ def test_albumentations_path_trains_and_is_seeded() -> None:
     torch.manual_seed(0)
     records = list(fit(build_model("resnet18", 4), data.train, data.test, config, MEAN, STD))
     assert records[0]["train_loss"] > 0 and 0 <= records[0]["test_acc"] <= 1
+
+
+def test_epoch_order_goes_through_every_image_in_turn() -> None:
+    epochs = [epoch_order(10, 4, seed=3, epoch=e) for e in range(1, 6)]
+    assert [len(e) for e in epochs] == [4] * 5
+    stream = torch.cat(epochs)  # 20 positions: two whole shuffles, the third epoch straddles them
+    assert sorted(stream[:10].tolist()) == list(range(10)) == sorted(stream[10:].tolist())
+    assert not torch.equal(stream[:10], stream[10:])
+    assert torch.equal(epoch_order(10, 4, seed=3, epoch=3), epochs[2])
+    # Whole-set epochs are the same stream cut at every shuffle: epoch e is shuffle e.
+    whole = [epoch_order(10, 10, seed=3, epoch=e) for e in (1, 2)]
+    assert torch.equal(torch.cat(whole), stream)
+    assert not torch.equal(epoch_order(10, 10, seed=4, epoch=1), whole[0])
+    # An epoch larger than the set: two whole shuffles and half of a third.
+    counts = torch.bincount(epoch_order(10, 25, seed=3, epoch=1), minlength=10)
+    assert sorted(counts.tolist()) == [2] * 5 + [3] * 5
 
 
 def test_score_is_per_sample() -> None:

@@ -20,9 +20,11 @@ import pytest
 from safetensors.torch import load_file
 
 TRAIN_OPTIONS = ["--width", "8", "--epochs", "5", "--batch-size", "32", "--device", "cpu", "--seed", "7"]
-# A weight EMA from step 6 of 65 (in epoch 1 of 5): the stops below land after it started, so
-# resuming must restore the average too. The options come after --config and override it.
-EMA_CONFIG = {"ema_decay": 0.9, "ema_start": 0.1}
+# A weight EMA from step 5 of 50 (in epoch 1 of 5): the stops below land after it started, so
+# resuming must restore the average too. Epochs of 300 of the 400 images: most epochs start or
+# end inside a shuffle, which a resumed run must continue where it stopped. The options come
+# after --config and override it.
+RUN_CONFIG = {"ema_decay": 0.9, "ema_start": 0.1, "epoch_images": 300}
 KILL_SEED = 20261126
 KILL_POINTS = 3
 
@@ -53,8 +55,8 @@ def assert_files_readable(run: Path) -> None:
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory: pytest.TempPathFactory, synthetic_tree: Path) -> dict[str, object]:
     root = tmp_path_factory.mktemp("resume")
-    config = root / "ema.json"
-    config.write_text(json.dumps(EMA_CONFIG))
+    config = root / "run.json"
+    config.write_text(json.dumps(RUN_CONFIG))
     options = ["--data", str(synthetic_tree), "--config", str(config), *TRAIN_OPTIONS]
     env = os.environ | {"CIFARCAM_DATA_DIR": str(root / "cache"), "CIFARCAM_RUNS_DIR": str(root / "runs")}
     started = time.perf_counter()

@@ -70,6 +70,14 @@ def train(
             help="Train on a class-balanced, seeded subset of N training images.", show_default="all"
         ),
     ] = None,
+    epoch_images: Annotated[
+        int | None,
+        typer.Option(
+            help="Images per epoch, taken in turn from a fresh shuffle of the training images, so "
+            "epochs of fewer images go through all of them in turn.",
+            show_default="all",
+        ),
+    ] = None,
     val_split: Annotated[
         int | None,
         typer.Option(
@@ -164,6 +172,7 @@ def train(
         "batch_size": batch_size,
         "lr": lr,
         "subset": subset,
+        "epoch_images": epoch_images,
         "val_split": val_split,
         "device": device,
         "precision": precision,
@@ -275,8 +284,12 @@ def _training_progress(shown: bool = True) -> Iterator[Any]:
     def on_start(meta: dict[str, Any]) -> None:
         epoch["n"], epoch["total"] = meta["start_epoch"], meta["epochs"]
         resumed = f", resuming at epoch {epoch['n']}" if epoch["n"] > 1 else ""
+        per_epoch = (
+            f" ({meta['epoch_images']} per epoch)" if meta["epoch_images"] != meta["train_images"] else ""
+        )
         console.print(
-            f"Training on {meta['device']} ({meta['precision']}), {meta['train_images']} training images, "
+            f"Training on {meta['device']} ({meta['precision']}), {meta['train_images']} training images"
+            f"{per_epoch}, "
             f"{meta['test_images']} test images, data: {meta['data']}{resumed}"
         )
 
