@@ -172,6 +172,13 @@ CASES = [
         "Error: --precision fp16 needs CUDA (the device is cpu); use bf16 or fp32",
     ),
     (
+        "epochs of no images",
+        None,
+        "train --run r --data {tree} --epoch-images 0",
+        2,
+        "Error: invalid value for 'epoch_images': Input should be greater than or equal to 1 (got 0)",
+    ),
+    (
         "image folder without test/",
         "tree:no_test",
         "train --run r --data {tree}",
