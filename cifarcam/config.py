@@ -53,9 +53,9 @@ class TrainConfig(BaseModel):
     ema_decay: float = Field(0.0, ge=0, lt=1)
     ema_start: float = Field(0.5, ge=0, le=1)
     subset: int | None = Field(None, ge=10)  # class-balanced training subset size
-    # Images per epoch, taken in turn from a seeded shuffle of the training images that is drawn
-    # afresh each time it runs out, so successive epochs see different images and every image is
-    # seen about equally often; None = every training image, each epoch.
+    # At most this many images per epoch, taken in turn from a seeded shuffle of the training
+    # images that is drawn afresh each time it runs out, so successive epochs see different
+    # images and every image is seen about equally often; None = every training image, each epoch.
     epoch_images: int | None = Field(None, ge=1)
     val_split: int = Field(0, ge=0)  # class-balanced validation images held out of training
     device: DeviceName = "auto"

@@ -106,7 +106,7 @@ class Trainer:
         self.group = group
         self.config, self.mean, self.std, self.amp_dtype = config, mean, std, amp_dtype
         self.device = train.images.device
-        self.epoch_images = config.epoch_images or len(train)
+        self.epoch_images = min(config.epoch_images or len(train), len(train))
         self.steps_per_epoch = (self.epoch_images + config.batch_size - 1) // config.batch_size
         rows = group.rows(config.batch_size)
         self.full_batch_rows = rows.stop - rows.start  # this rank's share of a full batch

@@ -204,12 +204,21 @@ def test_label_smoothing_and_compile_options_reach_the_saved_config(
 
 def test_epoch_images_option_sets_the_steps_of_an_epoch(synthetic_tree: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    args = [*tiny_train_args(runs, synthetic_tree, epochs=2), "--epoch-images", "250"]
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
+
+    def optimizer_steps(run: str, epochs: int, epoch_images: str) -> int:
+        result = invoke(*tiny_train_args(runs, synthetic_tree, run, epochs), "--epoch-images", epoch_images)
+        assert result.exit_code == 0, result.output
+        saved = RunDir(runs, run).load_state()
+        assert saved is not None
+        return int(saved[1]["scheduler"]["last_epoch"])
+
+    # Batches of 100: 3 steps an epoch (100, 100, 50 images), so 6 in two epochs.
+    assert optimizer_steps("short", 2, "250") == 6
+    assert json.loads((runs / "short" / "config.json").read_text())["epoch_images"] == 250
+    # More images than the training set's 400: each epoch is the whole set, once.
+    assert optimizer_steps("long", 1, "900") == 4
+
+
+def test_training_start_line_names_the_epoch_length(synthetic_tree: Path, tmp_path: Path) -> None:
+    result = invoke(*tiny_train_args(tmp_path / "runs", synthetic_tree, epochs=1), "--epoch-images", "250")
     assert "400 training images (250 per epoch)" in result.stdout
-    assert json.loads((runs / "r" / "config.json").read_text())["epoch_images"] == 250
-    saved = RunDir(runs, "r").load_state()
-    assert saved is not None
-    # Batches of 100: 3 steps an epoch (100, 100, 50 images), so 6 SGD steps in all.
-    assert saved[1]["scheduler"]["last_epoch"] == 6

@@ -73,8 +73,8 @@ def train(
     epoch_images: Annotated[
         int | None,
         typer.Option(
-            help="Images per epoch, taken in turn from a fresh shuffle of the training images, so "
-            "epochs of fewer images go through all of them in turn.",
+            help="At most N images per epoch, taken in turn from a fresh shuffle of the training "
+            "images, so shorter epochs go through all of them in turn.",
             show_default="all",
         ),
     ] = None,
