@@ -30,14 +30,11 @@ def test_train_help_shows_the_config_defaults() -> None:
 
     fields = TrainConfig.model_fields
     checked = []
+    described = ("data_dir", "subset", "epoch_images")  # their help describes, not states, a value
     for param in typer.main.get_command(app).commands["train"].params:  # type: ignore[attr-defined]
         option = param.opts[0].removeprefix("--")
         field = option.replace("-", "_")
-        if field not in fields or field in (
-            "data_dir",
-            "subset",
-            "epoch_images",
-        ):  # these describe, not state, a value
+        if field not in fields or field in described:
             continue
         default = fields[field].default
         written = str(default)

@@ -77,7 +77,7 @@ def test_presets_and_their_errors() -> None:
     from cifarcam.config import preset_values
 
     quick = build_config(preset_values("quick"))
-    assert quick.width < 64 and quick.subset is not None and quick.epochs == 20
+    assert quick.width < 64 and quick.subset is None and quick.epoch_images == 25_000 and quick.epochs == 20
     assert quick.augment.translate == 2 and quick.augment.flip
     preset_values("quick")["augment"]["translate"] = 9  # a caller's edit stays its own
     assert build_config(preset_values("quick")).augment.translate == 2
