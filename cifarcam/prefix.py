@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.experimental.optimization import fuse
 from torch.fx.passes.split_module import split_module
+
+from cifarcam.models import fold_batchnorm
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,7 @@ def split_at(model: nn.Module, layers: list[str], compiled: bool = False) -> Spl
         return None  # the cut layer gives the output: nothing above it
     if not _is_linear_head(above):
         return None
-    folded = fuse(below).to(memory_format=torch.channels_last).eval()
-    for module in folded.modules():  # the copy would carry the originals' hooks: drop them
-        module._forward_hooks.clear()
-        module._forward_pre_hooks.clear()
-        module._backward_hooks.clear()
+    folded = fold_batchnorm(below).to(memory_format=torch.channels_last)
     return SplitModel(cut, CompiledBelow(folded) if compiled else folded, above)
 
 

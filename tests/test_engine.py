@@ -16,7 +16,7 @@ from cifarcam.engine import (
     train_one_epoch,
     train_steps,
 )
-from cifarcam.models import build_model
+from cifarcam.models import build_model, scoring_model
 from cifarcam.precision import FP16_LOSS_SCALE, autocast_dtype, training_dtype
 from cifarcam.trainer import epoch_order, fit
 
@@ -162,6 +162,51 @@ def test_predict_restores_mode_and_tta_views_average() -> None:
     assert predict(model, images, MEAN, STD, tta="flip-translate").shape == (5, 10)
 
 
+def batchnorm_resnet(width: int) -> nn.Module:
+    """A ResNet18 in eval mode whose BatchNorm layers hold statistics and affine weights far
+    from their initial ones, so that folding them into the convolutions changes the weights."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", width)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.2, 3.0)
+    return model.eval()
+
+
+def test_folded_scoring_gives_the_logits_of_the_model_as_trained() -> None:
+    model = batchnorm_resnet(8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    for tta in ("none", "flip-translate"):
+        folded = predict(model, images, MEAN, STD, batch_size=5, tta=tta)
+        plain = predict(model, images, MEAN, STD, batch_size=5, tta=tta, fold=False)
+        assert not torch.equal(folded, plain)  # a different computation...
+        assert torch.allclose(folded, plain, rtol=1e-4, atol=1e-4)  # ...of the same function
+        assert torch.equal(folded.argmax(1), plain.argmax(1))
+    with torch.no_grad():
+        direct = model(normalize(images, MEAN, STD))
+    assert torch.allclose(predict(model, images, MEAN, STD), direct, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is untouched
+
+
+def test_only_batchnorm_resnets_in_eval_mode_are_folded() -> None:
+    model = batchnorm_resnet(4)
+    folded = scoring_model(model, torch.channels_last)
+    assert folded is not model
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert folded.get_parameter("conv1.weight").is_contiguous(memory_format=torch.channels_last)
+    assert scoring_model(model.train()) is model  # training mode: batch statistics, nothing to fold
+    group_norm = build_model("resnet18", 4, norm="group").eval()
+    assert scoring_model(group_norm) is group_norm
+    wrapped = nn.Sequential(batchnorm_resnet(4))  # not a ResNet: its forward may do more than compute
+    assert scoring_model(wrapped) is wrapped
+
+
 def test_fit_learns_synthetic_classes_and_yields_flat_records() -> None:
     data = synthetic_dataset(400, 200, seed=4)
     torch.manual_seed(0)
@@ -194,12 +239,12 @@ def test_fit_is_reproducible_under_a_seed() -> None:
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-def test_bf16_forward_matches_fp32_within_tolerance() -> None:
-    torch.manual_seed(0)
-    model = build_model("resnet18", 16).eval()
+@pytest.mark.parametrize("fold", [True, False])
+def test_bf16_forward_matches_fp32_within_tolerance(fold: bool) -> None:
+    model = batchnorm_resnet(16)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    fp32 = predict(model, images, MEAN, STD)
-    bf16 = predict(model, images, MEAN, STD, amp_dtype=torch.bfloat16)
+    fp32 = predict(model, images, MEAN, STD, fold=fold)
+    bf16 = predict(model, images, MEAN, STD, amp_dtype=torch.bfloat16, fold=fold)
     probs32, probs16 = fp32.softmax(1), bf16.softmax(1)
     assert (probs32 - probs16).abs().max().item() < 0.05
     assert (fp32 - bf16).abs().max().item() < 0.1 * fp32.abs().max().item() + 0.05

@@ -1,0 +1,79 @@
+"""Scoring with BatchNorm folded into the convolutions against the model as trained.
+
+Times `engine.predict` (bf16 autocast where supported, channels_last, the CPU's batch of 128)
+with `fold=True` (the default: a folded copy, made inside every call and timed with it) and
+`fold=False`, in alternating rounds so machine noise hits both alike, and prints the median
+images/s of each, their ratio, and how far the two sets of logits are apart.
+Usage: python benchmarks/fold_eval.py [--widths 16 64] [--images 10000] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD
+from cifarcam.engine import predict
+from cifarcam.models import build_model
+from cifarcam.precision import autocast_dtype
+
+
+def trained_statistics(width: int) -> torch.nn.Module:
+    """A ResNet18 in eval mode whose BatchNorm layers hold statistics and affine weights away
+    from the initial ones (folding the initial ones would change almost nothing)."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", width).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.2, 3.0)
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--widths", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    device = torch.device("cpu")
+    amp = autocast_dtype(device, "auto")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, ResNet18, {args.images} images, "
+        f"{'fp32' if amp is None else str(amp).removeprefix('torch.')}"
+    )
+    images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8)
+    for width in args.widths:
+        model = trained_statistics(width)
+        speeds: dict[bool, list[float]] = {True: [], False: []}
+        logits: dict[bool, torch.Tensor] = {}
+        predict(model, images[:256], CIFAR10_MEAN, CIFAR10_STD, amp_dtype=amp)  # warm-up
+        for index in range(args.rounds):
+            for fold in (True, False) if index % 2 == 0 else (False, True):
+                started = time.perf_counter()
+                logits[fold] = predict(model, images, CIFAR10_MEAN, CIFAR10_STD, amp_dtype=amp, fold=fold)
+                speeds[fold].append(args.images / (time.perf_counter() - started))
+        folded, plain = (statistics.median(speeds[fold]) for fold in (True, False))
+        gap = (logits[True] - logits[False]).abs().max().item()
+        agree = (logits[True].argmax(1) == logits[False].argmax(1)).double().mean().item()
+        print(
+            f"width {width}: folded {folded:.0f} img/s, as trained {plain:.0f} img/s "
+            f"(folded/as trained {folded / plain:.2f}x; rounds {[round(s) for s in speeds[True]]} "
+            f"against {[round(s) for s in speeds[False]]}); logits differ by at most {gap:.2g}, "
+            f"same class for {agree:.2%} of the images"
+        )
+
+
+if __name__ == "__main__":
+    main()
