@@ -12,12 +12,11 @@ Usage: python benchmarks/fold_eval.py [--widths 16 64] [--images 10000] [--round
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
-from workload import fake_cifar
+from workload import fake_cifar, machine
 
 from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, normalize
 from cifarcam.engine import predict
@@ -50,8 +49,7 @@ def main() -> None:
     device = torch.device("cpu")
     amp = autocast_dtype(device, "auto")
     print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, ResNet18, {args.images} images, "
+        f"{machine()}, ResNet18, {args.images} images, "
         f"{'fp32' if amp is None else str(amp).removeprefix('torch.')}"
     )
     images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8)

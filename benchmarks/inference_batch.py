@@ -9,11 +9,11 @@ Usage: python benchmarks/inference_batch.py [--width 16] [--images 4096] [--roun
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
+from workload import machine
 
 from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD
 from cifarcam.engine import predict
@@ -35,8 +35,7 @@ def main() -> None:
     device = torch.device("cpu")
     amp = autocast_dtype(device, "auto")
     print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, ResNet18 width {args.width}, {args.images} images, "
+        f"{machine()}, ResNet18 width {args.width}, {args.images} images, "
         f"{'fp32' if amp is None else str(amp).removeprefix('torch.')}"
     )
     torch.manual_seed(0)

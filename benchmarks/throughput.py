@@ -16,7 +16,6 @@ Usage: python benchmarks/throughput.py [--width 64] [--batch-size 256] [--steps 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from workload import fake_cifar, training_flops_per_image
+from workload import fake_cifar, machine, training_flops_per_image
 
 from cifarcam.config import AugmentConfig
 from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, Split
@@ -137,10 +136,7 @@ def main() -> None:
     parser.add_argument("--baseline-steps", type=int, default=4)
     args = parser.parse_args()
 
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, ResNet18 width {args.width}"
-    )
+    print(f"{machine()}, ResNet18 width {args.width}")
     speeds, gemms, precision = cifarcam_images_per_s(args.width, args.batch_size, args.steps, args.rounds)
     bf16 = statistics.median(gemms)
     fp32 = gemm_gflops(torch.float32)

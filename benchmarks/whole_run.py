@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,12 +37,9 @@ def main() -> None:
     runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="cifarcam-bench-"))
     common = ["--run", args.run, "--runs-dir", str(runs_dir)]
 
-    import torch
+    from workload import machine
 
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, data {args.data}, train options {' '.join(args.train_options)}"
-    )
+    print(f"{machine()}, data {args.data}, train options {' '.join(args.train_options)}")
     total = step("train", ["train", *common, "--data", args.data, "--overwrite", *args.train_options])
     total += step("evaluate", ["evaluate", *common])
     total += step("misclassified", ["misclassified", *common])

@@ -1,7 +1,9 @@
-"""What the throughput benchmarks share: their stand-in dataset and the training FLOPs per image
+"""What the benchmarks share: their machine line, stand-in dataset and training FLOPs per image
 (no albumentations import, so the GPU machine, which lacks it, can run gpu_step.py)."""
 
 from __future__ import annotations
+
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cifarcam.data import Split
 from cifarcam.models import build_model
+
+
+def machine() -> str:
+    """The line every benchmark starts with: processor, threads and torch version."""
+    return (
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
 
 
 def fake_cifar(count: int) -> Split:
