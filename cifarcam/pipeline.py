@@ -247,7 +247,9 @@ def _train_loop(
         """The state first (the commit point of an epoch), then what is derived from it."""
         run.save_state(*trainer.state())
         epoch_header = header | {"epoch": trainer.epoch}
-        run.save_checkpoint("last", trainer.final_model, epoch_header)
+        checkpoint_id = run.save_checkpoint("last", trainer.final_model, epoch_header)
+        if trainer.test_logits is not None:  # this epoch's scoring: the commands after reuse it
+            run.save_test_logits(trainer.test_logits, checkpoint_id)
         val_acc = trainer.records[-1].get("val_acc", -1.0)
         if validation is not None and val_acc > best_val:
             run.save_checkpoint("best", trainer.final_model, epoch_header)

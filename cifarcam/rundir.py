@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -224,12 +224,35 @@ class RunDir:
     def checkpoint_path(self, kind: str) -> Path:
         return self.checkpoints_dir / f"{kind}.safetensors"
 
-    def save_checkpoint(self, kind: str, model: nn.Module, info: dict[str, Any]) -> None:
+    def save_checkpoint(self, kind: str, model: nn.Module, info: dict[str, Any]) -> str:
+        """Write the model's weights and `info`; returns the new checkpoint's id."""
         tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
         metadata = {key: json.dumps(value) for key, value in info.items()}
         metadata["format"] = CHECKPOINT_FORMAT
-        metadata["checkpoint_id"] = json.dumps(uuid.uuid4().hex)
+        checkpoint_id = uuid.uuid4().hex
+        metadata["checkpoint_id"] = json.dumps(checkpoint_id)
         atomic_write_bytes(self.checkpoint_path(kind), save_safetensors(tensors, metadata=metadata))
+        return checkpoint_id
+
+    # -- cached test-set logits ----------------------------------------------------------
+    def save_test_logits(self, logits: torch.Tensor, checkpoint_id: str) -> None:
+        """Keep one checkpoint's float32 test-set logits (N, classes) for the commands after it."""
+        tensors = {"logits": logits.detach().float().cpu().contiguous()}
+        save = save_safetensors(tensors, metadata={"checkpoint_id": checkpoint_id})
+        atomic_write_bytes(self.predictions_path, save)
+
+    def read_test_logits(self, checkpoint_id: str, count: int) -> torch.Tensor | None:
+        """The cached test-set logits if they are this checkpoint's, for `count` images; else None
+        (also for an unreadable cache, which the next `save_test_logits` replaces)."""
+        if not self.predictions_path.exists():
+            return None
+        try:
+            with safe_open(str(self.predictions_path), framework="pt") as cached:
+                logits: torch.Tensor = cached.get_tensor("logits")
+                same_checkpoint = (cached.metadata() or {}).get("checkpoint_id") == checkpoint_id
+        except (SafetensorError, OSError):
+            return None
+        return logits if same_checkpoint and logits.shape[0] == count else None
 
     def load_model(self, kind: str = "last") -> tuple[nn.Module, CheckpointInfo]:
         """Rebuild the model from the checkpoint file alone."""

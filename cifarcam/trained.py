@@ -13,8 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from cifarcam import viz
@@ -31,7 +29,6 @@ from cifarcam.errors import (
     RunError,
     UsageError,
 )
-from cifarcam.fileio import atomic_write_bytes
 from cifarcam.precision import memory_format, training_dtype
 from cifarcam.rundir import CheckpointInfo, RunDir
 
@@ -115,32 +112,15 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
     return LoadedRun(run, model, info, dataset.test.to(device), device, amp_dtype, config.channels_last)
 
 
-def _cached_test_logits(loaded: LoadedRun) -> torch.Tensor | None:
-    """The test-set logits in predictions.safetensors if they are this checkpoint's."""
-    cache = loaded.run.predictions_path
-    if cache.exists():
-        try:
-            with safe_open(str(cache), framework="pt") as cached:
-                logits: torch.Tensor = cached.get_tensor("logits")
-                same_checkpoint = (cached.metadata() or {}).get("checkpoint_id") == loaded.info.checkpoint_id
-            if same_checkpoint and logits.shape[0] == len(loaded.test):
-                return logits
-        except (SafetensorError, OSError):
-            pass  # a bad cache is recomputed (and replaced by test_logits)
-    return None
-
-
 def test_logits(loaded: LoadedRun, write: bool = True) -> torch.Tensor:
     """Float32 logits (N, C) on the test set, cached per checkpoint in predictions.safetensors
     (computed and not cached with `write=False`, for readers that must not touch the run)."""
-    cached = _cached_test_logits(loaded)
+    cached = loaded.run.read_test_logits(loaded.info.checkpoint_id, len(loaded.test))
     if cached is not None:
         return cached
     logits = loaded.predict_test()
     if write:
-        metadata = {"checkpoint_id": loaded.info.checkpoint_id}
-        save = save_safetensors({"logits": logits.contiguous()}, metadata=metadata)
-        atomic_write_bytes(loaded.run.predictions_path, save)
+        loaded.run.save_test_logits(logits, loaded.info.checkpoint_id)
     return logits
 
 

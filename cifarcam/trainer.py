@@ -131,6 +131,9 @@ class Trainer:
         self.epoch = 0  # completed epochs
         self.records: list[dict[str, float]] = []
         self.partial: PartialEpoch | None = None
+        # The final model's test-set logits from the latest `evaluate` (None under torchrun,
+        # where each rank scores its share), for the run's prediction cache
+        self.test_logits: torch.Tensor | None = None
 
     @property
     def final_model(self) -> nn.Module:
@@ -261,6 +264,8 @@ class Trainer:
                 scores = {"loss": loss_sum / count, "acc": correct / count}
             else:
                 scores = score(logits, split.labels)
+                if prefix == "test":
+                    self.test_logits = logits
             result[f"{prefix}_loss"], result[f"{prefix}_acc"] = scores["loss"], scores["acc"]
         return result
 
@@ -314,6 +319,7 @@ class Trainer:
         self.epoch = int(meta["epoch"])
         self.records = list(meta["records"])
         self.partial = None
+        self.test_logits = None  # nothing scored since the state was loaded
         partial = meta.get("partial")
         if partial is not None:
             generator = torch.Generator(device=self.device)

@@ -5,10 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifarcam.engine import score
 from cifarcam.errors import CheckpointError, RunError, UsageError
 from cifarcam.fileio import atomic_open, atomic_write_json
 from cifarcam.models import build_model
 from cifarcam.rundir import RunDir, validate_run_name
+from cifarcam.trained import load_run
 
 HEADER = {
     "model": "resnet18",
@@ -56,6 +58,34 @@ def test_checkpoint_round_trip_is_bit_identical(runs_dir: Path) -> None:
     original, restored = model.state_dict(), loaded.state_dict()
     assert original.keys() == restored.keys()
     assert all(torch.equal(original[k], restored[k]) for k in original)
+
+
+def test_cached_test_logits_belong_to_one_checkpoint(runs_dir: Path) -> None:
+    run = RunDir(runs_dir, "r")
+    run.path.mkdir(parents=True)
+    assert run.read_test_logits("a", 5) is None  # nothing cached yet
+    logits = torch.randn(5, 10)
+    run.save_test_logits(logits, "a")
+    cached = run.read_test_logits("a", 5)
+    assert cached is not None and torch.equal(cached, logits)
+    assert run.read_test_logits("b", 5) is None  # another checkpoint's
+    assert run.read_test_logits("a", 6) is None  # another test set's
+    run.predictions_path.write_bytes(b"not safetensors")
+    assert run.read_test_logits("a", 5) is None  # unreadable: recomputed and replaced
+
+
+def test_training_caches_the_test_logits_of_its_last_checkpoint(trained_runs: Path) -> None:
+    """What `train` scored at its last epoch is what the saved checkpoint scores: later commands
+    take it from the cache instead of another pass over the test set."""
+    run = RunDir(trained_runs, "tiny")
+    loaded = load_run(run)
+    cached = run.read_test_logits(loaded.info.checkpoint_id, len(loaded.test))
+    assert cached is not None
+    torch.testing.assert_close(cached, loaded.predict_test(), rtol=0, atol=1e-5)
+    last = json.loads(run.metrics_path.read_text())["epochs"][-1]
+    assert score(cached, loaded.test.labels.cpu()) == {"loss": last["test_loss"], "acc": last["test_acc"]}
+    best = run.load_model("best")[1].checkpoint_id  # saved separately: not what the cache holds
+    assert run.read_test_logits(best, len(loaded.test)) is None
 
 
 def test_truncated_and_garbage_checkpoints_are_reported(runs_dir: Path) -> None:
