@@ -298,12 +298,15 @@ def predict(
     tta: Tta = "none",
     channels_last: bool = True,
     fold: bool = True,
+    plain_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float32 logits (N, classes) for uint8 images (N, 3, H, W), averaged over the TTA views.
 
     `batch_size` None: `inference_batch_size` of the images' device. A short last chunk runs
     without cuDNN's benchmark mode (`cudnn_autotune`). With `fold`, a BatchNorm ResNet runs as a
-    folded copy (`models.scoring_model`): the same logits up to rounding, sooner."""
+    folded copy (`models.scoring_model`): the same logits up to rounding, sooner.
+    `plain_logits`: this model's logits for the images as they are (N, classes), already
+    computed; they stand in for the first TTA view instead of scoring it again."""
     batch_size = batch_size or inference_batch_size(images.device)
     was_training = model.training
     model.eval()
@@ -314,8 +317,12 @@ def predict(
         for start in range(0, images.shape[0], batch_size):
             x = normalize(images[start : start + batch_size], mean, std)
             views = _tta_views(x, tta)
+            known = []
+            if plain_logits is not None:  # the first view is the images as they are
+                known = [plain_logits[start : start + batch_size].to(images.device, torch.float32)]
+                views = views[1:]
             with autocast(images.device, amp_dtype), cudnn_autotune(x.shape[0] == batch_size):
-                logits = [runner(v.contiguous(memory_format=layout)).float() for v in views]
+                logits = known + [runner(v.contiguous(memory_format=layout)).float() for v in views]
             outputs.append(torch.stack(logits).mean(0))
     finally:
         model.train(was_training)

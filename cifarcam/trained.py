@@ -43,8 +43,8 @@ class LoadedRun:
     amp_dtype: torch.dtype | None
     channels_last: bool
 
-    def predict_test(self, tta: Tta = "none") -> torch.Tensor:
-        """Float32 logits (N, C) on the CPU for the whole test set."""
+    def predict_test(self, tta: Tta = "none", plain_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits (N, C) on the CPU for the whole test set (`engine.predict`)."""
         return predict(
             self.model,
             self.test.images,
@@ -53,6 +53,7 @@ class LoadedRun:
             amp_dtype=self.amp_dtype,
             tta=tta,
             channels_last=self.channels_last,
+            plain_logits=plain_logits,
         ).cpu()
 
     def test_inputs(self, indices: torch.Tensor) -> torch.Tensor:
@@ -155,7 +156,7 @@ def evaluate(
         "classes": classes,
     }
     if tta:
-        tta_logits = loaded.predict_test(tta="flip-translate")
+        tta_logits = loaded.predict_test(tta="flip-translate", plain_logits=logits)
         tta_scores = score(tta_logits, labels)
         result |= {"accuracy_tta": tta_scores["acc"], "loss_tta": tta_scores["loss"], "tta": "flip-translate"}
     run.write_json(run.evaluation_path, result)

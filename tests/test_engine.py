@@ -162,6 +162,18 @@ def test_predict_restores_mode_and_tta_views_average() -> None:
     assert predict(model, images, MEAN, STD, tta="flip-translate").shape == (5, 10)
 
 
+def test_known_plain_logits_stand_in_for_the_first_tta_view() -> None:
+    model = batchnorm_resnet(4)
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8)
+    plain = predict(model, images, MEAN, STD, batch_size=3)
+    full = predict(model, images, MEAN, STD, batch_size=3, tta="flip-translate")
+    reused = predict(model, images, MEAN, STD, batch_size=3, tta="flip-translate", plain_logits=plain)
+    torch.testing.assert_close(reused, full, rtol=0, atol=1e-6)
+    # they are used, not scored again: zeros in their place take one sixth of them out
+    zeros = predict(model, images, MEAN, STD, batch_size=3, tta="flip-translate", plain_logits=plain * 0)
+    torch.testing.assert_close(zeros, full - plain / 6, rtol=1e-5, atol=1e-5)
+
+
 def batchnorm_resnet(width: int) -> nn.Module:
     """A ResNet18 in eval mode whose BatchNorm layers hold statistics and affine weights far
     from their initial ones, so that folding them into the convolutions changes the weights."""
