@@ -20,17 +20,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-from torch import nn
 
 from cifarcam.errors import CheckpointError, RunError, RunLocked, UsageError
 from cifarcam.fileio import atomic_write_bytes, atomic_write_json
-from cifarcam.models import build_model
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: `plot` runs without it
+    import torch
+    from torch import nn
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 CHECKPOINT_FORMAT = "cifarcam-checkpoint/1"
@@ -200,6 +199,8 @@ class RunDir:
         return self.checkpoints_dir / "state.safetensors"
 
     def save_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        from safetensors.torch import save as save_safetensors
+
         metadata = {"format": STATE_FORMAT, "state": json.dumps(meta)}
         atomic_write_bytes(self.state_path, save_safetensors(tensors, metadata=metadata))
 
@@ -207,6 +208,8 @@ class RunDir:
         """The saved training state, or None when no epoch has been saved yet."""
         if not self.state_path.exists():
             return None
+        from safetensors.torch import load as load_safetensors
+
         try:
             data = self.state_path.read_bytes()
             tensors = load_safetensors(data)
@@ -226,6 +229,8 @@ class RunDir:
 
     def save_checkpoint(self, kind: str, model: nn.Module, info: dict[str, Any]) -> str:
         """Write the model's weights and `info`; returns the new checkpoint's id."""
+        from safetensors.torch import save as save_safetensors
+
         tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
         metadata = {key: json.dumps(value) for key, value in info.items()}
         metadata["format"] = CHECKPOINT_FORMAT
@@ -237,6 +242,8 @@ class RunDir:
     # -- cached test-set logits ----------------------------------------------------------
     def save_test_logits(self, logits: torch.Tensor, checkpoint_id: str) -> None:
         """Keep one checkpoint's float32 test-set logits (N, classes) for the commands after it."""
+        from safetensors.torch import save as save_safetensors
+
         tensors = {"logits": logits.detach().float().cpu().contiguous()}
         save = save_safetensors(tensors, metadata={"checkpoint_id": checkpoint_id})
         atomic_write_bytes(self.predictions_path, save)
@@ -270,6 +277,10 @@ class RunDir:
                 f"run '{self.name}' has no checkpoint",
                 hint=f"run 'cifarcam train --run {self.name}' first",
             )
+        from safetensors.torch import load as load_safetensors
+
+        from cifarcam.models import build_model
+
         try:
             data = path.read_bytes()
             tensors = load_safetensors(data)

@@ -1,4 +1,4 @@
-"""The commands over a trained run (evaluate, misclassified, plot) and the loading they share
+"""The commands over a trained run (evaluate, misclassified) and the loading they share
 (a run's checkpoint, its test set, cached test logits), as library calls the CLI wraps.
 
 Nothing here prints: results come back as values.
@@ -7,7 +7,6 @@ Nothing here prints: results come back as values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -214,10 +213,3 @@ def misclassified(
     )
     run.write_json(run.misclassified_json, entries)
     return entries
-
-
-def plot(run: RunDir) -> list[Path]:
-    epochs = run.read_epochs()
-    paths = [run.plots_dir / "loss.png", run.plots_dir / "accuracy.png"]
-    viz.plot_curves(epochs, *paths)
-    return paths

@@ -8,7 +8,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -16,6 +16,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from cifarcam.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from cifarcam.rundir import RunDir
 
 TILE_INCHES = 1.6
 
@@ -35,6 +38,13 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarra
     heat = cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB)  # OpenCV colormaps are BGR
     blended = (1 - alpha) * image.astype(np.float32) + alpha * heat.astype(np.float32)
     return blended.round().clip(0, 255).astype(np.uint8)
+
+
+def plot_run_curves(run: RunDir) -> list[Path]:
+    """`cifarcam plot`: a run's curves from its metrics.json into plots/loss.png and accuracy.png."""
+    paths = [run.plots_dir / "loss.png", run.plots_dir / "accuracy.png"]
+    plot_curves(run.read_epochs(), *paths)
+    return paths
 
 
 def plot_curves(epochs: Sequence[dict[str, Any]], loss_path: Path, accuracy_path: Path) -> None:

@@ -1,6 +1,8 @@
 """The CLI's contract: help everywhere, exact error lines, documented exit codes, no tracebacks."""
 
 import json
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -119,6 +121,29 @@ def test_best_checkpoint_with_val_split_and_evaluate_output(trained_runs: Path, 
     assert f"Test accuracy {evaluation['accuracy']:.2%}" in result.stdout
     metrics = json.loads((runs / "tiny" / "metrics.json").read_text())["epochs"]
     assert all("val_acc" in record and "val_loss" in record for record in metrics)
+
+
+def test_plot_report_and_compare_run_without_importing_torch(trained_runs: Path, tmp_path: Path) -> None:
+    """They only read a run's files: they answer in about a second, not after torch's import."""
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    copy_tree(runs / "tiny", runs / "tiny2")
+    commands = [["plot", "--run", "tiny"], ["report", "--run", "tiny"], ["compare", "tiny", "tiny2"]]
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from cifarcam.cli import app\n"
+        f"for args in {commands!r}:\n"
+        f"    result = CliRunner().invoke(app, [*args, '--runs-dir', {str(runs)!r}])\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'torch')[:3])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    for name in ("loss.png", "accuracy.png"):
+        assert (runs / "tiny" / "plots" / name).stat().st_size > 10_000
+    assert (runs / "tiny" / "report.html").stat().st_size > 10_000
+    assert (runs / "compare.html").stat().st_size > 1_000
 
 
 def test_version() -> None:

@@ -206,7 +206,7 @@ def plot(run: RunOpt, runs_dir: RunsDirOpt = Path("runs")) -> None:
 
     Example: cifarcam plot --run r1
     """
-    from cifarcam import trained
+    from cifarcam import viz  # not torch: plot answers at once, also while a run trains
 
-    paths = guarded(lambda: trained.plot(run_dir(runs_dir, run)))
+    paths = guarded(lambda: viz.plot_run_curves(run_dir(runs_dir, run)))
     console.print("Wrote " + ", ".join(str(p) for p in paths))
