@@ -32,6 +32,7 @@ from cifarcam.distributed import SINGLE, Group
 from cifarcam.engine import StepCallback, resolve_device
 from cifarcam.errors import (
     CifarcamError,
+    RunError,
     TrainingDiverged,
     TrainingInterrupted,
     UsageError,
@@ -173,9 +174,11 @@ def resume(
             lock.enter_context(run.lock())
             run.remove_temporaries()
             state = run.load_state()
-            if state is not None and state[1]["epoch"] >= config.epochs:
+            if state is not None and state[1]["epoch"] >= config.epochs and _derived_files_saved(run, state):
                 run.update_meta(status="finished")
                 return state, True
+            # else also a run whose last epoch's state was saved but not all the files derived
+            # from it (killed in between): _train_loop writes them again from the state
             meta = run.read_meta() if run.meta_path.exists() else {}
             run.update_meta(
                 status="running",
@@ -192,6 +195,16 @@ def resume(
             assert state is not None
             return list(state[1]["records"])
         return _train_loop(config, run, prepared, state, callbacks or TrainCallbacks(), stop, group)
+
+
+def _derived_files_saved(run: RunDir, state: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> bool:
+    """Whether the checkpoints and metrics.json are those of the saved state's epoch: metrics.json
+    is the last file an epoch writes (`save_epoch_end`), so its last record tells."""
+    try:
+        epochs = run.read_json(run.metrics_path)["epochs"]
+        return bool(epochs) and epochs[-1]["epoch"] == state[1]["epoch"]
+    except (RunError, OSError, KeyError, TypeError, IndexError):
+        return False
 
 
 def _train_loop(
@@ -249,7 +262,8 @@ def _train_loop(
         epoch_header = header | {"epoch": trainer.epoch}
         checkpoint_id = run.save_checkpoint("last", trainer.final_model, epoch_header)
         if trainer.test_logits is not None:  # this epoch's scoring: the commands after reuse it
-            run.save_test_logits(trainer.test_logits, checkpoint_id)
+            with contextlib.suppress(OSError):  # a cache: without it they score the test set again
+                run.save_test_logits(trainer.test_logits, checkpoint_id)
         val_acc = trainer.records[-1].get("val_acc", -1.0)
         if validation is not None and val_acc > best_val:
             run.save_checkpoint("best", trainer.final_model, epoch_header)

@@ -161,6 +161,42 @@ def test_resume_of_a_finished_run_changes_nothing(trained_runs: Path, tmp_path: 
     assert json.loads((runs / "tiny" / "meta.json").read_text())["status"] == "finished"
 
 
+def test_resume_writes_the_final_epochs_files_when_a_kill_left_them_behind(
+    trained_runs: Path, tmp_path: Path
+) -> None:
+    """Killed after the last epoch's training state was saved, before its checkpoint and
+    metrics.json: the state says finished, the files derived from it are an epoch behind."""
+    import torch
+
+    from cifarcam.models import build_model
+
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    run = RunDir(runs, "tiny")
+    metrics = run.metrics_path.read_text()
+    model, info = run.load_model("last")
+    header = {
+        "model": info.model,
+        "width": info.width,
+        "norm": info.norm,
+        "num_classes": info.num_classes,
+        "classes": info.classes,
+        "mean": list(info.mean),
+        "std": list(info.std),
+    }
+    run.save_checkpoint("last", build_model("resnet18", 8), header | {"epoch": 1})
+    run.write_json(run.metrics_path, {"epochs": json.loads(metrics)["epochs"][:1]})
+
+    result = invoke("train", "--run", "tiny", "--runs-dir", str(runs), "--resume")
+    assert result.exit_code == 0, result.output
+    assert "all 2 epochs trained: writing the last epoch's files again" in result.stdout
+    assert run.metrics_path.read_text() == metrics
+    restored, restored_info = run.load_model("last")
+    assert restored_info.epoch == 2
+    weights = model.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in restored.state_dict().items())
+    assert json.loads(run.meta_path.read_text())["status"] == "finished"
+
+
 def test_first_signal_asks_to_stop_and_a_second_stops_at_once() -> None:
     import os
     import signal
