@@ -138,8 +138,16 @@ def check_methods(methods: list[str]) -> list[str]:
 
 
 def check_layers(model: nn.Module, layers: list[str]) -> dict[str, nn.Module]:
-    """The modules named `layers` (duplicates dropped); a UsageError names an unknown one."""
-    return {name: find_layer(model, name) for name in dict.fromkeys(layers)}
+    """The modules named `layers` (duplicates dropped); a UsageError names an unknown one, or
+    the classifier, whose output has no spatial map to explain."""
+    modules = {name: find_layer(model, name) for name in dict.fromkeys(layers)}
+    for name, module in modules.items():
+        if isinstance(module, nn.Linear):
+            raise UsageError(
+                f"layer '{name}' is the classifier: its output has no spatial map to explain; "
+                "choose layer1..layer4 or a module inside them (e.g. layer4.1.conv2)"
+            )
+    return modules
 
 
 def normalize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

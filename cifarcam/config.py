@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +79,14 @@ class TrainConfig(BaseModel):
     albumentations: dict[str, Any] | None = None
     workers: int = Field(2, ge=0, le=64)  # DataLoader workers for the albumentations path
 
+    @field_validator("data")
+    @classmethod
+    def _absolute_data_path(cls, value: str) -> str:
+        """A tree path is kept absolute (~ expanded), so later commands find it from any folder."""
+        if value == "cifar10" or not value:
+            return value
+        return os.path.abspath(os.path.expanduser(value))
+
     @field_validator("albumentations")
     @classmethod
     def _loads_in_albumentations(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -144,6 +153,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file '{path}' does not exist") from None
     except OSError as error:
         raise ConfigError(f"cannot read config file '{path}': {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (a JSON object is expected)") from None
     try:
         values = json.loads(text)
     except json.JSONDecodeError as error:
@@ -156,9 +167,15 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return base updated with the overrides that were actually given (not None)."""
+    """Return base updated with the overrides that were actually given (not None). `augment` is
+    merged field by field: {"augment": {"cutout": 8}} keeps the base's flip and translate."""
     merged = dict(base)
-    merged.update({key: value for key, value in overrides.items() if value is not None})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "augment" and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = merged[key] | value
+        merged[key] = value
     return merged
 
 

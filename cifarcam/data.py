@@ -123,6 +123,8 @@ def _list_tree(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]],
             f"class folders differ between '{root / 'train'}' and '{root / 'test'}': "
             f"{classes} vs {classes_per_split['test']}"
         )
+    # The class folders decide the labels, so they are part of the key even when empty
+    digest.update(("classes:" + "/".join(classes) + "\n").encode())
     files: dict[str, list[tuple[str, int]]] = {}
     for split in ("train", "test"):
         entries: list[tuple[str, int]] = []

@@ -141,6 +141,14 @@ def train(
     with contextlib.ExitStack() as lock:
 
         def start() -> None:
+            if stop is not None and stop.requested():  # while the data loaded: nothing touched yet
+                number = stop.signal or signal.SIGINT
+                raise TrainingInterrupted(
+                    f"interrupted by {signal.Signals(number).name} before training started; "
+                    f"run '{run.name}' was not changed",
+                    hint=None,
+                    exit_code=128 + int(number),
+                )
             lock.enter_context(run.lock())
             run.start_training(overwrite)
             atomic_write_text(run.config_path, config_to_json(config))
@@ -174,6 +182,12 @@ def resume(
             lock.enter_context(run.lock())
             run.remove_temporaries()
             state = run.load_state()
+            if state is None and (run.checkpoint_path("last").exists() or run.metrics_path.exists()):
+                raise RunError(  # starting over would replace its epochs without --overwrite
+                    f"run '{run.name}' has trained epochs but no training state to resume from "
+                    f"('{run.state_path}' is missing)",
+                    hint=f"train it again from the start with 'cifarcam train --run {run.name} --overwrite'",
+                )
             if state is not None and state[1]["epoch"] >= config.epochs and _derived_files_saved(run, state):
                 run.update_meta(status="finished")
                 return state, True

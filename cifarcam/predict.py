@@ -308,6 +308,13 @@ def check_request(predictor: Predictor, run: RunDir, top_k: int, cam: CamRequest
     out = cam.out_dir.resolve()
     if out == run.path.resolve() or run.path.resolve() in out.parents:
         raise UsageError(f"--out '{cam.out_dir}' is inside the run directory; predictions never write there")
+    runs_root = run.runs_dir.resolve()
+    if runs_root in out.parents:  # nor into another run (its report would show them as its own)
+        other = runs_root / out.relative_to(runs_root).parts[0]
+        if (other / "meta.json").exists() or (other / "checkpoints").is_dir():
+            raise UsageError(
+                f"--out '{cam.out_dir}' is inside run '{other.name}'; predictions never write into a run"
+            )
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out '{cam.out_dir}' is a file, not a folder")
 

@@ -55,6 +55,8 @@ def damage_run(run: Path, how: str) -> None:
         (run / "evaluation.json").write_text('{"accuracy": 0.')
     elif how == "no_metrics":
         (run / "metrics.json").unlink()
+    elif how == "no_state":
+        (run / "checkpoints" / "state.safetensors").unlink()
     elif how == "corrupt_state":
         (run / "checkpoints" / "state.safetensors").write_bytes(b"junk")
         meta = json.loads((run / "meta.json").read_text())
@@ -399,6 +401,34 @@ CASES = [
         2,
         "Error: --out '{runs}/tiny/cams' is inside the run directory; predictions never write there",
     ),
+    (
+        "predict --out inside another run",
+        "second_run",
+        "predict --run tiny --cam --out {runs}/other/gradcam {tmp}/file",
+        2,
+        "Error: --out '{runs}/other/gradcam' is inside run 'other'; predictions never write into a run",
+    ),
+    (
+        "the classifier as a CAM layer",
+        None,
+        "gradcam --run tiny --layer linear",
+        2,
+        "Error: layer 'linear' is the classifier: its output has no spatial map to explain",
+    ),
+    (
+        "resume without a training state",
+        "run:no_state",
+        "train --run tiny --resume",
+        1,
+        "Error: run 'tiny' has trained epochs but no training state to resume from",
+    ),
+    (
+        "config file that is not text",
+        "binary_file",
+        "train --run r --data {tree} --config {tmp}/c.json",
+        2,
+        "Error: config file '{tmp}/c.json' is not UTF-8 text (a JSON object is expected)",
+    ),
 ]
 if not torch.cuda.is_available():
     CASES.append(
@@ -438,6 +468,8 @@ def test_bad_input(
         damage_tree(tree, detail)
     elif kind == "file":
         (scratch / "c.json").write_text(detail)
+    elif kind == "binary_file":
+        (scratch / "c.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     elif kind == "empty_run":
         (runs / "fresh").mkdir()
     elif kind == "runs_is_file":

@@ -197,6 +197,28 @@ def test_resume_writes_the_final_epochs_files_when_a_kill_left_them_behind(
     assert json.loads(run.meta_path.read_text())["status"] == "finished"
 
 
+def test_a_stop_asked_while_the_data_loads_leaves_the_run_to_overwrite_alone(
+    trained_runs: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C lands while `train --overwrite` loads the data: the earlier run must survive."""
+    import signal
+
+    from cifarcam.errors import TrainingInterrupted
+    from cifarcam.pipeline import StopSignal, train
+    from cifarcam.trained import read_config
+
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    files = {p: p.read_bytes() for p in sorted((runs / "tiny").rglob("*")) if p.is_file()}
+    stop = StopSignal()
+    stop.signal = signal.SIGINT
+    run = RunDir(runs, "tiny")
+    with pytest.raises(TrainingInterrupted) as caught:
+        train(read_config(run), run, overwrite=True, stop=stop)
+    assert caught.value.exit_code == 130
+    assert caught.value.message == "interrupted by SIGINT before training started; run 'tiny' was not changed"
+    assert {p: p.read_bytes() for p in sorted((runs / "tiny").rglob("*")) if p.is_file()} == files
+
+
 def test_first_signal_asks_to_stop_and_a_second_stops_at_once() -> None:
     import os
     import signal

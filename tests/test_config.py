@@ -48,6 +48,21 @@ def test_overrides_win_over_file_and_none_means_not_given(tmp_path: Path) -> Non
     assert (config.epochs, config.lr, config.width) == (5, 0.1, 16)
 
 
+def test_a_config_file_overrides_the_preset_augmentation_field_by_field() -> None:
+    from cifarcam.config import preset_values
+
+    config = build_config(merge_overrides(preset_values("quick"), {"augment": {"cutout": 8}}))
+    assert (config.augment.flip, config.augment.translate, config.augment.cutout) == (True, 2, 8)
+
+
+def test_data_paths_are_kept_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert build_config({"data": "trees/cifar"}).data == str(tmp_path / "trees" / "cifar")
+    assert build_config({"data": "~/cifar"}).data == str(tmp_path / "home" / "cifar")
+    assert build_config({}).data == "cifar10"  # torchvision's download, not a path
+
+
 def test_round_trip_through_json(tmp_path: Path) -> None:
     config = build_config({"width": 16, "augment": {"cutout": 8}})
     again = TrainConfig.model_validate_json(config.model_dump_json())

@@ -82,6 +82,21 @@ def test_second_load_uses_the_cache_and_changes_invalidate_it(tmp_path: Path) ->
     assert len(list((cache / "imagefolder").glob("*.npz"))) == 1  # the stale cache was replaced
 
 
+def test_a_new_empty_class_folder_is_not_served_the_old_labels(tmp_path: Path) -> None:
+    """Class folders number the labels: one added, even empty, renumbers them, so the cache
+    made before it must not be used."""
+    data = synthetic_dataset(20, 10, seed=3)
+    root = write_image_folder(data, tmp_path / "tree")
+    load_image_folder(root, tmp_path / "cache")
+    for split in ("train", "test"):
+        (root / split / "aaa-new").mkdir()  # sorts first, holds no image
+    loaded = load_image_folder(root, tmp_path / "cache")
+    assert loaded.classes == ["aaa-new", *sorted(data.classes)]
+    for image, label in zip(loaded.train.images, loaded.train.labels, strict=True):
+        original = data.train.labels[(data.train.images == image).flatten(1).all(1)][0]
+        assert loaded.classes[label] == data.classes[original]
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
