@@ -240,23 +240,25 @@ def _faithfulness_rows(
     return rows
 
 
-def _merge_metrics(run: RunDir, rows: list[dict[str, Any]], selection: str, steps: int) -> Path:
-    """gradcam/metrics.json keeps rows from earlier calls unless this call recomputed them."""
+_ROW_KEY = ("method", "layer", "target", "selection", "steps", "checkpoint")
+
+
+def _merge_metrics(
+    run: RunDir, rows: list[dict[str, Any]], selection: str, steps: int, checkpoint: str
+) -> Path:
+    """gradcam/metrics.json keeps rows from earlier calls unless this call recomputed them: the
+    same method, layer, target, images, steps and checkpoint (each row names its own)."""
     path = run.faithfulness_path
     for row in rows:
-        row["selection"] = selection
-    keys = {(r["method"], r["layer"], r["target"], selection) for r in rows}
+        row |= {"selection": selection, "steps": steps, "checkpoint": checkpoint}
+    keys = {tuple(r[k] for k in _ROW_KEY) for r in rows}
     earlier = run.read_json(path).get("results", []) if path.exists() else []
-    kept = [
-        r
-        for r in earlier
-        if (r.get("method"), r.get("layer"), r.get("target"), r.get("selection")) not in keys
-    ]
+    kept = [r for r in earlier if tuple(r.get(k) for k in _ROW_KEY) not in keys]
     run.write_json(
         path,
         {
-            "about": "deletion_auc (lower is better) and insertion_auc (higher) over "
-            f"{steps} steps, softmax probability of the target class, deletion to the mean colour, "
+            "about": "deletion_auc (lower is better) and insertion_auc (higher) over each row's "
+            "`steps`, softmax probability of the target class, deletion to the mean colour, "
             "insertion from a Gaussian blur (sigma 4); average_drop (% , lower) and "
             "increase_in_confidence (% of images, higher) for the input multiplied by its map; "
             "'random' is a uniform-noise map baseline",
@@ -319,7 +321,7 @@ def gradcam(
     if metrics:
         scores = _faithfulness_rows(loaded, explained, targets[0], methods, layers, steps, batch_size)
         selection = "all test images" if all_images else f"{count} most confident mistakes"
-        paths.append(_merge_metrics(run, scores, selection, steps))
+        paths.append(_merge_metrics(run, scores, selection, steps, checkpoint))
     return GradcamOutcome(paths, scores)
 
 

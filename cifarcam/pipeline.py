@@ -194,6 +194,8 @@ def resume(
             # else also a run whose last epoch's state was saved but not all the files derived
             # from it (killed in between): _train_loop writes them again from the state
             meta = run.read_meta() if run.meta_path.exists() else {}
+            if state is not None:
+                _check_same_data(run, meta, _environment(prepared, command, group))
             run.update_meta(
                 status="running",
                 started_at=meta.get("started_at") or now_iso(),
@@ -209,6 +211,22 @@ def resume(
             assert state is not None
             return list(state[1]["records"])
         return _train_loop(config, run, prepared, state, callbacks or TrainCallbacks(), stop, group)
+
+
+def _check_same_data(run: RunDir, meta: dict[str, Any], now: dict[str, Any]) -> None:
+    """A saved state continues only on the data it started with: its weights are sized to the
+    classes, and its epoch order indexes the training images."""
+    for field, what in (
+        ("classes", "classes"),
+        ("train_images", "training images"),
+        ("val_images", "validation images"),
+    ):
+        if field in meta and meta[field] != now[field]:
+            raise RunError(
+                f"the data at '{now['data']}' has changed since run '{run.name}' started: "
+                f"{what} {meta[field]} then, {now[field]} now",
+                hint="resume needs the same data; train a new run for the new data",
+            )
 
 
 def _derived_files_saved(run: RunDir, state: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> bool:

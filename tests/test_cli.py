@@ -219,6 +219,30 @@ def test_a_stop_asked_while_the_data_loads_leaves_the_run_to_overwrite_alone(
     assert {p: p.read_bytes() for p in sorted((runs / "tiny").rglob("*")) if p.is_file()} == files
 
 
+def test_resume_refuses_data_that_changed_since_the_run_started(
+    trained_runs: Path, tmp_path: Path, synthetic_tree: Path
+) -> None:
+    import cv2
+    import numpy as np
+
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    tree = copy_tree(synthetic_tree, tmp_path / "tree")
+    config_path = runs / "tiny" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"epochs": 3, "data": str(tree)}))  # one more to go
+    for split in ("train", "test"):  # an eleventh class, big enough for the validation split
+        (tree / split / "zzz").mkdir()
+        for index in range(12):
+            cv2.imwrite(str(tree / split / "zzz" / f"{index}.png"), np.full((32, 32, 3), index, np.uint8))
+    files = {p: p.read_bytes() for p in sorted((runs / "tiny").rglob("*")) if p.is_file()}
+    result = invoke("train", "--run", "tiny", "--runs-dir", str(runs), "--resume")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(
+        f"Error: the data at '{tree}' has changed since run 'tiny' started: classes ["
+    ), result.stderr
+    assert {p: p.read_bytes() for p in sorted((runs / "tiny").rglob("*")) if p.is_file()} == files
+
+
 def test_first_signal_asks_to_stop_and_a_second_stops_at_once() -> None:
     import os
     import signal

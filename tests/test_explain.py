@@ -108,6 +108,19 @@ def test_metrics_table_json_and_merge(runs: Path) -> None:
         ("layercam", "layer3"),
         ("random", "-"),
     ]
+    # Rows name their own steps and checkpoint: another step count adds rows, it does not
+    # relabel or replace the earlier ones.
+    assert all((r["steps"], r["checkpoint"]) == (4, "last") for r in merged)
+    cifarcam(*common[:-1], "8", "--method", "gradcam")
+    again = json.loads(metrics_path.read_text())["results"]
+    assert [(r["method"], r["layer"], r["steps"]) for r in again] == [
+        ("gradcam", "layer4", 4),
+        ("eigencam", "layer4", 4),
+        ("layercam", "layer3", 4),
+        ("random", "-", 4),
+        ("gradcam", "layer4", 8),
+        ("random", "-", 8),
+    ]
 
 
 @pytest.mark.parametrize(
