@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from cifarcam.errors import EXIT_RUNTIME, EXIT_SIGINT, CifarcamError, PeerFailed, UsageError
+from cifarcam.errors import EXIT_RUNTIME, EXIT_SIGINT, CifarcamError, PeerFailed, StoppedAtOnce, UsageError
 
 T = TypeVar("T")
 _NO_BAD_STEP = 2**62  # stands for "every loss finite" when ranks take the minimum of their first bad step
@@ -129,6 +129,8 @@ SINGLE = Group()
 
 def _exit_code(error: BaseException) -> int:
     if isinstance(error, CifarcamError):
+        return error.exit_code
+    if isinstance(error, StoppedAtOnce):
         return error.exit_code
     return EXIT_SIGINT if isinstance(error, KeyboardInterrupt) else EXIT_RUNTIME
 

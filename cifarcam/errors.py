@@ -69,3 +69,11 @@ class PeerFailed(CifarcamError):
         super().__init__(f"rank {rank} failed")
         self.rank = rank
         self.exit_code = exit_code
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM during training: it stops at once (exit 128 + the signal)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.exit_code = 128 + signum

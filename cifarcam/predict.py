@@ -286,12 +286,16 @@ def _safe(name: str) -> str:
 
 
 def _unique_stems(paths: Sequence[Path]) -> list[str]:
-    seen: dict[str, int] = {}
-    stems = []
+    """A distinct output name per input: repeats get -2, -3, ... past any name already taken
+    (a.png, a.jpg, a-2.png -> a, a-2, a-2-2)."""
+    stems: list[str] = []
     for path in paths:
-        stem = _safe(path.stem) or "image"
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+        base = _safe(path.stem) or "image"
+        stem, count = base, 1
+        while stem in stems:
+            count += 1
+            stem = f"{base}-{count}"
+        stems.append(stem)
     return stems
 
 

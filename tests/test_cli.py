@@ -259,6 +259,23 @@ def test_first_signal_asks_to_stop_and_a_second_stops_at_once() -> None:
     assert {sig: signal.getsignal(sig) for sig in before} == before  # handlers restored
 
 
+@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_second_signal_exits_with_its_own_code(sig: str, code: int) -> None:
+    import os
+    import signal
+
+    import typer
+
+    from cifarcam.cli.base import user_errors
+    from cifarcam.cli.train import _stop_on_signals
+
+    number = getattr(signal, sig)
+    with pytest.raises(typer.Exit) as caught, user_errors(), _stop_on_signals():
+        os.kill(os.getpid(), number)  # the first asks to stop after the step
+        os.kill(os.getpid(), number)  # the second stops at once
+    assert caught.value.exit_code == code
+
+
 def test_an_immediate_stop_marks_the_run_interrupted_and_keeps_the_last_epoch(
     tmp_path: Path, synthetic_tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

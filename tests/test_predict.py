@@ -294,3 +294,10 @@ def test_predict_of_a_missing_run(runs_dir: Path, odd_images: dict[str, Path]) -
     result = invoke("predict", "--run", "nope", "--runs-dir", str(runs_dir), str(odd_images["gray.png"]))
     assert result.exit_code == 1
     assert result.stderr.splitlines()[0] == f"Error: run 'nope' does not exist in '{runs_dir}'"
+
+
+def test_output_names_stay_distinct_past_names_already_taken() -> None:
+    from cifarcam.predict import _unique_stems
+
+    paths = [Path("x/a.png"), Path("y/a.jpg"), Path("a-2.png"), Path("z/a.webp")]
+    assert _unique_stems(paths) == ["a", "a-2", "a-2-2", "a-3"]

@@ -22,6 +22,7 @@ from cifarcam.errors import (
     EXIT_SIGINT,
     CifarcamError,
     PeerFailed,
+    StoppedAtOnce,
 )
 
 app = typer.Typer(
@@ -88,8 +89,9 @@ def user_errors(rank: int = 0) -> Iterator[None]:
         raise typer.Exit(error.exit_code) from None
     except CifarcamError as error:
         raise fail(who + error.message, error.hint, error.exit_code) from None
-    except KeyboardInterrupt:
-        raise fail(who + "interrupted", None, EXIT_SIGINT) from None
+    except KeyboardInterrupt as error:
+        code = error.exit_code if isinstance(error, StoppedAtOnce) else EXIT_SIGINT
+        raise fail(who + "interrupted", None, code) from None
     except OSError as error:
         where = f" ({error.filename})" if error.filename else ""
         raise fail(f"{who}{error.strerror or error}{where}", None, EXIT_RUNTIME) from None

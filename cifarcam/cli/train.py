@@ -23,6 +23,7 @@ from cifarcam.cli.base import (
 )
 from cifarcam.errors import (
     EXIT_SIGINT,
+    StoppedAtOnce,
     TrainingInterrupted,
     UsageError,
 )
@@ -246,7 +247,7 @@ def _stop_on_signals(group: Any = None) -> Iterator[Any]:
         if stop.signal is not None:
             if group.distributed and time.monotonic() - first_at[0] < _SAME_SIGNAL_S:
                 return
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         stop.signal, first_at[0] = signum, time.monotonic()
         if group.is_main:
             typer.echo(
