@@ -128,9 +128,7 @@ SINGLE = Group()
 
 
 def _exit_code(error: BaseException) -> int:
-    if isinstance(error, CifarcamError):
-        return error.exit_code
-    if isinstance(error, StoppedAtOnce):
+    if isinstance(error, (CifarcamError, StoppedAtOnce)):
         return error.exit_code
     return EXIT_SIGINT if isinstance(error, KeyboardInterrupt) else EXIT_RUNTIME
 

@@ -141,14 +141,8 @@ def train(
     with contextlib.ExitStack() as lock:
 
         def start() -> None:
-            if stop is not None and stop.requested():  # while the data loaded: nothing touched yet
-                number = stop.signal or signal.SIGINT
-                raise TrainingInterrupted(
-                    f"interrupted by {signal.Signals(number).name} before training started; "
-                    f"run '{run.name}' was not changed",
-                    hint=None,
-                    exit_code=128 + int(number),
-                )
+            if stop is not None and stop.signal is not None:  # while the data loaded: nothing touched
+                raise _interrupted(stop.signal, f"before training started; run '{run.name}' was not changed")
             lock.enter_context(run.lock())
             run.start_training(overwrite)
             atomic_write_text(run.config_path, config_to_json(config))
@@ -194,15 +188,16 @@ def resume(
             # else also a run whose last epoch's state was saved but not all the files derived
             # from it (killed in between): _train_loop writes them again from the state
             meta = run.read_meta() if run.meta_path.exists() else {}
+            environment = _environment(prepared, command, group)
             if state is not None:
-                _check_same_data(run, meta, _environment(prepared, command, group))
+                _check_same_data(run, meta, environment)
             run.update_meta(
                 status="running",
                 started_at=meta.get("started_at") or now_iso(),
                 resumed_at=[*meta.get("resumed_at", []), now_iso()],
                 ended_at=None,
                 error=None,
-                **_environment(prepared, command, group),
+                **environment,
             )
             return state, False
 
@@ -233,10 +228,16 @@ def _derived_files_saved(run: RunDir, state: tuple[dict[str, torch.Tensor], dict
     """Whether the checkpoints and metrics.json are those of the saved state's epoch: metrics.json
     is the last file an epoch writes (`save_epoch_end`), so its last record tells."""
     try:
-        epochs = run.read_json(run.metrics_path)["epochs"]
-        return bool(epochs) and epochs[-1]["epoch"] == state[1]["epoch"]
-    except (RunError, OSError, KeyError, TypeError, IndexError):
+        return bool(run.read_epochs()[-1].get("epoch") == state[1]["epoch"])
+    except RunError:  # no metrics.json, or no epoch in it
         return False
+
+
+def _interrupted(number: int, what: str, hint: str | None = None) -> TrainingInterrupted:
+    """The error of a stop asked by signal `number`: 'interrupted by SIGNAME <what>', exit 128 + it."""
+    return TrainingInterrupted(
+        f"interrupted by {signal.Signals(number).name} {what}", hint, 128 + int(number)
+    )
 
 
 def _train_loop(
@@ -342,10 +343,10 @@ def _train_loop(
             )
 
         on_main(save_stop, None)
-        error = TrainingInterrupted(
-            f"interrupted by {name} {where}; the training state is saved",
+        error = _interrupted(
+            signal_number,
+            f"{where}; the training state is saved",
             hint=f"resume with 'cifarcam train --run {run.name} --resume'",
-            exit_code=128 + int(signal_number),
         )
         raise group.raise_together(error) from None
     except TrainingDiverged as error:  # found by all ranks at the same step

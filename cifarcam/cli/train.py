@@ -284,9 +284,11 @@ def _training_progress(shown: bool = True) -> Iterator[Any]:
 
     def on_start(meta: dict[str, Any]) -> None:
         epoch["n"], epoch["total"] = meta["start_epoch"], meta["epochs"]
-        resumed = f", resuming at epoch {epoch['n']}" if epoch["n"] > 1 else ""
+        resumed = ""
         if epoch["n"] > epoch["total"]:
             resumed = f", all {epoch['total']} epochs trained: writing the last epoch's files again"
+        elif epoch["n"] > 1:
+            resumed = f", resuming at epoch {epoch['n']}"
         per_epoch = (
             f" ({meta['epoch_images']} per epoch)" if meta["epoch_images"] != meta["train_images"] else ""
         )
