@@ -1,6 +1,7 @@
 """The explanation commands over a trained run: `gradcam` (maps, galleries, faithfulness) and `sanity`.
 
-Files: gradcam/<method>_<layer>.safetensors holds the maps (guided-backprop has no layer),
+Files: gradcam/<method>_<layer>.safetensors holds the maps of the mistakes (<method>_<layer>_all
+.safetensors those of the whole test set; guided-backprop has no layer),
 gradcam/<methods>_<layers>.png/.json the gallery, gradcam/metrics.json the faithfulness scores,
 sanity/<method>_<layer>.png/.json the randomisation check.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
@@ -21,7 +23,7 @@ from cifarcam.cam import METHODS, CamExtractor, check_layers, guided_backprop, g
 from cifarcam.errors import UsageError
 from cifarcam.faithfulness import faithfulness, random_maps
 from cifarcam.fileio import atomic_write_bytes
-from cifarcam.precision import autocast_dtype
+from cifarcam.precision import autocast_dtype, precision_name
 from cifarcam.rundir import RunDir
 from cifarcam.sanity import cascading_randomization, similarity_table
 from cifarcam.trained import LoadedRun, load_run, select_misclassified, test_logits
@@ -142,10 +144,46 @@ def _groups(methods: list[str], layers: list[str]) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
+def maps_path(run: RunDir, method: str, layer: str, all_images: bool) -> Path:
+    """gradcam/METHOD_LAYER.safetensors for the mistakes, METHOD_LAYER_all.safetensors for the
+    whole test set (guided-backprop has no layer), so neither selection replaces the other."""
+    stem = f"{method}_{layer}" if layer else method
+    return run.gradcam_dir / f"{stem}{'_all' if all_images else ''}.safetensors"
+
+
+_TARGET_PREFIXES = ("maps_", "attributions_")
+
+
+def _earlier_targets(
+    path: Path, tensors: dict[str, torch.Tensor], same: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """The other targets' maps in an earlier file of the same images, checkpoint and precision:
+    a call for one target keeps what a call for another computed."""
+    try:
+        with safe_open(path, "pt") as earlier:
+            metadata = earlier.metadata() or {}
+            if any(metadata.get(key) != value for key, value in same.items()):
+                return {}
+            if not torch.equal(earlier.get_tensor("indices"), tensors["indices"]):
+                return {}
+            stored = earlier.keys()  # a safe_open handle is not iterable itself
+            names = [n for n in stored if n.startswith(_TARGET_PREFIXES) and n not in tensors]
+            return {name: earlier.get_tensor(name) for name in names}
+    except (OSError, SafetensorError):  # none yet, or unreadable: it is replaced
+        return {}
+
+
 def _save_maps(
-    run: RunDir, explained: Explanations, targets: list[str], groups: list[tuple[str, str]]
+    run: RunDir,
+    explained: Explanations,
+    targets: list[str],
+    groups: list[tuple[str, str]],
+    all_images: bool,
+    loaded: LoadedRun,
+    amp_dtype: torch.dtype | None,
 ) -> list[Path]:
     paths = []
+    same = {"checkpoint_id": loaded.info.checkpoint_id, "precision": precision_name(amp_dtype)}
     for method, layer in groups:
         tensors = {
             "indices": explained.indices.contiguous(),
@@ -158,8 +196,21 @@ def _save_maps(
                 tensors[f"attributions_{name}"] = explained.attributions[(key, method, layer)].contiguous()
             else:
                 tensors[f"maps_{name}"] = explained.maps[(key, method, layer)].contiguous()
-        path = run.gradcam_dir / (f"{method}_{layer}.safetensors" if layer else f"{method}.safetensors")
-        metadata = {"method": method, "layer": layer, "targets": ",".join(targets), "note": MAPS_NOTE}
+        path = maps_path(run, method, layer, all_images)
+        tensors |= _earlier_targets(path, tensors, same)
+        names = [
+            n.split("_", 1)[1].replace("class_", "class:", 1)
+            for n in tensors
+            if n.startswith(_TARGET_PREFIXES)
+        ]
+        metadata = {
+            "method": method,
+            "layer": layer,
+            "targets": ",".join(names),
+            "epoch": str(loaded.info.epoch),
+            **same,
+            "note": MAPS_NOTE,
+        }
         atomic_write_bytes(path, save_safetensors(tensors, metadata=metadata))
         paths.append(path)
     return paths
@@ -272,6 +323,7 @@ def _merge_metrics(
 class GradcamOutcome:
     paths: list[Path]
     metrics: list[dict[str, Any]]
+    gallery_rows: int  # 0: no mistakes to show (possible with all_images)
 
 
 def gradcam(
@@ -305,7 +357,10 @@ def gradcam(
     check_layers(loaded.model, layers)
     probs = torch.softmax(test_logits(loaded), dim=1)
     pred_all, confidence_all = probs.argmax(1), probs.max(1).values
-    mistakes = select_misclassified(probs, loaded.test.labels.cpu(), count)
+    labels = loaded.test.labels.cpu()
+    if all_images:  # the gallery shows up to --count mistakes, and none when there are none
+        count = min(count, int((pred_all != labels).sum()))
+    mistakes = select_misclassified(probs, labels, count)
     indices = torch.arange(len(probs)) if all_images else mistakes
     explained = explain_images(
         loaded, indices, pred_all[indices], methods, layers, targets, batch_size, on_progress, amp_dtype
@@ -313,16 +368,17 @@ def gradcam(
     rows = (mistakes if all_images else torch.arange(len(mistakes)))[:GALLERY_ROWS]
     groups = _groups(methods, layers)
     stem = _file_stem(methods, layers)
-    paths = _save_maps(run, explained, targets, groups)
-    paths += _gallery(
-        run, loaded, explained, rows, targets, groups, confidence_all[indices], stem, checkpoint
-    )
+    paths = _save_maps(run, explained, targets, groups, all_images, loaded, amp_dtype)
+    if len(rows):
+        paths += _gallery(
+            run, loaded, explained, rows, targets, groups, confidence_all[indices], stem, checkpoint
+        )
     scores: list[dict[str, Any]] = []
     if metrics:
         scores = _faithfulness_rows(loaded, explained, targets[0], methods, layers, steps, batch_size)
         selection = "all test images" if all_images else f"{count} most confident mistakes"
         paths.append(_merge_metrics(run, scores, selection, steps, checkpoint))
-    return GradcamOutcome(paths, scores)
+    return GradcamOutcome(paths, scores, len(rows))
 
 
 @dataclass

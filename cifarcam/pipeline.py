@@ -7,6 +7,7 @@ Nothing here prints: progress goes out through callbacks, results come back as v
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import signal
 import sys
@@ -39,7 +40,7 @@ from cifarcam.errors import (
 )
 from cifarcam.fileio import atomic_write_text
 from cifarcam.models import build_model
-from cifarcam.precision import memory_format, training_dtype
+from cifarcam.precision import memory_format, precision_name, training_dtype
 from cifarcam.rundir import RunDir, now_iso
 from cifarcam.trained import read_config
 from cifarcam.trainer import StopRequested, Trainer
@@ -52,10 +53,6 @@ class TrainCallbacks:
     on_start: Callable[[dict[str, Any]], None] | None = None
     on_step: StepCallback | None = None
     on_epoch: Callable[[dict[str, float]], None] | None = None
-
-
-def _precision_name(amp_dtype: torch.dtype | None) -> str:
-    return "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -112,7 +109,7 @@ def _environment(prepared: _Prepared, command: str, group: Group) -> dict[str, A
         "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else platform.processor() or platform.machine(),
-        "precision": _precision_name(prepared.amp_dtype),
+        "precision": precision_name(prepared.amp_dtype),
         "command": command or " ".join(sys.argv),
         "data": prepared.dataset.source,
         "classes": prepared.dataset.classes,
@@ -176,6 +173,8 @@ def resume(
             lock.enter_context(run.lock())
             run.remove_temporaries()
             state = run.load_state()
+            if state is not None:
+                _check_same_config(run, config, state[1])
             if state is None and (run.checkpoint_path("last").exists() or run.metrics_path.exists()):
                 raise RunError(  # starting over would replace its epochs without --overwrite
                     f"run '{run.name}' has trained epochs but no training state to resume from "
@@ -206,6 +205,41 @@ def resume(
             assert state is not None
             return list(state[1]["records"])
         return _train_loop(config, run, prepared, state, callbacks or TrainCallbacks(), stop, group)
+
+
+# Settings a resumed run may take from an edited config.json: where the data and caches are,
+# and how fast it runs; everything else decides what the saved state means.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "data",
+        "data_dir",
+        "device",
+        "precision",
+        "channels_last",
+        "compile",
+        "cuda_graphs",
+        "cudnn_benchmark",
+        "workers",
+    }
+)
+
+
+def _check_same_config(run: RunDir, config: TrainConfig, state_meta: dict[str, Any]) -> None:
+    """The saved state continues only under the settings it was trained with (states written
+    before cifarcam recorded them are checked when their tensors are loaded)."""
+    saved = state_meta.get("config")
+    if not isinstance(saved, dict):
+        return
+    now = config.model_dump(mode="json")
+    changed = [key for key in now if key not in RESUME_MAY_CHANGE and saved.get(key) != now[key]]
+    if changed:
+        key = changed[0]
+        raise RunError(
+            f"run '{run.name}' config.json has changed since its training state was saved: "
+            f"{key} {json.dumps(saved.get(key))} then, {json.dumps(now[key])} now"
+            + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""),
+            hint="put config.json back as it was, or train a new run with the new settings",
+        )
 
 
 def _check_same_data(run: RunDir, meta: dict[str, Any], now: dict[str, Any]) -> None:
@@ -241,6 +275,40 @@ def _interrupted(number: int, what: str, hint: str | None = None) -> TrainingInt
 
 
 def _train_loop(
+    config: TrainConfig,
+    run: RunDir,
+    prepared: _Prepared,
+    state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+    callbacks: TrainCallbacks,
+    stop: StopSignal | None,
+    group: Group = SINGLE,
+) -> list[dict[str, float]]:
+    """`_train_epochs`, and meta.json never left saying "running" by an error before its first
+    step (a model too large for the device, a disk error while repairing the last epoch's files),
+    which its own handlers, around the epochs, do not see."""
+    try:
+        return _train_epochs(config, run, prepared, state, callbacks, stop, group)
+    except BaseException as error:
+        if group.is_main:
+            _mark_if_running(run, int(state[1]["epoch"]) if state is not None else 0, error)
+        raise
+
+
+def _mark_if_running(run: RunDir, completed_epochs: int, error: BaseException) -> None:
+    with contextlib.suppress(OSError, CifarcamError):  # the error being raised is the one to report
+        if run.read_meta().get("status") != "running":
+            return  # the handlers around the epochs recorded how it ended
+        if isinstance(error, KeyboardInterrupt):
+            run.update_meta(status="interrupted", ended_at=now_iso(), completed_epochs=completed_epochs)
+        else:
+            _mark_failed(run, completed_epochs, _reason(error))
+
+
+def _reason(error: BaseException) -> str:
+    return error.message if isinstance(error, CifarcamError) else f"{type(error).__name__}: {error}"
+
+
+def _train_epochs(
     config: TrainConfig,
     run: RunDir,
     prepared: _Prepared,
@@ -306,7 +374,14 @@ def _train_loop(
 
     best_val = -1.0
     if state is not None:
-        trainer.load_state(*state)
+        try:
+            trainer.load_state(*state)
+        except (RuntimeError, KeyError, ValueError):  # a state from before config was recorded in it
+            raise RunError(
+                f"training state '{run.state_path}' does not fit run '{run.name}' as its config.json "
+                f"describes it ({config.model}, width {config.width}, norm {config.norm})",
+                hint="put config.json back as it was, or train a new run with the new settings",
+            ) from None
         val_accs = [record.get("val_acc", -1.0) for record in trainer.records]
         if trainer.partial is None and trainer.records:
             # A kill between the state and the files derived from it leaves them one epoch behind.
@@ -358,8 +433,7 @@ def _train_loop(
         raise
     except BaseException as error:
         if main:
-            reason = error.message if isinstance(error, CifarcamError) else f"{type(error).__name__}: {error}"
-            _mark_failed(run, trainer.epoch, reason)
+            _mark_failed(run, trainer.epoch, _reason(error))
         raise
     if main:
         run.update_meta(status="finished", ended_at=now_iso(), completed_epochs=trainer.epoch)

@@ -25,6 +25,11 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """How files name an arithmetic: fp32, or the autocast dtype (bfloat16, float16)."""
+    return "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype for this device and setting; None means plain fp32.
 

@@ -90,9 +90,10 @@ def decode_image(data: bytes, name: str) -> tuple[np.ndarray, str]:
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # no WARN lines for broken files
         try:
             array = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
-            is_jpeg = data[:3] == b"\xff\xd8\xff"
-            if is_jpeg and array is not None and array.ndim == 3 and array.shape[2] == 3:
-                array = cv2.imdecode(buffer, cv2.IMREAD_COLOR)  # the same pixels, EXIF orientation applied
+            if data[:3] == b"\xff\xd8\xff" and array is not None and array.dtype == np.uint8:
+                # The same pixels again, with the EXIF orientation applied (UNCHANGED ignores it)
+                flag = cv2.IMREAD_GRAYSCALE if array.ndim == 2 else cv2.IMREAD_COLOR
+                array = cv2.imdecode(buffer, flag)
         except cv2.error:
             array = None
         finally:

@@ -166,6 +166,11 @@ def select_misclassified(probs: torch.Tensor, labels: torch.Tensor, count: int) 
     """Indices of the `count` wrong predictions made with the highest confidence (ties: lower index)."""
     confidence, predictions = probs.max(dim=1)
     wrong = torch.nonzero(predictions != labels).flatten()
+    if count > 0 and len(wrong) == 0:
+        raise RunError(
+            f"none of the {len(labels)} test images is misclassified: there are no mistakes to show",
+            hint="gradcam --all explains the whole test set",
+        )
     if count > len(wrong):
         raise RunError(
             f"only {len(wrong)} test images are misclassified; ask for --count {len(wrong)} or fewer"

@@ -423,6 +423,13 @@ CASES = [
         "Error: run 'tiny' has trained epochs but no training state to resume from",
     ),
     (
+        "resume after config.json was edited",
+        "run:other_width",
+        "train --run tiny --resume",
+        1,
+        "Error: run 'tiny' config.json has changed since its training state was saved: width 8 then, 16 now",
+    ),
+    (
         "config file that is not text",
         "binary_file",
         "train --run r --data {tree} --config {tmp}/c.json",

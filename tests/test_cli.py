@@ -230,6 +230,11 @@ def test_resume_refuses_data_that_changed_since_the_run_started(
     config_path = runs / "tiny" / "config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps(config | {"epochs": 3, "data": str(tree)}))  # one more to go
+    run = RunDir(runs, "tiny")
+    state = run.load_state()
+    assert state is not None
+    state[1]["config"]["epochs"] = 3  # as if it had been started for 3 epochs and stopped after 2
+    run.save_state(*state)
     for split in ("train", "test"):  # an eleventh class, big enough for the validation split
         (tree / split / "zzz").mkdir()
         for index in range(12):
@@ -241,6 +246,37 @@ def test_resume_refuses_data_that_changed_since_the_run_started(
         f"Error: the data at '{tree}' has changed since run 'tiny' started: classes ["
     ), result.stderr
     assert {p: p.read_bytes() for p in sorted((runs / "tiny").rglob("*")) if p.is_file()} == files
+
+
+def test_a_state_that_does_not_fit_the_model_fails_the_resume_in_one_line(
+    trained_runs: Path, tmp_path: Path
+) -> None:
+    """A state saved before cifarcam recorded its settings in it, under an edited config.json:
+    the mismatch shows when its tensors are loaded, after meta.json said "running"."""
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    run = RunDir(runs, "tiny")
+    state = run.load_state()
+    assert state is not None and state[1]["config"]["width"] == 8
+    tensors, meta = state
+    del meta["config"]
+    run.save_state(tensors, meta)
+    config = json.loads(run.config_path.read_text())
+    run.config_path.write_text(json.dumps(config | {"epochs": 3, "width": 16}))
+    result = invoke("train", "--run", "tiny", "--runs-dir", str(runs), "--resume")
+    assert result.exit_code == 1, result.output
+    line = (
+        f"Error: training state '{run.state_path}' does not fit run 'tiny' as its config.json "
+        "describes it (resnet18, width 16, norm batch)"
+    )
+    assert result.stderr.splitlines()[0] == line
+    meta_after = run.read_meta()
+    assert meta_after["status"] == "failed" and meta_after["completed_epochs"] == 2
+    assert meta_after["error"] == line.removeprefix("Error: ")
+    # Nothing was lost: with config.json put back, the run resumes and trains its third epoch.
+    run.config_path.write_text(json.dumps(config | {"epochs": 3}))
+    result = invoke("train", "--run", "tiny", "--runs-dir", str(runs), "--resume")
+    assert result.exit_code == 0, result.output
+    assert run.read_meta()["status"] == "finished" and len(run.read_epochs()) == 3
 
 
 def test_first_signal_asks_to_stop_and_a_second_stops_at_once() -> None:

@@ -62,16 +62,69 @@ def test_target_class_by_name_and_the_whole_test_set(runs: Path) -> None:
         "gradcam", "--run", "tiny", "--runs-dir", str(runs), "--all", "--count", "3",
         "--target", "class3", "--batch-size", "64",
     )  # fmt: skip
-    maps = load_file(runs / "tiny" / "gradcam" / "gradcam_layer4.safetensors")
+    whole = runs / "tiny" / "gradcam" / "gradcam_layer4_all.safetensors"
+    maps = load_file(whole)
     assert set(maps) == {"maps_class_class3", "indices", "pred", "true"}
     assert maps["maps_class_class3"].shape == (200, 32, 32)  # every test image, in four batches
     assert maps["indices"].tolist() == list(range(200))
     meta = json.loads((runs / "tiny" / "gradcam" / "gradcam_layer4.json").read_text())
     assert len(meta["indices"]) == 3 and meta["targets"] == ["class:class3"]
-    # A class index means the same class.
+    # A class index means the same class; the mistakes' maps go to their own file, and the
+    # whole test set's stay as they were.
+    before = whole.read_bytes()
     cifarcam("gradcam", "--run", "tiny", "--runs-dir", str(runs), "--count", "3", "--target", "3")
     again = load_file(runs / "tiny" / "gradcam" / "gradcam_layer4.safetensors")
+    assert again["indices"].tolist() == meta["indices"]
     assert torch.allclose(again["maps_class_class3"], maps["maps_class_class3"][again["indices"]], atol=1e-5)
+    assert whole.read_bytes() == before
+
+
+def test_a_call_for_one_target_keeps_the_maps_of_another(runs: Path) -> None:
+    from safetensors import safe_open
+
+    common = ["gradcam", "--run", "tiny", "--runs-dir", str(runs), "--count", "5"]
+    path = runs / "tiny" / "gradcam" / "gradcam_layer4.safetensors"
+    cifarcam(*common, "--target", "true")
+    first = load_file(path)
+    cifarcam(*common, "--target", "pred")
+    both = load_file(path)
+    assert set(both) == {"maps_pred", "maps_true", "indices", "pred", "true"}
+    assert torch.equal(both["maps_true"], first["maps_true"])
+    with safe_open(path, "pt") as stored:
+        assert (stored.metadata() or {})["targets"] == "pred,true"
+    # Maps of other images (or another checkpoint or precision) are not mixed in: replaced.
+    cifarcam(*common[:-1], "4", "--target", "pred")
+    assert set(load_file(path)) == {"maps_pred", "indices", "pred", "true"}
+
+
+def test_a_run_without_mistakes_explains_the_whole_test_set_without_a_gallery(
+    runs: Path, synthetic_tree: Path, tmp_path: Path
+) -> None:
+    from cifarcam.rundir import RunDir
+    from cifarcam.trained import load_run, test_logits
+
+    loaded = load_run(RunDir(runs, "tiny"))
+    wrong = (test_logits(loaded, write=False).argmax(1) != loaded.test.labels).tolist()
+    tree = copy_tree(synthetic_tree, tmp_path / "tree")
+    # The image-folder order: classes, then files, sorted by name.
+    files = [f for c in sorted((tree / "test").iterdir()) for f in sorted(c.iterdir())]
+    assert len(files) == len(wrong) and 0 < sum(wrong) < len(wrong)
+    for path, mistaken in zip(files, wrong, strict=True):
+        if mistaken:
+            path.unlink()
+    config_path = runs / "tiny" / "config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"data": str(tree)}))
+    right = len(wrong) - sum(wrong)
+    result = runner.invoke(app, ["misclassified", "--run", "tiny", "--runs-dir", str(runs)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[0] == (
+        f"Error: none of the {right} test images is misclassified: there are no mistakes to show"
+    )
+    output = cifarcam("gradcam", "--run", "tiny", "--runs-dir", str(runs), "--all")
+    assert "no gallery" in output
+    maps = load_file(runs / "tiny" / "gradcam" / "gradcam_layer4_all.safetensors")
+    assert maps["maps_pred"].shape == (right, 32, 32) and torch.equal(maps["pred"], maps["true"])
+    assert not list((runs / "tiny" / "gradcam").glob("*.png"))
 
 
 def test_metrics_table_json_and_merge(runs: Path) -> None:

@@ -301,3 +301,21 @@ def test_output_names_stay_distinct_past_names_already_taken() -> None:
 
     paths = [Path("x/a.png"), Path("y/a.jpg"), Path("a-2.png"), Path("z/a.webp")]
     assert _unique_stems(paths) == ["a", "a-2", "a-2-2", "a-3"]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_jpeg_exif_orientation_is_applied_in_colour_and_grayscale(mode: str) -> None:
+    """A camera JPEG stored landscape with EXIF orientation 6 (rotate 90 degrees clockwise to
+    show): decoded as shown, portrait, with the bright left column of the stored image on top."""
+    import io
+
+    stored = np.zeros((40, 64), np.uint8)  # 64 wide, 40 high
+    stored[:, :16] = 255
+    image = Image.fromarray(stored).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    rgb, _ = decode_image(buffer.getvalue(), "photo.jpg")
+    assert rgb.shape == (64, 40, 3)
+    assert rgb[:16].mean() > 200 and rgb[20:].mean() < 50

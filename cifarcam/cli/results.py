@@ -166,6 +166,8 @@ def gradcam(
                 f"{row['increase_in_confidence']:.2f}",
             )
         console.print(table)
+    if not outcome.gallery_rows:
+        console.print("No test image is misclassified, so there is no gallery of mistakes.")
     console.print("Wrote " + ", ".join(str(p) for p in outcome.paths))
 
 
