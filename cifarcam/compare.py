@@ -28,7 +28,7 @@ from cifarcam.report import (
     render,
     write_output,
 )
-from cifarcam.rundir import RunDir, now_iso
+from cifarcam.rundir import RunDir, enclosing_run, now_iso
 
 # Fields of meta.json that tell runs apart besides their config.
 _ENVIRONMENT = ("device", "device_name", "precision", "torch_version", "train_images", "test_images", "data")
@@ -89,6 +89,12 @@ def compare(runs: list[RunDir], out: Path) -> tuple[Path, Path]:
         raise UsageError(f"run '{repeated[0]}' is given more than once")
     if out.suffix != ".html":
         raise UsageError(f"--out must name an .html file (got '{out}'); the PNG is written next to it")
+    inside = enclosing_run(out, [run.path.parent for run in runs])
+    if inside is not None:
+        raise UsageError(
+            f"--out '{out}' is inside run '{inside.name}'; compare never writes into a run",
+            hint="name a file outside the runs, e.g. runs/compare.html (the default)",
+        )
     epochs = {run.name: run.read_epochs() for run in runs}
     metas = [as_dict(read_optional(run, run.meta_path)) for run in runs]
     evaluations = [as_dict(read_optional(run, run.evaluation_path)) for run in runs]

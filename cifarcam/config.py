@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from cifarcam.errors import ConfigError
 
@@ -79,27 +79,63 @@ class TrainConfig(BaseModel):
     albumentations: dict[str, Any] | None = None
     workers: int = Field(2, ge=0, le=64)  # DataLoader workers for the albumentations path
 
-    @field_validator("data")
+    @field_validator("data", "data_dir")
     @classmethod
-    def _absolute_data_path(cls, value: str) -> str:
-        """A tree path is kept absolute (~ expanded), so later commands find it from any folder."""
-        if value == "cifar10" or not value:
+    def _absolute_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Paths are kept absolute (~ expanded), so later commands find them from any folder."""
+        if value is None or (info.field_name == "data" and value == "cifar10"):
             return value
+        if not value.strip():
+            raise ValueError("an empty path; give a folder (or, for data, 'cifar10')")
         return os.path.abspath(os.path.expanduser(value))
 
     @field_validator("albumentations")
     @classmethod
     def _loads_in_albumentations(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
-            import albumentations as A
+            _check_pipeline(value)
+        return value
 
+
+def _always(node: Any) -> Any:
+    """A serialised pipeline with every probability set to 1, so that each transform runs."""
+    if isinstance(node, dict):
+        return {key: 1.0 if key == "p" else _always(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_always(item) for item in node]
+    return node
+
+
+def _check_pipeline(value: dict[str, Any]) -> None:
+    """The pipeline loads, and turns a 32x32 RGB uint8 image into another (a resize or a crop to
+    another size would fail the first batch, or train on images unlike the test set), checked
+    before training starts, so a bad pipeline never replaces a run."""
+    import albumentations as A
+    import numpy as np
+
+    try:
+        pipelines = [A.from_dict(value), A.from_dict(_always(value))]
+    except Exception as error:
+        raise ValueError(f"not an albumentations pipeline ({type(error).__name__}: {error})") from None
+    probe = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    for pipeline in pipelines:
+        pipeline.set_random_seed(0)
+        for _ in range(4):
             try:
-                A.from_dict(value)
+                image = pipeline(image=probe)["image"]
             except Exception as error:
                 raise ValueError(
-                    f"not an albumentations pipeline ({type(error).__name__}: {error})"
+                    "the albumentations pipeline fails on a 32x32 RGB image "
+                    f"({type(error).__name__}: {error})"
                 ) from None
-        return value
+            if not isinstance(image, np.ndarray) or image.shape != (32, 32, 3) or image.dtype != np.uint8:
+                got = (
+                    f"{tuple(image.shape)} {image.dtype}" if hasattr(image, "shape") else type(image).__name__
+                )
+                raise ValueError(
+                    f"the albumentations pipeline must keep 32x32x3 uint8 images (it made {got}); "
+                    "cifarcam converts them to tensors itself"
+                )
 
 
 # CPU-sized: the whole chain (20 epochs, evaluate, misclassified, gradcam, plot) in about
@@ -131,10 +167,13 @@ def preset_values(name: str) -> dict[str, Any]:
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     field = ".".join(str(part) for part in first["loc"]) or "config"
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"unknown config field '{field}'"
-    return f"invalid value for '{field}': {message} (got {first.get('input')!r})"
+    given = first.get("input")
+    if isinstance(given, dict | list):  # a whole pipeline: the message says what is wrong with it
+        return f"invalid value for '{field}': {message}"
+    return f"invalid value for '{field}': {message} (got {given!r})"
 
 
 def build_config(values: dict[str, Any]) -> TrainConfig:
@@ -166,12 +205,16 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return values
 
 
-def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return base updated with the overrides that were actually given (not None). `augment` is
-    merged field by field: {"augment": {"cutout": 8}} keeps the base's flip and translate."""
+def merge_overrides(
+    base: dict[str, Any], overrides: dict[str, Any], given_none: bool = False
+) -> dict[str, Any]:
+    """Return base updated with the overrides that were actually given: options left out are
+    None, while a config file's null is given (`given_none`) and unsets a preset's value, as in
+    {"epoch_images": null}. `augment` is merged field by field: {"augment": {"cutout": 8}}
+    keeps the base's flip and translate."""
     merged = dict(base)
     for key, value in overrides.items():
-        if value is None:
+        if value is None and not given_none:
             continue
         if key == "augment" and isinstance(value, dict) and isinstance(merged.get(key), dict):
             value = merged[key] | value

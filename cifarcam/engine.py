@@ -25,8 +25,13 @@ Tta = Literal["none", "flip", "flip-translate"]
 _LOSS_REPORT_EVERY = 20  # steps between host syncs that refresh the progress bar's loss
 
 
+DEVICE_NAMES = ("auto", "cpu", "cuda")
+
+
 def resolve_device(name: str, gpu: int | None = None) -> torch.device:
     """The device called `name`; `gpu` numbers the CUDA device (a torchrun process's LOCAL_RANK)."""
+    if name not in DEVICE_NAMES:
+        raise UsageError(f"--device '{name}' is not one of: {', '.join(DEVICE_NAMES)}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():

@@ -157,8 +157,8 @@ _TARGET_PREFIXES = ("maps_", "attributions_")
 def _earlier_targets(
     path: Path, tensors: dict[str, torch.Tensor], same: dict[str, str]
 ) -> dict[str, torch.Tensor]:
-    """The other targets' maps in an earlier file of the same images, checkpoint and precision:
-    a call for one target keeps what a call for another computed."""
+    """The other targets' maps in an earlier file of the same images (indices and test set),
+    checkpoint and precision: a call for one target keeps what a call for another computed."""
     try:
         with safe_open(path, "pt") as earlier:
             metadata = earlier.metadata() or {}
@@ -183,7 +183,11 @@ def _save_maps(
     amp_dtype: torch.dtype | None,
 ) -> list[Path]:
     paths = []
-    same = {"checkpoint_id": loaded.info.checkpoint_id, "precision": precision_name(amp_dtype)}
+    same = {
+        "checkpoint_id": loaded.info.checkpoint_id,
+        "test_fingerprint": loaded.test.fingerprint(),
+        "precision": precision_name(amp_dtype),
+    }
     for method, layer in groups:
         tensors = {
             "indices": explained.indices.contiguous(),
@@ -402,6 +406,8 @@ def sanity(
         layer = ""
     if count < 2:
         raise UsageError("--count must be at least 2")
+    if not 0 <= seed < 2**63 - 64:  # torch seeds are 64-bit; each block adds its position
+        raise UsageError(f"--seed must be between 0 and {2**63 - 65} (got {seed})")
     loaded = load_run(run, checkpoint, device_name)
     model = loaded.cam_model()
     if layer:

@@ -120,6 +120,9 @@ def check_port_free(host: str, port: int) -> None:
     if not 1 <= port <= 65535:
         raise UsageError(f"--port must be between 1 and 65535 (got {port})")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As the server will: connections of an app just stopped, left in TIME_WAIT, do not
+        # count (a listening socket still does)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as error:

@@ -187,13 +187,14 @@ def resume(
             # else also a run whose last epoch's state was saved but not all the files derived
             # from it (killed in between): _train_loop writes them again from the state
             meta = run.read_meta() if run.meta_path.exists() else {}
+            resumed = meta.get("resumed_at")
             environment = _environment(prepared, command, group)
             if state is not None:
                 _check_same_data(run, meta, environment)
             run.update_meta(
                 status="running",
                 started_at=meta.get("started_at") or now_iso(),
-                resumed_at=[*meta.get("resumed_at", []), now_iso()],
+                resumed_at=[*(resumed if isinstance(resumed, list) else []), now_iso()],
                 ended_at=None,
                 error=None,
                 **environment,
@@ -343,6 +344,7 @@ def _train_epochs(
         prepared.amp_dtype,
         group,
     )
+    test_fingerprint = dataset.test.fingerprint()  # the logits cache names the test set it scored
     header = {
         "model": config.model,
         "width": config.width,
@@ -364,7 +366,7 @@ def _train_epochs(
         checkpoint_id = run.save_checkpoint("last", trainer.final_model, epoch_header)
         if trainer.test_logits is not None:  # this epoch's scoring: the commands after reuse it
             with contextlib.suppress(OSError):  # a cache: without it they score the test set again
-                run.save_test_logits(trainer.test_logits, checkpoint_id)
+                run.save_test_logits(trainer.test_logits, checkpoint_id, test_fingerprint)
         val_acc = trainer.records[-1].get("val_acc", -1.0)
         if validation is not None and val_acc > best_val:
             run.save_checkpoint("best", trainer.final_model, epoch_header)

@@ -21,7 +21,7 @@ from cifarcam.cam import CamExtractor, check_layers, check_methods
 from cifarcam.data import normalize
 from cifarcam.errors import DataError, UsageError
 from cifarcam.fileio import atomic_write_bytes
-from cifarcam.rundir import CheckpointInfo, RunDir
+from cifarcam.rundir import CheckpointInfo, RunDir, enclosing_run
 from cifarcam.trained import LoadedRun, load_checkpoint
 
 INPUT_SIZE = 32
@@ -235,6 +235,10 @@ class CamRequest:
     classes: list[str] = field(default_factory=list)
     alpha: float = 0.5
 
+    def __post_init__(self) -> None:  # an option given twice draws its overlays once
+        for name in ("methods", "layers", "classes"):
+            object.__setattr__(self, name, list(dict.fromkeys(getattr(self, name))))
+
 
 @dataclass(frozen=True)
 class Overlay:
@@ -313,15 +317,16 @@ def check_request(predictor: Predictor, run: RunDir, top_k: int, cam: CamRequest
     out = cam.out_dir.resolve()
     if out == run.path.resolve() or run.path.resolve() in out.parents:
         raise UsageError(f"--out '{cam.out_dir}' is inside the run directory; predictions never write there")
-    runs_root = run.runs_dir.resolve()
-    if runs_root in out.parents:  # nor into another run (its report would show them as its own)
-        other = runs_root / out.relative_to(runs_root).parts[0]
-        if (other / "meta.json").exists() or (other / "checkpoints").is_dir():
-            raise UsageError(
-                f"--out '{cam.out_dir}' is inside run '{other.name}'; predictions never write into a run"
-            )
-    if out.exists() and not out.is_dir():
+    other = enclosing_run(out, [run.runs_dir])
+    if other is not None:  # nor into another run
+        raise UsageError(
+            f"--out '{cam.out_dir}' is inside run '{other.name}'; predictions never write into a run"
+        )
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if existing == out and not out.is_dir():
         raise UsageError(f"--out '{cam.out_dir}' is a file, not a folder")
+    if not existing.is_dir():
+        raise UsageError(f"--out '{cam.out_dir}' cannot be a folder: '{existing}' is a file")
 
 
 def _write_overlays(

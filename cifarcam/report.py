@@ -41,7 +41,7 @@ _TEMPLATES = jinja2.Environment(
     lstrip_blocks=True,
 )
 # Keys of a gallery's JSON that describe it as a whole (the rest are per-image lists).
-_GALLERY_LIST_KEYS = ("methods", "layers")
+_GALLERY_LIST_KEYS = ("methods", "layers", "targets")
 
 
 @dataclass
@@ -228,6 +228,10 @@ def _epochs_table(epochs: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _add_evaluation(report: RunReport, evaluation: dict[str, Any], meta: dict[str, Any]) -> None:
     report.evaluation = [
         ("accuracy", percent(evaluation.get("accuracy"))),
@@ -242,7 +246,10 @@ def _add_evaluation(report: RunReport, evaluation: dict[str, Any], meta: dict[st
     matrix = evaluation.get("confusion_matrix")
     if not isinstance(matrix, list):
         return
-    if len(matrix) == len(classes) > 0 and all(isinstance(r, list) and len(r) == len(matrix) for r in matrix):
+    counts = all(
+        isinstance(r, list) and len(r) == len(matrix) and all(_is_count(n) for n in r) for r in matrix
+    )
+    if len(matrix) == len(classes) > 0 and counts:  # a hand-edited matrix that is not is left out
         report.confusion = Picture(
             "Confusion matrix (rows: true class; colour: share of the row)",
             data_uri(viz.confusion_heatmap(matrix, [str(c) for c in classes])),

@@ -140,12 +140,13 @@ class RunDir:
             )
         metrics = self.read_json(self.metrics_path)
         epochs = metrics.get("epochs") if isinstance(metrics, dict) else None
-        records = (
-            [record for record in epochs if isinstance(record, dict)] if isinstance(epochs, list) else []
-        )
-        if not records:
+        if not isinstance(epochs, list) or not epochs:
             raise RunError(f"run '{self.name}' has no completed epoch in metrics.json")
-        return records
+        for position, record in enumerate(epochs, 1):
+            problem = _record_problem(record)
+            if problem:
+                raise RunError(f"'{self.metrics_path}' is malformed: its epoch record {position} {problem}")
+        return epochs
 
     def update_meta(self, **fields: Any) -> dict[str, Any]:
         meta = self.read_meta() if self.meta_path.exists() else {}
@@ -240,26 +241,28 @@ class RunDir:
         return checkpoint_id
 
     # -- cached test-set logits ----------------------------------------------------------
-    def save_test_logits(self, logits: torch.Tensor, checkpoint_id: str) -> None:
-        """Keep one checkpoint's float32 test-set logits (N, classes) for the commands after it."""
+    def save_test_logits(self, logits: torch.Tensor, checkpoint_id: str, test_fingerprint: str) -> None:
+        """Keep one checkpoint's float32 logits (N, classes) on one test set (`Split.fingerprint`)
+        for the commands after it."""
         from safetensors.torch import save as save_safetensors
 
         tensors = {"logits": logits.detach().float().cpu().contiguous()}
-        save = save_safetensors(tensors, metadata={"checkpoint_id": checkpoint_id})
-        atomic_write_bytes(self.predictions_path, save)
+        metadata = {"checkpoint_id": checkpoint_id, "test_fingerprint": test_fingerprint}
+        atomic_write_bytes(self.predictions_path, save_safetensors(tensors, metadata=metadata))
 
-    def read_test_logits(self, checkpoint_id: str, count: int) -> torch.Tensor | None:
-        """The cached test-set logits if they are this checkpoint's, for `count` images; else None
+    def read_test_logits(self, checkpoint_id: str, test_fingerprint: str) -> torch.Tensor | None:
+        """The cached test-set logits if they are this checkpoint's on this test set; else None
         (also for an unreadable cache, which the next `save_test_logits` replaces)."""
         if not self.predictions_path.exists():
             return None
         try:
             with safe_open(str(self.predictions_path), framework="pt") as cached:
                 logits: torch.Tensor = cached.get_tensor("logits")
-                same_checkpoint = (cached.metadata() or {}).get("checkpoint_id") == checkpoint_id
+                metadata = cached.metadata() or {}
         except (SafetensorError, OSError):
             return None
-        return logits if same_checkpoint and logits.shape[0] == count else None
+        wanted = {"checkpoint_id": checkpoint_id, "test_fingerprint": test_fingerprint}
+        return logits if all(metadata.get(key) == value for key, value in wanted.items()) else None
 
     def load_model(self, kind: str = "last") -> tuple[nn.Module, CheckpointInfo]:
         """Rebuild the model from the checkpoint file alone."""
@@ -313,6 +316,32 @@ class RunDir:
                 f"checkpoint '{path}' does not match its header ({info.model}, width {info.width})"
             ) from None
         return model, info
+
+
+def enclosing_run(path: Path, runs_dirs: list[Path]) -> Path | None:
+    """The run folder that `path` is or lies in, if any: a folder right under one of `runs_dirs`
+    holding meta.json or checkpoints/. Commands that write elsewhere refuse such a path, since
+    the run's report would show what they wrote there as its own."""
+    target = path.resolve()
+    for root in (folder.resolve() for folder in runs_dirs):
+        if root in target.parents:
+            folder = root / target.relative_to(root).parts[0]
+            if (folder / "meta.json").exists() or (folder / "checkpoints").is_dir():
+                return folder
+    return None
+
+
+def _record_problem(record: Any) -> str:
+    """What is wrong with one record of metrics.json ('' for nothing): `train` writes an
+    integer epoch and numbers for the rest (loss, accuracy, lr, times)."""
+    if not isinstance(record, dict):
+        return "is not an object"
+    if not isinstance(record.get("epoch"), int) or isinstance(record.get("epoch"), bool):
+        return "has no integer 'epoch'"
+    for key, value in record.items():
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return f"has {json.dumps(value)} for '{key}', not a number"
+    return ""
 
 
 def _read_header_metadata(data: bytes) -> dict[str, str]:

@@ -115,12 +115,13 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
 def test_logits(loaded: LoadedRun, write: bool = True) -> torch.Tensor:
     """Float32 logits (N, C) on the test set, cached per checkpoint in predictions.safetensors
     (computed and not cached with `write=False`, for readers that must not touch the run)."""
-    cached = loaded.run.read_test_logits(loaded.info.checkpoint_id, len(loaded.test))
+    fingerprint = loaded.test.fingerprint()
+    cached = loaded.run.read_test_logits(loaded.info.checkpoint_id, fingerprint)
     if cached is not None:
         return cached
     logits = loaded.predict_test()
     if write:
-        loaded.run.save_test_logits(logits, loaded.info.checkpoint_id)
+        loaded.run.save_test_logits(logits, loaded.info.checkpoint_id, fingerprint)
     return logits
 
 

@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import albumentations as A
 import cv2
 import numpy as np
 import pytest
@@ -53,6 +54,10 @@ def damage_run(run: Path, how: str) -> None:
         (run / "config.json").write_text("{")
     elif how == "bad_evaluation":
         (run / "evaluation.json").write_text('{"accuracy": 0.')
+    elif how == "null_metric":
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["epochs"][0]["test_acc"] = None
+        (run / "metrics.json").write_text(json.dumps(metrics))
     elif how == "no_metrics":
         (run / "metrics.json").unlink()
     elif how == "no_state":
@@ -62,6 +67,10 @@ def damage_run(run: Path, how: str) -> None:
         meta = json.loads((run / "meta.json").read_text())
         (run / "meta.json").write_text(json.dumps(meta | {"status": "interrupted"}))
 
+
+RESIZING_PIPELINE = json.dumps(
+    {"albumentations": A.to_dict(A.Compose([A.Resize(64, 64)])), "workers": 0}, separators=(",", ":")
+)
 
 # (id, what to prepare, arguments, exit code, first line of stderr). Placeholders: {runs} the
 # runs root (holding the trained run 'tiny'), {tree} a copy of the synthetic image tree,
@@ -374,6 +383,20 @@ CASES = [
         "Error: cannot write '{tmp}/file/c.html': File exists ('{tmp}/file')",
     ),
     (
+        "compare --out inside a run",
+        "second_run",
+        "compare tiny other --out {runs}/other/misclassified.html",
+        2,
+        "Error: --out '{runs}/other/misclassified.html' is inside run 'other'; compare never writes into a run",
+    ),
+    (
+        "predict --out under a file",
+        "runs_is_file",
+        "predict --run tiny --cam --out {tmp}/file/sub {tmp}/file",
+        2,
+        "Error: --out '{tmp}/file/sub' cannot be a folder: '{tmp}/file' is a file",
+    ),
+    (
         "unknown preset",
         None,
         "train --run r --preset turbo",
@@ -428,6 +451,44 @@ CASES = [
         "train --run tiny --resume",
         1,
         "Error: run 'tiny' config.json has changed since its training state was saved: width 8 then, 16 now",
+    ),
+    (
+        "--overwrite with a pipeline that resizes",
+        "file:" + RESIZING_PIPELINE,
+        "train --run tiny --overwrite --data {tree} --config {tmp}/c.json",
+        2,
+        "Error: invalid value for 'albumentations': the albumentations pipeline must keep 32x32x3 uint8 images (it made (64, 64, 3) uint8)",
+    ),
+    (
+        "metrics.json with a null",
+        "run:null_metric",
+        "plot --run tiny",
+        1,
+        "Error: '{runs}/tiny/metrics.json' is malformed: its epoch record 1 has null for 'test_acc', not a number",
+    ),
+    *(
+        (
+            f"{command} of an invalid run name",
+            None,
+            f"{command} --run ../x",
+            2,
+            "Error: invalid run name '../x'",
+        )
+        for command in ("misclassified", "gradcam", "sanity")
+    ),
+    (
+        "unknown device",
+        None,
+        "evaluate --run tiny --device gpu",
+        2,
+        "Error: --device 'gpu' is not one of: auto, cpu, cuda",
+    ),
+    (
+        "sanity seed beyond 64 bits",
+        None,
+        "sanity --run tiny --seed 99999999999999999999",
+        2,
+        "Error: --seed must be between 0 and 9223372036854775743 (got 99999999999999999999)",
     ),
     (
         "config file that is not text",

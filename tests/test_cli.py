@@ -379,3 +379,16 @@ def test_epoch_images_option_sets_the_steps_of_an_epoch(synthetic_tree: Path, tm
 def test_training_start_line_names_the_epoch_length(synthetic_tree: Path, tmp_path: Path) -> None:
     result = invoke(*tiny_train_args(tmp_path / "runs", synthetic_tree, epochs=1), "--epoch-images", "250")
     assert "400 training images (250 per epoch)" in result.stdout
+
+
+def test_a_null_in_the_config_file_unsets_the_presets_value(runs_dir: Path, synthetic_tree: Path) -> None:
+    config = runs_dir.parent / "c.json"
+    config.write_text(json.dumps({"epoch_images": None, "epochs": 1, "augment": {"cutout": 4}}))
+    args = ["train", "--run", "q", "--runs-dir", str(runs_dir), "--data", str(synthetic_tree)]
+    result = invoke(*args, "--preset", "quick", "--config", str(config), "--width", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((runs_dir / "q" / "config.json").read_text())
+    assert saved["epoch_images"] is None and saved["epochs"] == 1  # the preset says 25,000
+    assert saved["augment"] == {"flip": True, "translate": 2, "cutout": 4}  # the rest: the preset's
+    assert saved["batch_size"] == 256 and saved["width"] == 4
+    assert json.loads((runs_dir / "q" / "meta.json").read_text())["train_images"] == 400

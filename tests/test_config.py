@@ -61,6 +61,12 @@ def test_data_paths_are_kept_absolute(tmp_path: Path, monkeypatch: pytest.Monkey
     assert build_config({"data": "trees/cifar"}).data == str(tmp_path / "trees" / "cifar")
     assert build_config({"data": "~/cifar"}).data == str(tmp_path / "home" / "cifar")
     assert build_config({}).data == "cifar10"  # torchvision's download, not a path
+    assert build_config({"data_dir": "cache"}).data_dir == str(tmp_path / "cache")
+    assert build_config({"data_dir": "cifar10"}).data_dir == str(tmp_path / "cifar10")  # a folder here
+    assert build_config({}).data_dir is None
+    for field in ("data", "data_dir"):
+        with pytest.raises(ConfigError, match=f"invalid value for '{field}': an empty path"):
+            build_config({field: " "})
 
 
 def test_round_trip_through_json(tmp_path: Path) -> None:
@@ -106,6 +112,31 @@ def test_presets_and_their_errors() -> None:
 def test_a_broken_albumentations_pipeline_is_a_config_error() -> None:
     broken = {"transform": {"__class_fullname__": "NoSuchTransform", "p": 1.0}}
     with pytest.raises(
-        ConfigError, match="invalid value for 'albumentations': Value error, not an albumentations pipeline"
+        ConfigError, match="invalid value for 'albumentations': not an albumentations pipeline"
     ):
         build_config({"albumentations": broken})
+
+
+@pytest.mark.parametrize(
+    ("transform", "made"),
+    [
+        ({"__class_fullname__": "Resize", "height": 64, "width": 64, "p": 1.0}, "(64, 64, 3) uint8"),
+        # rare: still caught, since the check also runs every transform with p = 1
+        ({"__class_fullname__": "RandomScale", "scale_limit": 0.5, "p": 0.05}, "(43, 43, 3) uint8"),
+        ({"__class_fullname__": "Normalize", "p": 1.0}, "(32, 32, 3) float32"),
+    ],
+)
+def test_a_pipeline_that_changes_the_images_size_or_type_is_a_config_error(
+    transform: dict[str, object], made: str
+) -> None:
+    import albumentations as A
+
+    pipeline = {"transform": {"__class_fullname__": "Compose", "p": 1.0, "transforms": [transform]}}
+    with pytest.raises(ConfigError) as caught:
+        build_config({"albumentations": pipeline})
+    assert caught.value.message == (
+        "invalid value for 'albumentations': the albumentations pipeline must keep 32x32x3 uint8 "
+        f"images (it made {made}); cifarcam converts them to tensors itself"
+    )
+    keeps = A.to_dict(A.Compose([A.HorizontalFlip(p=0.5), A.CoarseDropout(p=0.5)]))
+    assert build_config({"albumentations": keeps}).albumentations == keeps

@@ -75,3 +75,18 @@ def test_port_checks() -> None:
             check_port_free("127.0.0.1", port)
     with pytest.raises(UsageError, match="--port must be between 1 and 65535"):
         check_port_free("127.0.0.1", 0)
+
+
+def test_a_port_left_in_time_wait_by_a_stopped_server_is_free() -> None:
+    """The server closes first (as an app stopped with a browser connected): its side of the
+    connection stays in TIME_WAIT for a minute, and a new server may listen there."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server's side closes first: TIME_WAIT on the server's port
+    client.close()
+    check_port_free("127.0.0.1", port)

@@ -197,7 +197,8 @@ def test_json_document(trained_runs: Path, odd_images: dict[str, Path], tmp_path
     files = [odd_images["wide.jpg"], odd_images["notes.txt"], odd_images["rgba.png"]]
     result = invoke(
         "predict", "--run", "tiny", "--runs-dir", str(runs), "--device", "cpu", "--json", "--top-k", "4",
-        "--cam", "--layer", "layer3", "--layer", "layer4", "--class", "class7", "--out", str(out), *map(str, files),
+        "--cam", "--layer", "layer3", "--layer", "layer4", "--layer", "layer3", "--class", "class7",
+        "--out", str(out), *map(str, files),
     )  # fmt: skip
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [f"Error: '{odd_images['notes.txt']}' is not a readable image"]
@@ -232,6 +233,7 @@ def test_json_document(trained_runs: Path, odd_images: dict[str, Path], tmp_path
             for target, name in (("pred", pred), ("class", "class7"))
             for layer in ("layer3", "layer4")
         }
+        assert len(entry["overlays"]) == len(drawn)  # a layer given twice is drawn once
         for overlay in entry["overlays"]:
             path = Path(overlay["path"])
             assert path.parent == out and path.name.startswith(Path(entry["path"]).stem + "_gradcam_")

@@ -74,7 +74,7 @@ def test_report_shows_every_section_of_a_real_run(reported_runs: Path) -> None:
         assert f"{mistake['index']} {mistake['true']} {mistake['pred']} {mistake['confidence']:.2%}" in text
     meta = json.loads((run / "meta.json").read_text())
     assert f"torch {meta['torch_version']}" in text and "status finished" in text
-    assert "methods gradcam, gradcam++ layers layer4" in text
+    assert "methods gradcam, gradcam++ layers layer4 targets pred, true" in text  # what its columns show
     header = (
         "method layer target images deletion_auc insertion_auc average_drop increase_in_confidence selection"
     )
@@ -156,11 +156,34 @@ def test_compare_writes_curves_and_the_config_differences(two_runs: Path, tmp_pa
     assert "model resnet18" in shared and "warmup 0.2" in shared and text.count("warmup 0.2") == 1
 
 
+def test_paths_print_as_they_are_even_with_brackets(two_runs: Path, tmp_path: Path) -> None:
+    """Rich markup is off: '[/]' in a path is neither a closing tag nor dropped."""
+    out = tmp_path / "a[/]b[bold]" / "cmp.html"
+    result = runner.invoke(app, ["compare", "tiny", "r", "--runs-dir", str(two_runs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"Wrote {out}, {out.with_suffix('.png')}"
+    assert out.exists()
+
+
 def test_compare_defaults_to_the_runs_dir(two_runs: Path, tmp_path: Path) -> None:
     runs = copy_tree(two_runs, tmp_path / "runs")
     result = runner.invoke(app, ["compare", "r", "tiny", "--runs-dir", str(runs)])
     assert result.exit_code == 0, result.output
     assert (runs / "compare.html").exists() and cv2.imread(str(runs / "compare.png")) is not None
+
+
+def test_a_confusion_matrix_with_a_null_cell_is_left_out(trained_runs: Path, tmp_path: Path) -> None:
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    evaluation = runs / "tiny" / "evaluation.json"
+    assert runner.invoke(app, ["evaluate", "--run", "tiny", "--runs-dir", str(runs)]).exit_code == 0
+    edited = json.loads(evaluation.read_text())
+    edited["confusion_matrix"][0][0] = None
+    evaluation.write_text(json.dumps(edited))
+    result = runner.invoke(app, ["report", "--run", "tiny", "--runs-dir", str(runs)])
+    assert result.exit_code == 0, result.output
+    page = Page((runs / "tiny" / "report.html").read_text())
+    assert "Confusion matrix" not in page.section_text()
+    assert f"{edited['accuracy']:.2%}" in page.section_text()  # the rest of the evaluation shows
 
 
 def test_cam_files_of_another_shape_still_render(trained_runs: Path, tmp_path: Path) -> None:

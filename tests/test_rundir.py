@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifarcam.data import Split, synthetic_dataset
 from cifarcam.engine import score
 from cifarcam.errors import CheckpointError, RunError, UsageError
 from cifarcam.fileio import atomic_open, atomic_write_json
@@ -60,18 +61,23 @@ def test_checkpoint_round_trip_is_bit_identical(runs_dir: Path) -> None:
     assert all(torch.equal(original[k], restored[k]) for k in original)
 
 
-def test_cached_test_logits_belong_to_one_checkpoint(runs_dir: Path) -> None:
+def test_cached_test_logits_belong_to_one_checkpoint_and_one_test_set(runs_dir: Path) -> None:
     run = RunDir(runs_dir, "r")
     run.path.mkdir(parents=True)
-    assert run.read_test_logits("a", 5) is None  # nothing cached yet
+    test = synthetic_dataset(10, 5, seed=1).test
+    assert run.read_test_logits("a", test.fingerprint()) is None  # nothing cached yet
     logits = torch.randn(5, 10)
-    run.save_test_logits(logits, "a")
-    cached = run.read_test_logits("a", 5)
+    run.save_test_logits(logits, "a", test.fingerprint())
+    cached = run.read_test_logits("a", test.fingerprint())
     assert cached is not None and torch.equal(cached, logits)
-    assert run.read_test_logits("b", 5) is None  # another checkpoint's
-    assert run.read_test_logits("a", 6) is None  # another test set's
+    assert run.read_test_logits("b", test.fingerprint()) is None  # another checkpoint's
+    changed = Split(test.images.clone(), test.labels)
+    changed.images[0, 0, 0, 0] ^= 1  # one pixel's lowest bit
+    assert run.read_test_logits("a", changed.fingerprint()) is None  # another test set's
+    relabelled = Split(test.images, test.labels.roll(1))
+    assert run.read_test_logits("a", relabelled.fingerprint()) is None
     run.predictions_path.write_bytes(b"not safetensors")
-    assert run.read_test_logits("a", 5) is None  # unreadable: recomputed and replaced
+    assert run.read_test_logits("a", test.fingerprint()) is None  # unreadable: recomputed and replaced
 
 
 def test_training_caches_the_test_logits_of_its_last_checkpoint(trained_runs: Path) -> None:
@@ -79,13 +85,33 @@ def test_training_caches_the_test_logits_of_its_last_checkpoint(trained_runs: Pa
     take it from the cache instead of another pass over the test set."""
     run = RunDir(trained_runs, "tiny")
     loaded = load_run(run)
-    cached = run.read_test_logits(loaded.info.checkpoint_id, len(loaded.test))
+    cached = run.read_test_logits(loaded.info.checkpoint_id, loaded.test.fingerprint())
     assert cached is not None
     torch.testing.assert_close(cached, loaded.predict_test(), rtol=0, atol=1e-5)
     last = json.loads(run.metrics_path.read_text())["epochs"][-1]
     assert score(cached, loaded.test.labels.cpu()) == {"loss": last["test_loss"], "acc": last["test_acc"]}
     best = run.load_model("best")[1].checkpoint_id  # saved separately: not what the cache holds
-    assert run.read_test_logits(best, len(loaded.test)) is None
+    assert run.read_test_logits(best, loaded.test.fingerprint()) is None
+
+
+def test_evaluate_scores_again_when_the_test_images_changed(
+    trained_runs: Path, synthetic_tree: Path, tmp_path: Path
+) -> None:
+    """The same classes and image count, other images: the cached logits are not theirs."""
+    from conftest import copy_tree, write_image_folder
+
+    from cifarcam.trained import evaluate
+
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    other = write_image_folder(synthetic_dataset(400, 200, seed=4), tmp_path / "other")
+    run = RunDir(runs, "tiny")
+    run.config_path.write_text(json.dumps(json.loads(run.config_path.read_text()) | {"data": str(other)}))
+    result = evaluate(run, tta=False)
+    loaded = load_run(run)
+    expected = score(loaded.predict_test(), loaded.test.labels.cpu())
+    assert (result["accuracy"], result["loss"]) == (expected["acc"], expected["loss"])
+    last = json.loads(run.metrics_path.read_text())["epochs"][-1]
+    assert result["loss"] != last["test_loss"]  # not the numbers of the tree it was trained on
 
 
 def test_truncated_and_garbage_checkpoints_are_reported(runs_dir: Path) -> None:

@@ -32,7 +32,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(highlight=False, soft_wrap=True)
+# No markup: what is printed holds paths and class names, in which '[b]' or '[/]' is text.
+console = Console(highlight=False, soft_wrap=True, markup=False)
 
 RunOpt = Annotated[
     str, typer.Option("--run", help="Run name: a folder under --runs-dir.", show_default=False)

@@ -140,13 +140,13 @@ def predict(
 
 
 def _print_prediction(result: Any) -> None:
-    console.print(f"{result.path}: {result.image.describe()}", markup=False)
+    console.print(f"{result.path}: {result.image.describe()}")
     table = Table("class", "confidence")
     for name, probability in result.top:
         table.add_row(Text(name), f"{probability:.1%}")
     console.print(table)
     for overlay in result.overlays:
-        console.print(f"Wrote {overlay.path}", markup=False)
+        console.print(f"Wrote {overlay.path}")
 
 
 def app_command(

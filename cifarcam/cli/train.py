@@ -210,7 +210,9 @@ def train(
                 records = pipeline.resume(rundir, command, callbacks, stop, group)
         else:
             base = merge_overrides(
-                preset_values(preset) if preset else {}, read_config_file(config) if config else {}
+                preset_values(preset) if preset else {},
+                read_config_file(config) if config else {},
+                given_none=True,
             )
             resolved = build_config(merge_overrides(base, overrides))
             with _stop_on_signals(group) as stop, _training_progress(group.is_main) as callbacks:
