@@ -322,8 +322,9 @@ def check_request(predictor: Predictor, run: RunDir, top_k: int, cam: CamRequest
         raise UsageError(
             f"--out '{cam.out_dir}' is inside run '{other.name}'; predictions never write into a run"
         )
-    existing = next(folder for folder in (out, *out.parents) if folder.exists())
-    if existing == out and not out.is_dir():
+    given = cam.out_dir  # its nearest existing folder, named as the user named it
+    existing = next((folder for folder in (given, *given.parents) if folder.exists()), Path("."))
+    if existing == given and not given.is_dir():
         raise UsageError(f"--out '{cam.out_dir}' is a file, not a folder")
     if not existing.is_dir():
         raise UsageError(f"--out '{cam.out_dir}' cannot be a folder: '{existing}' is a file")

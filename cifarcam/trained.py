@@ -143,14 +143,16 @@ def evaluate(
     num_classes = len(classes)
     confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes**2)
     confusion = confusion.view(num_classes, num_classes)
-    per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1).double()
+    per_class = confusion.diag().double() / confusion.sum(1).double()  # NaN: no test image of the class
     result = {
         "checkpoint": checkpoint,
         "epoch": loaded.info.epoch,
         "num_images": len(labels),
         "accuracy": scores["acc"],
         "loss": scores["loss"],
-        "per_class_accuracy": {name: per_class[i].item() for i, name in enumerate(classes)},
+        "per_class_accuracy": {  # null for a class without test images
+            name: None if per_class[i].isnan() else per_class[i].item() for i, name in enumerate(classes)
+        },
         "confusion_matrix": confusion.tolist(),
         "confusion_matrix_rows": "true class",
         "classes": classes,

@@ -4,6 +4,7 @@ that can be saved and restored exactly (between epochs or in the middle of one).
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -237,6 +238,12 @@ class Trainer:
             train_time = already + time.perf_counter() - started
             evaluated_at = time.perf_counter()
             record.update(self.evaluate())
+            if not all(math.isfinite(value) for value in record.values()):
+                # the training loss stayed finite, but the weights or BatchNorm statistics did not
+                raise TrainingDiverged(
+                    f"training diverged: the model's test loss is NaN or infinite after epoch {epoch}",
+                    hint=f"try a lower learning rate (--lr, now {config.lr})",
+                )
             record["epoch_time_s"] = round(train_time, 3)
             record["eval_time_s"] = round(time.perf_counter() - evaluated_at, 3)
             self.epoch = epoch

@@ -392,3 +392,18 @@ def test_a_null_in_the_config_file_unsets_the_presets_value(runs_dir: Path, synt
     assert saved["augment"] == {"flip": True, "translate": 2, "cutout": 4}  # the rest: the preset's
     assert saved["batch_size"] == 256 and saved["width"] == 4
     assert json.loads((runs_dir / "q" / "meta.json").read_text())["train_images"] == 400
+
+
+def test_a_learning_rate_that_diverges_fails_the_run_with_one_line(
+    runs_dir: Path, synthetic_tree: Path
+) -> None:
+    """In bf16 the training loss stays finite while the scored model's test loss is NaN after
+    epoch 1; with other arithmetic the training loss may go first. Exit 1 either way, and no
+    epoch of NaN metrics is saved."""
+    result = invoke(*tiny_train_args(runs_dir, synthetic_tree), "--lr", "100")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("Error: training diverged: ")
+    meta = json.loads((runs_dir / "r" / "meta.json").read_text())
+    assert meta["status"] == "failed" and meta["error"].startswith("training diverged: ")
+    metrics = runs_dir / "r" / "metrics.json"
+    assert not metrics.exists() or "NaN" not in metrics.read_text()

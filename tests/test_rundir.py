@@ -163,3 +163,22 @@ def test_atomic_files_get_ordinary_permissions(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_class_without_test_images_has_no_accuracy(
+    trained_runs: Path, synthetic_tree: Path, tmp_path: Path
+) -> None:
+    from conftest import copy_tree
+
+    from cifarcam.trained import evaluate
+
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    tree = copy_tree(synthetic_tree, tmp_path / "tree")
+    for image in (tree / "test" / "class9").iterdir():
+        image.unlink()  # the folder stays: the classes are the same
+    run = RunDir(runs, "tiny")
+    run.config_path.write_text(json.dumps(json.loads(run.config_path.read_text()) | {"data": str(tree)}))
+    result = evaluate(run, tta=False)
+    assert result["per_class_accuracy"]["class9"] is None  # not 0%: there was nothing to get wrong
+    assert all(isinstance(result["per_class_accuracy"][f"class{i}"], float) for i in range(9))
+    assert json.loads(run.evaluation_path.read_text())["per_class_accuracy"]["class9"] is None

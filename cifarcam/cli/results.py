@@ -52,7 +52,7 @@ def evaluate(
         )
     table = Table("class", "accuracy")
     for name, accuracy in result["per_class_accuracy"].items():
-        table.add_row(name, f"{accuracy:.2%}")
+        table.add_row(name, "- (no test images)" if accuracy is None else f"{accuracy:.2%}")
     console.print(table)
 
 

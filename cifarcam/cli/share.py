@@ -161,7 +161,7 @@ def app_command(
 ) -> None:
     """A local web app over a run: your images or test images, top-k, CAM controls, mistakes, curves.
 
-    Needs the optional extra: pip install "cifarcam[app]". Nothing is fetched from the internet,
+    Needs the optional extra: pip install "cifarcam\\[app]". Nothing is fetched from the internet,
     nothing is written into the run directory; Ctrl-C or SIGTERM stops it (exit 0).
 
     Example: cifarcam app --run r1 --port 7860

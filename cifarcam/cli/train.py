@@ -252,9 +252,8 @@ def _stop_on_signals(group: Any = None) -> Iterator[Any]:
             raise StoppedAtOnce(signum)
         stop.signal, first_at[0] = signum, time.monotonic()
         if group.is_main:
-            typer.echo(
-                "Stopping after this step and saving (press Ctrl-C again to stop at once)...", err=True
-            )
+            again = "press Ctrl-C again" if signum == signal.SIGINT else "send SIGTERM again"
+            typer.echo(f"Stopping after this step and saving ({again} to stop at once)...", err=True)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
