@@ -99,6 +99,16 @@ def _prepare(config: TrainConfig, group: Group = SINGLE) -> _Prepared:
     return _Prepared(device, training_dtype(device, config.precision), dataset, train_split, validation)
 
 
+def _data_facts(prepared: _Prepared) -> dict[str, Any]:
+    """What a saved state depends on in the data: its weights are sized to the classes, and its
+    epoch order indexes the training images."""
+    return {
+        "classes": prepared.dataset.classes,
+        "train_images": len(prepared.train),
+        "val_images": len(prepared.validation) if prepared.validation is not None else 0,
+    }
+
+
 def _environment(prepared: _Prepared, command: str, group: Group) -> dict[str, Any]:
     device = prepared.device
     return {
@@ -112,9 +122,7 @@ def _environment(prepared: _Prepared, command: str, group: Group) -> dict[str, A
         "precision": precision_name(prepared.amp_dtype),
         "command": command or " ".join(sys.argv),
         "data": prepared.dataset.source,
-        "classes": prepared.dataset.classes,
-        "train_images": len(prepared.train),
-        "val_images": len(prepared.validation) if prepared.validation is not None else 0,
+        **_data_facts(prepared),
         "test_images": len(prepared.dataset.test),
         "world_size": group.world_size,
     }
@@ -169,13 +177,19 @@ def resume(
     prepared = group.agree(lambda: _prepare(config, group))
     with contextlib.ExitStack() as lock:
 
-        def load() -> tuple[tuple[dict[str, torch.Tensor], dict[str, Any]] | None, bool]:
+        def load() -> tuple[
+            tuple[dict[str, torch.Tensor], dict[str, Any]] | None, list[dict[str, Any]] | None
+        ]:
+            """The state to continue from, or the records of a run that has nothing left to train."""
             lock.enter_context(run.lock())
             run.remove_temporaries()
             state = run.load_state()
             if state is not None:
                 _check_same_config(run, config, state[1])
             if state is None and (run.checkpoint_path("last").exists() or run.metrics_path.exists()):
+                records = _finished_without_state(run, config)
+                if records is not None:  # nothing to resume; its results are all there
+                    return None, records
                 raise RunError(  # starting over would replace its epochs without --overwrite
                     f"run '{run.name}' has trained epochs but no training state to resume from "
                     f"('{run.state_path}' is missing)",
@@ -183,14 +197,14 @@ def resume(
                 )
             if state is not None and state[1]["epoch"] >= config.epochs and _derived_files_saved(run, state):
                 run.update_meta(status="finished")
-                return state, True
+                return state, list(state[1]["records"])
             # else also a run whose last epoch's state was saved but not all the files derived
             # from it (killed in between): _train_loop writes them again from the state
             meta = run.read_meta() if run.meta_path.exists() else {}
             resumed = meta.get("resumed_at")
             environment = _environment(prepared, command, group)
             if state is not None:
-                _check_same_data(run, meta, environment)
+                _check_same_data(run, state[1].get("data") or meta, environment)
             run.update_meta(
                 status="running",
                 started_at=meta.get("started_at") or now_iso(),
@@ -199,12 +213,11 @@ def resume(
                 error=None,
                 **environment,
             )
-            return state, False
+            return state, None
 
         state, finished = group.from_main(load)
-        if finished:
-            assert state is not None
-            return list(state[1]["records"])
+        if finished is not None:
+            return finished
         return _train_loop(config, run, prepared, state, callbacks or TrainCallbacks(), stop, group)
 
 
@@ -243,20 +256,32 @@ def _check_same_config(run: RunDir, config: TrainConfig, state_meta: dict[str, A
         )
 
 
-def _check_same_data(run: RunDir, meta: dict[str, Any], now: dict[str, Any]) -> None:
-    """A saved state continues only on the data it started with: its weights are sized to the
-    classes, and its epoch order indexes the training images."""
+def _check_same_data(run: RunDir, then: dict[str, Any], now: dict[str, Any]) -> None:
+    """A saved state continues only on the data it started with (`_data_facts`, saved with the
+    state, or meta.json's copy for states saved before they were)."""
     for field, what in (
         ("classes", "classes"),
         ("train_images", "training images"),
         ("val_images", "validation images"),
     ):
-        if field in meta and meta[field] != now[field]:
+        if field in then and then[field] != now[field]:
             raise RunError(
                 f"the data at '{now['data']}' has changed since run '{run.name}' started: "
-                f"{what} {meta[field]} then, {now[field]} now",
+                f"{what} {then[field]} then, {now[field]} now",
                 hint="resume needs the same data; train a new run for the new data",
             )
+
+
+def _finished_without_state(run: RunDir, config: TrainConfig) -> list[dict[str, Any]] | None:
+    """The records of a run whose training state was deleted after it finished: meta.json says
+    so, and metrics.json and last.safetensors hold its final epoch."""
+    try:
+        records = run.read_epochs()
+        finished = run.read_meta().get("status") == "finished"
+    except RunError:
+        return None
+    last_epoch = records[-1]["epoch"] == config.epochs
+    return records if finished and last_epoch and run.checkpoint_path("last").exists() else None
 
 
 def _derived_files_saved(run: RunDir, state: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> bool:
@@ -344,6 +369,7 @@ def _train_epochs(
         prepared.amp_dtype,
         group,
     )
+    data_facts = _data_facts(prepared)  # saved with the state, for resume to check
     test_fingerprint = dataset.test.fingerprint()  # the logits cache names the test set it scored
     header = {
         "model": config.model,
@@ -359,9 +385,13 @@ def _train_epochs(
         """Run a write on rank 0 while the other ranks wait to hear whether it failed."""
         return group.agree(lambda: action() if main else default)
 
+    def save_state() -> None:
+        tensors, meta = trainer.state()
+        run.save_state(tensors, meta | {"data": data_facts})
+
     def save_epoch_end(best_val: float) -> float:
         """The state first (the commit point of an epoch), then what is derived from it."""
-        run.save_state(*trainer.state())
+        save_state()
         epoch_header = header | {"epoch": trainer.epoch}
         checkpoint_id = run.save_checkpoint("last", trainer.final_model, epoch_header)
         if trainer.test_logits is not None:  # this epoch's scoring: the commands after reuse it
@@ -414,7 +444,7 @@ def _train_epochs(
 
         def save_stop() -> None:
             if trainer.partial is not None:
-                run.save_state(*trainer.state())  # mid-epoch: resume continues at the next step
+                save_state()  # mid-epoch: resume continues at the next step
             run.update_meta(
                 status="interrupted", ended_at=now_iso(), completed_epochs=trainer.epoch, interrupted_by=name
             )

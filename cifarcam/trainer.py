@@ -197,6 +197,10 @@ class Trainer:
         if should_stop is not None and group.distributed:
             should_stop = functools.partial(_any_rank, group, should_stop)  # all ranks stop at the same step
         for epoch in range(self.epoch + 1, config.epochs + 1):
+            # A stop asked for during the last step of an epoch (every step, with one-step
+            # epochs), while it was scored and saved, or before a resumed run's first step
+            if should_stop is not None and should_stop():
+                raise StopRequested
             started = time.perf_counter()
             # The LR at the epoch's first step, computed as LambdaLR does (also after a resume).
             lr = float(self.scheduler.base_lrs[0]) * self.lr_factor((epoch - 1) * self.steps_per_epoch)

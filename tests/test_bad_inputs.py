@@ -60,8 +60,10 @@ def damage_run(run: Path, how: str) -> None:
         (run / "metrics.json").write_text(json.dumps(metrics))
     elif how == "no_metrics":
         (run / "metrics.json").unlink()
-    elif how == "no_state":
+    elif how == "no_state":  # of a run that has not finished (a finished one has nothing to resume)
         (run / "checkpoints" / "state.safetensors").unlink()
+        meta = json.loads((run / "meta.json").read_text())
+        (run / "meta.json").write_text(json.dumps(meta | {"status": "interrupted"}))
     elif how == "corrupt_state":
         (run / "checkpoints" / "state.safetensors").write_bytes(b"junk")
         meta = json.loads((run / "meta.json").read_text())

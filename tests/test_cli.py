@@ -246,6 +246,13 @@ def test_resume_refuses_data_that_changed_since_the_run_started(
         f"Error: the data at '{tree}' has changed since run 'tiny' started: classes ["
     ), result.stderr
     assert {p: p.read_bytes() for p in sorted((runs / "tiny").rglob("*")) if p.is_file()} == files
+    # The state itself records the data it was trained on: without meta.json, the same refusal.
+    (runs / "tiny" / "meta.json").unlink()
+    result = invoke("train", "--run", "tiny", "--runs-dir", str(runs), "--resume")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(
+        f"Error: the data at '{tree}' has changed since run 'tiny' started: classes ["
+    )
 
 
 def test_a_state_that_does_not_fit_the_model_fails_the_resume_in_one_line(
@@ -312,19 +319,23 @@ def test_a_second_signal_exits_with_its_own_code(sig: str, code: int) -> None:
     assert caught.value.exit_code == code
 
 
+@pytest.mark.parametrize(("signal_name", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
 def test_an_immediate_stop_marks_the_run_interrupted_and_keeps_the_last_epoch(
-    tmp_path: Path, synthetic_tree: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, synthetic_tree: Path, monkeypatch: pytest.MonkeyPatch, signal_name: str, code: int
 ) -> None:
+    import signal
+
     import cifarcam.cli.train as cli
+    from cifarcam.errors import StoppedAtOnce
 
     real = cli._training_progress
 
     @contextmanager
-    def progress_that_is_interrupted(shown: bool = True):  # a second Ctrl-C arriving right after epoch 1
+    def progress_that_is_interrupted(shown: bool = True):  # a second signal arriving right after epoch 1
         with real(shown) as callbacks:
 
             def on_epoch(record: dict) -> None:
-                raise KeyboardInterrupt
+                raise StoppedAtOnce(signal.Signals[signal_name])
 
             callbacks.on_epoch = on_epoch
             yield callbacks
@@ -332,9 +343,9 @@ def test_an_immediate_stop_marks_the_run_interrupted_and_keeps_the_last_epoch(
     monkeypatch.setattr(cli, "_training_progress", progress_that_is_interrupted)
     runs = tmp_path / "runs"
     result = invoke(*tiny_train_args(runs, synthetic_tree, epochs=3))
-    assert result.exit_code == 130
+    assert result.exit_code == code
     assert result.stderr.splitlines() == [
-        "Error: stopped at once by a second interrupt; the last saved epoch, if any, is kept",
+        f"Error: stopped at once by a second {signal_name}; the last saved epoch, if any, is kept",
         "Hint: resume with 'cifarcam train --run r --resume'",
     ]
     meta = json.loads((runs / "r" / "meta.json").read_text())
@@ -407,3 +418,16 @@ def test_a_learning_rate_that_diverges_fails_the_run_with_one_line(
     assert meta["status"] == "failed" and meta["error"].startswith("training diverged: ")
     metrics = runs_dir / "r" / "metrics.json"
     assert not metrics.exists() or "NaN" not in metrics.read_text()
+
+
+def test_resume_of_a_finished_run_without_its_state_has_nothing_to_do(
+    trained_runs: Path, tmp_path: Path
+) -> None:
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    (runs / "tiny" / "checkpoints" / "state.safetensors").unlink()
+    files = {p: p.read_bytes() for p in sorted((runs / "tiny").rglob("*")) if p.is_file()}
+    result = invoke("train", "--run", "tiny", "--runs-dir", str(runs), "--resume")
+    assert result.exit_code == 0, result.output
+    last = json.loads((runs / "tiny" / "metrics.json").read_text())["epochs"][-1]
+    assert f"Finished: test accuracy {last['test_acc']:.2%}" in result.stdout
+    assert {p: p.read_bytes() for p in sorted((runs / "tiny").rglob("*")) if p.is_file()} == files

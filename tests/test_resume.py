@@ -148,3 +148,24 @@ def test_signal_stops_mid_epoch_saves_and_resumes_exactly(
     assert_files_readable(runs / name)
     finish_by_resuming(name, setting)
     assert_same_as_reference(name, setting)
+
+
+def test_a_stop_is_kept_when_every_epoch_is_one_step(tmp_path: Path, synthetic_tree: Path) -> None:
+    """The stop lands on an epoch's last step (here every step is one): training must still stop
+    before the next epoch, not run to the end and exit 0."""
+    env = os.environ | {"CIFARCAM_DATA_DIR": str(tmp_path / "cache")}
+    runs = tmp_path / "runs"
+    args = ["train", "--run", "one", "--runs-dir", str(runs), "--data", str(synthetic_tree)]
+    args += ["--width", "4", "--subset", "100", "--batch-size", "100", "--epochs", "200", "--device", "cpu"]
+    process = start(args, env)
+    metrics = runs / "one" / "metrics.json"
+    deadline = time.monotonic() + 120
+    while not metrics.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.splitlines()[-2].startswith("Error: interrupted by SIGINT after epoch ")
+    meta = json.loads((runs / "one" / "meta.json").read_text())
+    assert meta["status"] == "interrupted" and meta["completed_epochs"] < 200
+    assert len(json.loads(metrics.read_text())["epochs"]) == meta["completed_epochs"]

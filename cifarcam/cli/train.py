@@ -190,11 +190,13 @@ def train(
         rundir = run_dir(runs_dir, run)
         try:
             train_or_resume(rundir, group)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stopped:  # StoppedAtOnce (a second signal) or Python's own
+            code = stopped.exit_code if isinstance(stopped, StoppedAtOnce) else EXIT_SIGINT
             raise TrainingInterrupted(
-                "stopped at once by a second interrupt; the last saved epoch, if any, is kept",
+                f"stopped at once by a second {signal.Signals(code - 128).name}; "
+                "the last saved epoch, if any, is kept",
                 hint=f"resume with 'cifarcam train --run {run} --resume'",
-                exit_code=EXIT_SIGINT,
+                exit_code=code,
             ) from None
 
     def train_or_resume(rundir: Any, group: Any) -> None:
