@@ -8,6 +8,7 @@ sanity/<method>_<layer>.png/.json the randomisation check.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 
 from cifarcam import viz
 from cifarcam.cam import METHODS, CamExtractor, check_layers, guided_backprop, guided_grad_cam
-from cifarcam.errors import UsageError
+from cifarcam.errors import RunError, UsageError
 from cifarcam.faithfulness import faithfulness, random_maps
 from cifarcam.fileio import atomic_write_bytes
 from cifarcam.precision import autocast_dtype, precision_name
@@ -55,7 +56,7 @@ def resolve_target(spec: str, classes: list[str]) -> list[str]:
         return [spec]
     if spec in classes:
         return [f"class:{spec}"]
-    if spec.isdigit() and int(spec) < len(classes):
+    if spec.isascii() and spec.isdigit() and int(spec) < len(classes):
         return [f"class:{classes[int(spec)]}"]
     raise UsageError(
         f"--target '{spec}' is not pred, true, both, a class name or a class index 0-{len(classes) - 1}; "
@@ -134,8 +135,17 @@ def explain_images(
     return result
 
 
+MAX_STEM = 120  # characters of a gallery's file name from its methods and layers
+
+
 def _file_stem(methods: list[str], layers: list[str]) -> str:
-    return f"{','.join(methods)}_{','.join(layers)}"
+    """'gradcam,scorecam_layer3,layer4'; a long list is cut and told apart by a digest of it,
+    since file names have a length limit (255 bytes on most file systems)."""
+    stem = f"{','.join(methods)}_{','.join(layers)}"
+    if len(stem.encode()) <= MAX_STEM:
+        return stem
+    digest = hashlib.sha256(stem.encode()).hexdigest()[:10]
+    return f"{stem.encode()[: MAX_STEM - 11].decode(errors='ignore')}-{digest}"
 
 
 def _groups(methods: list[str], layers: list[str]) -> list[tuple[str, str]]:
@@ -183,12 +193,10 @@ def _save_maps(
     amp_dtype: torch.dtype | None,
 ) -> list[Path]:
     paths = []
-    same = {
-        "checkpoint_id": loaded.info.checkpoint_id,
-        "test_fingerprint": loaded.test.fingerprint(),
-        "precision": precision_name(amp_dtype),
-    }
+    same = {"checkpoint_id": loaded.info.checkpoint_id, "test_fingerprint": loaded.test.fingerprint()}
     for method, layer in groups:
+        # guided backpropagation never runs under autocast: its attributions are fp32's
+        same["precision"] = precision_name(None if method == "guided-backprop" else amp_dtype)
         tensors = {
             "indices": explained.indices.contiguous(),
             "pred": explained.pred.contiguous(),
@@ -295,19 +303,43 @@ def _faithfulness_rows(
     return rows
 
 
-_ROW_KEY = ("method", "layer", "target", "selection", "steps", "checkpoint")
+_ROW_KEY = ("method", "layer", "target", "selection", "steps", "checkpoint", "precision")
+
+
+def _earlier_rows(run: RunDir) -> list[dict[str, Any]]:
+    """The rows of gradcam/metrics.json, read before anything is computed or written, so that a
+    hand-edited file that cannot be merged stops the call at once."""
+    path = run.faithfulness_path
+    if not path.exists():
+        return []
+    document = run.read_json(path)
+    rows = document.get("results") if isinstance(document, dict) else None
+    scalar = (str, int, float, type(None))
+    if not isinstance(rows, list) or not all(
+        isinstance(row, dict) and all(isinstance(row.get(key), scalar) for key in _ROW_KEY) for row in rows
+    ):
+        raise RunError(
+            f"'{path}' is not a cifarcam faithfulness file (an object whose 'results' are rows)",
+            hint="move it away or delete it; the next --metrics call writes a new one",
+        )
+    return rows
 
 
 def _merge_metrics(
-    run: RunDir, rows: list[dict[str, Any]], selection: str, steps: int, checkpoint: str
+    run: RunDir,
+    earlier: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    selection: str,
+    steps: int,
+    checkpoint: str,
+    precision: str,
 ) -> Path:
     """gradcam/metrics.json keeps rows from earlier calls unless this call recomputed them: the
-    same method, layer, target, images, steps and checkpoint (each row names its own)."""
+    same method, layer, target, images, steps, checkpoint and precision (each row names its own)."""
     path = run.faithfulness_path
     for row in rows:
-        row |= {"selection": selection, "steps": steps, "checkpoint": checkpoint}
+        row |= {"selection": selection, "steps": steps, "checkpoint": checkpoint, "precision": precision}
     keys = {tuple(r[k] for k in _ROW_KEY) for r in rows}
-    earlier = run.read_json(path).get("results", []) if path.exists() else []
     kept = [r for r in earlier if tuple(r.get(k) for k in _ROW_KEY) not in keys]
     run.write_json(
         path,
@@ -355,6 +387,7 @@ def gradcam(
         raise UsageError("--batch-size and --steps must be at least 1")
     if precision not in ("fp32", "bf16", "auto"):
         raise UsageError(f"--precision '{precision}' is not one of: fp32, bf16, auto")
+    earlier_rows = _earlier_rows(run) if metrics else []
     loaded = load_run(run, checkpoint, device_name)
     amp_dtype = autocast_dtype(loaded.device, precision)
     targets = resolve_target(target, loaded.info.classes)
@@ -381,7 +414,9 @@ def gradcam(
     if metrics:
         scores = _faithfulness_rows(loaded, explained, targets[0], methods, layers, steps, batch_size)
         selection = "all test images" if all_images else f"{count} most confident mistakes"
-        paths.append(_merge_metrics(run, scores, selection, steps, checkpoint))
+        paths.append(
+            _merge_metrics(run, earlier_rows, scores, selection, steps, checkpoint, precision_name(amp_dtype))
+        )
     return GradcamOutcome(paths, scores, len(rows))
 
 

@@ -58,6 +58,9 @@ def damage_run(run: Path, how: str) -> None:
         metrics = json.loads((run / "metrics.json").read_text())
         metrics["epochs"][0]["test_acc"] = None
         (run / "metrics.json").write_text(json.dumps(metrics))
+    elif how == "bad_faithfulness":
+        (run / "gradcam").mkdir(exist_ok=True)
+        (run / "gradcam" / "metrics.json").write_text("[1, 2]")
     elif how == "no_metrics":
         (run / "metrics.json").unlink()
     elif how == "no_state":  # of a run that has not finished (a finished one has nothing to resume)
@@ -397,6 +400,20 @@ CASES = [
         "predict --run tiny --cam --out {tmp}/file/sub {tmp}/file",
         2,
         "Error: --out '{tmp}/file/sub' cannot be a folder: '{tmp}/file' is a file",
+    ),
+    (
+        "--target a digit that is not ASCII",
+        None,
+        "gradcam --run tiny --target ²",
+        2,
+        "Error: --target '²' is not pred, true, both, a class name or a class index 0-9",
+    ),
+    (
+        "--metrics over a faithfulness file that is not one",
+        "run:bad_faithfulness",
+        "gradcam --run tiny --metrics --steps 2",
+        1,
+        "Error: '{runs}/tiny/gradcam/metrics.json' is not a cifarcam faithfulness file (an object whose 'results' are rows)",
     ),
     (
         "unknown preset",

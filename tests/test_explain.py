@@ -174,6 +174,16 @@ def test_metrics_table_json_and_merge(runs: Path) -> None:
         ("gradcam", "layer4", 8),
         ("random", "-", 8),
     ]
+    # Maps computed under bf16 are scored in rows of their own, next to fp32's.
+    assert {r["precision"] for r in again} == {"fp32"}
+    cifarcam(*common[:-1], "8", "--method", "gradcam", "--precision", "bf16", "--device", "cpu")
+    last = json.loads(metrics_path.read_text())["results"]
+    assert [(r["method"], r["steps"], r["precision"]) for r in last[-4:]] == [
+        ("gradcam", 8, "fp32"),
+        ("random", 8, "fp32"),
+        ("gradcam", 8, "bfloat16"),
+        ("random", 8, "bfloat16"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -220,3 +230,20 @@ def test_the_gallery_stops_at_24_rows_while_the_maps_cover_every_mistake(runs: P
     meta = json.loads((runs / "tiny" / "gradcam" / "gradcam_layer4.json").read_text())
     assert maps["maps_pred"].shape[0] == 30 and len(meta["indices"]) == 24
     assert meta["indices"] == maps["indices"][:24].tolist()
+
+
+def test_guided_backprop_is_labelled_fp32_and_long_galleries_get_short_names(runs: Path) -> None:
+    from safetensors import safe_open
+
+    layers = [f"layer{i}.{j}.{part}" for i in (1, 2, 3, 4) for j in (0, 1) for part in ("conv1", "bn1")]
+    args = ["gradcam", "--run", "tiny", "--runs-dir", str(runs), "--count", "2", "--device", "cpu"]
+    args += ["--method", "guided-backprop", "--method", "gradcam", "--precision", "bf16"]
+    cifarcam(*args, *[option for layer in layers for option in ("--layer", layer)])
+    folder = runs / "tiny" / "gradcam"
+    with safe_open(folder / "guided-backprop.safetensors", "pt") as stored:
+        assert (stored.metadata() or {})["precision"] == "fp32"  # never run under autocast
+    with safe_open(folder / "gradcam_layer4.1.bn1.safetensors", "pt") as stored:
+        assert (stored.metadata() or {})["precision"] == "bfloat16"
+    [gallery] = folder.glob("*.png")
+    assert len(gallery.stem) <= 120 and gallery.stem.startswith("guided-backprop,gradcam_layer1.0.conv1,")
+    assert json.loads(gallery.with_suffix(".json").read_text())["layers"] == sorted(layers)
