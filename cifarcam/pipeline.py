@@ -7,11 +7,10 @@ Nothing here prints: progress goes out through callbacks, results come back as v
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 import cifarcam
+from cifarcam import resumption
 from cifarcam.config import TrainConfig, config_to_json, data_dir_path
 from cifarcam.data import (
     CIFAR10_MEAN,
@@ -159,7 +159,8 @@ def train(
             )
 
         group.from_main(start)
-        return _train_loop(config, run, prepared, None, callbacks or TrainCallbacks(), stop, group)
+        with _never_left_running(run, None, group):
+            return _train_loop(config, run, prepared, None, callbacks or TrainCallbacks(), stop, group)
 
 
 def resume(
@@ -185,9 +186,9 @@ def resume(
             run.remove_temporaries()
             state = run.load_state()
             if state is not None:
-                _check_same_config(run, config, state[1])
+                resumption.check_same_config(run, config, state[1])
             if state is None and (run.checkpoint_path("last").exists() or run.metrics_path.exists()):
-                records = _finished_without_state(run, config)
+                records = resumption.finished_without_state(run, config)
                 if records is not None:  # nothing to resume; its results are all there
                     return None, records
                 raise RunError(  # starting over would replace its epochs without --overwrite
@@ -195,7 +196,11 @@ def resume(
                     f"('{run.state_path}' is missing)",
                     hint=f"train it again from the start with 'cifarcam train --run {run.name} --overwrite'",
                 )
-            if state is not None and state[1]["epoch"] >= config.epochs and _derived_files_saved(run, state):
+            if (
+                state is not None
+                and state[1]["epoch"] >= config.epochs
+                and resumption.derived_files_saved(run, state)
+            ):
                 run.update_meta(status="finished")
                 return state, list(state[1]["records"])
             # else also a run whose last epoch's state was saved but not all the files derived
@@ -204,7 +209,7 @@ def resume(
             resumed = meta.get("resumed_at")
             environment = _environment(prepared, command, group)
             if state is not None:
-                _check_same_data(run, state[1].get("data") or meta, environment)
+                resumption.check_same_data(run, state[1].get("data") or meta, environment)
             run.update_meta(
                 status="running",
                 started_at=meta.get("started_at") or now_iso(),
@@ -218,79 +223,8 @@ def resume(
         state, finished = group.from_main(load)
         if finished is not None:
             return finished
-        return _train_loop(config, run, prepared, state, callbacks or TrainCallbacks(), stop, group)
-
-
-# Settings a resumed run may take from an edited config.json: where the data and caches are,
-# and how fast it runs; everything else decides what the saved state means.
-RESUME_MAY_CHANGE = frozenset(
-    {
-        "data",
-        "data_dir",
-        "device",
-        "precision",
-        "channels_last",
-        "compile",
-        "cuda_graphs",
-        "cudnn_benchmark",
-        "workers",
-    }
-)
-
-
-def _check_same_config(run: RunDir, config: TrainConfig, state_meta: dict[str, Any]) -> None:
-    """The saved state continues only under the settings it was trained with (states written
-    before cifarcam recorded them are checked when their tensors are loaded)."""
-    saved = state_meta.get("config")
-    if not isinstance(saved, dict):
-        return
-    now = config.model_dump(mode="json")
-    changed = [key for key in now if key not in RESUME_MAY_CHANGE and saved.get(key) != now[key]]
-    if changed:
-        key = changed[0]
-        raise RunError(
-            f"run '{run.name}' config.json has changed since its training state was saved: "
-            f"{key} {json.dumps(saved.get(key))} then, {json.dumps(now[key])} now"
-            + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""),
-            hint="put config.json back as it was, or train a new run with the new settings",
-        )
-
-
-def _check_same_data(run: RunDir, then: dict[str, Any], now: dict[str, Any]) -> None:
-    """A saved state continues only on the data it started with (`_data_facts`, saved with the
-    state, or meta.json's copy for states saved before they were)."""
-    for field, what in (
-        ("classes", "classes"),
-        ("train_images", "training images"),
-        ("val_images", "validation images"),
-    ):
-        if field in then and then[field] != now[field]:
-            raise RunError(
-                f"the data at '{now['data']}' has changed since run '{run.name}' started: "
-                f"{what} {then[field]} then, {now[field]} now",
-                hint="resume needs the same data; train a new run for the new data",
-            )
-
-
-def _finished_without_state(run: RunDir, config: TrainConfig) -> list[dict[str, Any]] | None:
-    """The records of a run whose training state was deleted after it finished: meta.json says
-    so, and metrics.json and last.safetensors hold its final epoch."""
-    try:
-        records = run.read_epochs()
-        finished = run.read_meta().get("status") == "finished"
-    except RunError:
-        return None
-    last_epoch = records[-1]["epoch"] == config.epochs
-    return records if finished and last_epoch and run.checkpoint_path("last").exists() else None
-
-
-def _derived_files_saved(run: RunDir, state: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> bool:
-    """Whether the checkpoints and metrics.json are those of the saved state's epoch: metrics.json
-    is the last file an epoch writes (`save_epoch_end`), so its last record tells."""
-    try:
-        return bool(run.read_epochs()[-1].get("epoch") == state[1]["epoch"])
-    except RunError:  # no metrics.json, or no epoch in it
-        return False
+        with _never_left_running(run, state, group):
+            return _train_loop(config, run, prepared, state, callbacks or TrainCallbacks(), stop, group)
 
 
 def _interrupted(number: int, what: str, hint: str | None = None) -> TrainingInterrupted:
@@ -300,20 +234,15 @@ def _interrupted(number: int, what: str, hint: str | None = None) -> TrainingInt
     )
 
 
-def _train_loop(
-    config: TrainConfig,
-    run: RunDir,
-    prepared: _Prepared,
-    state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
-    callbacks: TrainCallbacks,
-    stop: StopSignal | None,
-    group: Group = SINGLE,
-) -> list[dict[str, float]]:
-    """`_train_epochs`, and meta.json never left saying "running" by an error before its first
-    step (a model too large for the device, a disk error while repairing the last epoch's files),
-    which its own handlers, around the epochs, do not see."""
+@contextlib.contextmanager
+def _never_left_running(
+    run: RunDir, state: tuple[Any, dict[str, Any]] | None, group: Group
+) -> Iterator[None]:
+    """meta.json never left saying "running" by an error before the first step (a model too large
+    for the device, a disk error while repairing the last epoch's files), which the handlers
+    around the epochs in `_train_loop` do not see."""
     try:
-        return _train_epochs(config, run, prepared, state, callbacks, stop, group)
+        yield
     except BaseException as error:
         if group.is_main:
             _mark_if_running(run, int(state[1]["epoch"]) if state is not None else 0, error)
@@ -334,7 +263,7 @@ def _reason(error: BaseException) -> str:
     return error.message if isinstance(error, CifarcamError) else f"{type(error).__name__}: {error}"
 
 
-def _train_epochs(
+def _train_loop(
     config: TrainConfig,
     run: RunDir,
     prepared: _Prepared,
@@ -369,7 +298,8 @@ def _train_epochs(
         prepared.amp_dtype,
         group,
     )
-    data_facts = _data_facts(prepared)  # saved with the state, for resume to check
+    # Saved with the state: what resume must continue under (`resumption`)
+    resume_facts = {"config": config.model_dump(mode="json"), "data": _data_facts(prepared)}
     test_fingerprint = dataset.test.fingerprint()  # the logits cache names the test set it scored
     header = {
         "model": config.model,
@@ -387,7 +317,7 @@ def _train_epochs(
 
     def save_state() -> None:
         tensors, meta = trainer.state()
-        run.save_state(tensors, meta | {"data": data_facts})
+        run.save_state(tensors, meta | resume_facts)
 
     def save_epoch_end(best_val: float) -> float:
         """The state first (the commit point of an epoch), then what is derived from it."""

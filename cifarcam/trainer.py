@@ -297,7 +297,6 @@ class Trainer:
             "optimizer_param_groups": optimizer_state["param_groups"],
             "scheduler": self.scheduler.state_dict(),
             "partial": None,
-            "config": self.config.model_dump(mode="json"),  # what resume must continue with
         }
         if self.partial is not None:
             tally = self.partial.tally
