@@ -50,12 +50,14 @@ def check_same_config(run: RunDir, config: TrainConfig, state_meta: dict[str, An
 
 
 def check_same_data(run: RunDir, then: dict[str, Any], now: dict[str, Any]) -> None:
-    """A saved state continues only on the data it started with (class names and image counts,
-    saved with the state, or meta.json's copy for states saved before they were)."""
+    """A saved state continues only on the data it started with (class names, image counts and a
+    digest of the training images, saved with the state, or meta.json's copy for states saved
+    before they were)."""
     for field, what in (
         ("classes", "classes"),
         ("train_images", "training images"),
         ("val_images", "validation images"),
+        ("train_fingerprint", "training images' digest"),
     ):
         if field in then and then[field] != now[field]:
             raise RunError(

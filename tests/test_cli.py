@@ -286,6 +286,30 @@ def test_a_state_that_does_not_fit_the_model_fails_the_resume_in_one_line(
     assert run.read_meta()["status"] == "finished" and len(run.read_epochs()) == 3
 
 
+def test_resume_refuses_other_images_of_the_same_classes_and_counts(
+    trained_runs: Path, tmp_path: Path
+) -> None:
+    from conftest import write_image_folder
+
+    from cifarcam.data import synthetic_dataset
+
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    run = RunDir(runs, "tiny")
+    other = write_image_folder(synthetic_dataset(400, 200, seed=4), tmp_path / "other")  # trained on seed 3
+    run.config_path.write_text(
+        json.dumps(json.loads(run.config_path.read_text()) | {"epochs": 3, "data": str(other)})
+    )
+    state = run.load_state()
+    assert state is not None
+    state[1]["config"]["epochs"] = 3  # as if it had been started for 3 epochs and stopped after 2
+    run.save_state(*state)
+    result = invoke("train", "--run", "tiny", "--runs-dir", str(runs), "--resume")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(
+        f"Error: the data at '{other}' has changed since run 'tiny' started: training images' digest "
+    ), result.stderr
+
+
 def test_first_signal_asks_to_stop_and_a_second_stops_at_once() -> None:
     import os
     import signal
