@@ -1,7 +1,7 @@
 """The explanation commands over a trained run: `gradcam` (maps, galleries, faithfulness) and `sanity`.
 
-Files: gradcam/<method>_<layer>.safetensors holds the maps of the mistakes (<method>_<layer>_all
-.safetensors those of the whole test set; guided-backprop has no layer),
+Files: gradcam/<method>_<layer>.safetensors holds the maps of the mistakes, and
+gradcam/<method>_<layer>_all.safetensors those of the whole test set (guided-backprop has no layer),
 gradcam/<methods>_<layers>.png/.json the gallery, gradcam/metrics.json the faithfulness scores,
 sanity/<method>_<layer>.png/.json the randomisation check.
 """
@@ -135,7 +135,7 @@ def explain_images(
     return result
 
 
-MAX_STEM = 120  # characters of a gallery's file name from its methods and layers
+MAX_STEM = 120  # bytes of a gallery's file name from its methods and layers
 
 
 def _file_stem(methods: list[str], layers: list[str]) -> str:
