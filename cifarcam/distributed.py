@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from cifarcam.errors import EXIT_RUNTIME, EXIT_SIGINT, CifarcamError, PeerFailed, StoppedAtOnce, UsageError
+from cifarcam.errors import EXIT_RUNTIME, CifarcamError, PeerFailed, UsageError, interrupt_exit_code
 
 T = TypeVar("T")
 _NO_BAD_STEP = 2**62  # stands for "every loss finite" when ranks take the minimum of their first bad step
@@ -128,9 +128,9 @@ SINGLE = Group()
 
 
 def _exit_code(error: BaseException) -> int:
-    if isinstance(error, (CifarcamError, StoppedAtOnce)):
+    if isinstance(error, CifarcamError):
         return error.exit_code
-    return EXIT_SIGINT if isinstance(error, KeyboardInterrupt) else EXIT_RUNTIME
+    return interrupt_exit_code(error) if isinstance(error, KeyboardInterrupt) else EXIT_RUNTIME
 
 
 def launched_by_torchrun() -> bool:

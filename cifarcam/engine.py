@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cifarcam.augment import augment_batch
-from cifarcam.config import AugmentConfig, TrainConfig
+from cifarcam.config import AugmentConfig, DeviceName, TrainConfig
 from cifarcam.convgrad import gemm_weight_grads
 from cifarcam.data import Split, normalize
 from cifarcam.distributed import SINGLE, Group
@@ -25,7 +25,7 @@ Tta = Literal["none", "flip", "flip-translate"]
 _LOSS_REPORT_EVERY = 20  # steps between host syncs that refresh the progress bar's loss
 
 
-DEVICE_NAMES = ("auto", "cpu", "cuda")
+DEVICE_NAMES: tuple[str, ...] = get_args(DeviceName)  # what TrainConfig.device takes
 
 
 def resolve_device(name: str, gpu: int | None = None) -> torch.device:

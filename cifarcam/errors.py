@@ -77,3 +77,8 @@ class StoppedAtOnce(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__()
         self.exit_code = 128 + signum
+
+
+def interrupt_exit_code(error: KeyboardInterrupt) -> int:
+    """128 + the signal of a StoppedAtOnce; Python's own KeyboardInterrupt is SIGINT's 130."""
+    return error.exit_code if isinstance(error, StoppedAtOnce) else EXIT_SIGINT

@@ -193,7 +193,7 @@ def _save_maps(
     amp_dtype: torch.dtype | None,
 ) -> list[Path]:
     paths = []
-    same = {"checkpoint_id": loaded.info.checkpoint_id, "test_fingerprint": loaded.test.fingerprint()}
+    same = {"checkpoint_id": loaded.info.checkpoint_id, "test_fingerprint": loaded.test_fingerprint}
     for method, layer in groups:
         # guided backpropagation never runs under autocast: its attributions are fp32's
         same["precision"] = precision_name(None if method == "guided-backprop" else amp_dtype)

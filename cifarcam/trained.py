@@ -7,6 +7,7 @@ Nothing here prints: results come back as values.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,11 @@ class LoadedRun:
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
+
+    @cached_property
+    def test_fingerprint(self) -> str:
+        """`Split.fingerprint` of the test set, which the logits cache and the maps files name."""
+        return self.test.fingerprint()
 
     def predict_test(self, tta: Tta = "none", plain_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits (N, C) on the CPU for the whole test set (`engine.predict`)."""
@@ -115,7 +121,7 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
 def test_logits(loaded: LoadedRun, write: bool = True) -> torch.Tensor:
     """Float32 logits (N, C) on the test set, cached per checkpoint in predictions.safetensors
     (computed and not cached with `write=False`, for readers that must not touch the run)."""
-    fingerprint = loaded.test.fingerprint()
+    fingerprint = loaded.test_fingerprint
     cached = loaded.run.read_test_logits(loaded.info.checkpoint_id, fingerprint)
     if cached is not None:
         return cached

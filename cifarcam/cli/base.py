@@ -19,10 +19,9 @@ from rich.console import Console
 
 from cifarcam.errors import (
     EXIT_RUNTIME,
-    EXIT_SIGINT,
     CifarcamError,
     PeerFailed,
-    StoppedAtOnce,
+    interrupt_exit_code,
 )
 
 app = typer.Typer(
@@ -91,8 +90,7 @@ def user_errors(rank: int = 0) -> Iterator[None]:
     except CifarcamError as error:
         raise fail(who + error.message, error.hint, error.exit_code) from None
     except KeyboardInterrupt as error:
-        code = error.exit_code if isinstance(error, StoppedAtOnce) else EXIT_SIGINT
-        raise fail(who + "interrupted", None, code) from None
+        raise fail(who + "interrupted", None, interrupt_exit_code(error)) from None
     except OSError as error:
         where = f" ({error.filename})" if error.filename else ""
         raise fail(f"{who}{error.strerror or error}{where}", None, EXIT_RUNTIME) from None
@@ -126,6 +124,7 @@ def guarded(action: Callable[[], T]) -> T:
 
 
 def run_dir(runs_dir: Path, run: str) -> Any:
+    """The run directory; an invalid run name is one 'Error:' line (exit 2) wherever it is called."""
     from cifarcam.rundir import RunDir
 
-    return RunDir(runs_dir, run)
+    return guarded(lambda: RunDir(runs_dir, run))

@@ -69,7 +69,7 @@ def misclassified(
     """
     from cifarcam import trained
 
-    rundir = guarded(lambda: run_dir(runs_dir, run))
+    rundir = run_dir(runs_dir, run)
     entries = guarded(lambda: trained.misclassified(rundir, count, checkpoint, device))
     table = Table("test index", "true", "predicted", "confidence")
     for entry in entries:
@@ -133,7 +133,7 @@ def gradcam(
     """
     from cifarcam import explain
 
-    rundir = guarded(lambda: run_dir(runs_dir, run))
+    rundir = run_dir(runs_dir, run)
     with _image_progress("explaining") as on_progress:
         outcome = guarded(
             lambda: explain.gradcam(
@@ -190,7 +190,7 @@ def sanity(
     """
     from cifarcam import explain
 
-    rundir = guarded(lambda: run_dir(runs_dir, run))
+    rundir = run_dir(runs_dir, run)
     outcome = guarded(lambda: explain.sanity(rundir, method, layer, count, checkpoint, device, seed))
     table = Table("randomised down to", "Spearman", "SSIM")
     for row in outcome.rows:

@@ -22,10 +22,10 @@ from cifarcam.cli.base import (
     user_errors,
 )
 from cifarcam.errors import (
-    EXIT_SIGINT,
     StoppedAtOnce,
     TrainingInterrupted,
     UsageError,
+    interrupt_exit_code,
 )
 
 
@@ -191,7 +191,7 @@ def train(
         try:
             train_or_resume(rundir, group)
         except KeyboardInterrupt as stopped:  # StoppedAtOnce (a second signal) or Python's own
-            code = stopped.exit_code if isinstance(stopped, StoppedAtOnce) else EXIT_SIGINT
+            code = interrupt_exit_code(stopped)
             raise TrainingInterrupted(
                 f"stopped at once by a second {signal.Signals(code - 128).name}; "
                 "the last saved epoch, if any, is kept",
