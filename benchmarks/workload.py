@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -11,14 +12,26 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cifarcam.data import Split
 from cifarcam.models import build_model
+from cifarcam.precision import cpu_supports_bf16
 
 
 def machine() -> str:
-    """The line every benchmark starts with: processor, threads and torch version."""
+    """The line every benchmark starts with: processor, threads, native bf16 and torch version."""
     return (
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}"
+        f"machine: {cpu_model()}, {torch.get_num_threads()} threads, "
+        f"{'native' if cpu_supports_bf16() else 'no native'} bf16, torch {torch.__version__}"
     )
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, or what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def fake_cifar(count: int) -> Split:

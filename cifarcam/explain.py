@@ -21,11 +21,12 @@ from torch import nn
 
 from cifarcam import viz
 from cifarcam.cam import METHODS, CamExtractor, check_layers, guided_backprop, guided_grad_cam
+from cifarcam.data import IMAGE_SIZE
 from cifarcam.errors import RunError, UsageError
 from cifarcam.faithfulness import faithfulness, random_maps
 from cifarcam.fileio import atomic_write_bytes
 from cifarcam.precision import autocast_dtype, precision_name
-from cifarcam.rundir import RunDir
+from cifarcam.rundir import RunDir, reads_run
 from cifarcam.sanity import cascading_randomization, similarity_table
 from cifarcam.trained import LoadedRun, load_run, select_misclassified, test_logits
 
@@ -362,6 +363,7 @@ class GradcamOutcome:
     gallery_rows: int  # 0: no mistakes to show (possible with all_images)
 
 
+@reads_run
 def gradcam(
     run: RunDir,
     methods: list[str] | None = None,
@@ -385,6 +387,11 @@ def gradcam(
         raise UsageError("--count must be at least 1")
     if batch_size < 1 or steps < 1:
         raise UsageError("--batch-size and --steps must be at least 1")
+    if steps > IMAGE_SIZE**2:  # more steps than pixels repeats the same masks, hours of passes
+        raise UsageError(
+            f"--steps must be at most {IMAGE_SIZE**2}, one per pixel of a {IMAGE_SIZE}x{IMAGE_SIZE} "
+            f"image (got {steps})"
+        )
     if precision not in ("fp32", "bf16", "auto"):
         raise UsageError(f"--precision '{precision}' is not one of: fp32, bf16, auto")
     earlier_rows = _earlier_rows(run) if metrics else []
@@ -426,6 +433,7 @@ class SanityOutcome:
     paths: list[Path]
 
 
+@reads_run
 def sanity(
     run: RunDir,
     method: str = "gradcam",
@@ -437,16 +445,15 @@ def sanity(
 ) -> SanityOutcome:
     """Cascading randomisation of `count` class-balanced test images' maps (predicted class)."""
     (method,) = check_all_methods([method])
-    if method == "guided-backprop":
-        layer = ""
     if count < 2:
         raise UsageError("--count must be at least 2")
     if not 0 <= seed < 2**63 - 64:  # torch seeds are 64-bit; each block adds its position
         raise UsageError(f"--seed must be between 0 and {2**63 - 65} (got {seed})")
     loaded = load_run(run, checkpoint, device_name)
     model = loaded.cam_model()
-    if layer:
-        check_layers(model, [layer])
+    check_layers(model, [layer])  # also for guided-backprop, which then does not use it
+    if method == "guided-backprop":
+        layer = ""
     if count > len(loaded.test):
         raise UsageError(f"--count {count} is larger than the {len(loaded.test)} test images")
     indices = torch.linspace(0, len(loaded.test) - 1, count).round().long()

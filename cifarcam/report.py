@@ -21,7 +21,7 @@ import cifarcam
 from cifarcam import viz
 from cifarcam.errors import RunError
 from cifarcam.fileio import atomic_write_bytes
-from cifarcam.rundir import RunDir, now_iso
+from cifarcam.rundir import RunDir, now_iso, reads_run
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 SECTIONS = {
@@ -341,6 +341,7 @@ def write_output(path: Path, content: str | bytes) -> Path:
     return path
 
 
+@reads_run
 def write_report(run: RunDir) -> Path:
     """Render the run's report into runs/NAME/report.html (atomically) and return its path."""
     report = gather(run)

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from safetensors import SafetensorError, safe_open
 
@@ -109,7 +110,14 @@ class RunDir:
                     f"run '{self.name}' already has a training (status: {status})",
                     hint="pass --overwrite to replace it, or choose another --run name",
                 )
-            shutil.rmtree(self.path)
+            with self._without_readers(
+                RunLocked(
+                    f"run '{self.name}' is being read by another cifarcam command, which would "
+                    f"write its results into the new run; run '{self.name}' was not changed",
+                    hint="wait for that command to finish, then train again",
+                )
+            ):
+                shutil.rmtree(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -188,9 +196,53 @@ class RunDir:
                 handle.truncate()
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Keep this run from being deleted (`train --overwrite`) for the block: a command that
+        reads the run and writes its results into it holds this shared lock, so its results,
+        computed from the old training, never land in a new run.
+
+        Without it where the lock file cannot be created: such a runs directory is read-only,
+        so the run can neither be deleted nor written to.
+        """
+        try:
+            if not self.path.is_dir():  # nothing to protect, and no lock file for a mistyped name
+                raise FileNotFoundError(self.path)
+            handle = open(self._readers_lock_path, "a")  # noqa: SIM115
+        except OSError:
+            yield
+            return
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_SH)  # waits only while a run is being deleted
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _without_readers(self, busy: RunError) -> Iterator[None]:
+        """Hold the readers' lock exclusively for the block, or raise `busy` if a command is
+        reading the run (see `reading`)."""
+        with open(self._readers_lock_path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise busy from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @property
+    def _readers_lock_path(self) -> Path:
+        return self.runs_dir / f".{self.name}.readers.lock"
+
     def remove_temporaries(self) -> None:
-        """Delete temporary files a killed writer left behind (call while holding the lock)."""
-        if self.path.is_dir():
+        """Delete temporary files a killed writer left behind (call while holding the lock);
+        none while another command reads the run, whose own files in flight they may be."""
+        if not self.path.is_dir():
+            return
+        with contextlib.suppress(RunError), self._without_readers(RunError("being read")):
             for leftover in self.path.rglob(".*.tmp"):
                 leftover.unlink(missing_ok=True)
 
@@ -316,6 +368,22 @@ class RunDir:
                 f"checkpoint '{path}' does not match its header ({info.model}, width {info.width})"
             ) from None
         return model, info
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def reads_run(function: Callable[Concatenate[RunDir, P], T]) -> Callable[Concatenate[RunDir, P], T]:
+    """`function(run, ...)` holding `run.reading()`: for the commands that read a run and write
+    their results into it."""
+
+    @functools.wraps(function)
+    def holding(run: RunDir, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        with run.reading():
+            return function(run, *args, **kwargs)
+
+    return holding
 
 
 def enclosing_run(path: Path, runs_dirs: list[Path]) -> Path | None:

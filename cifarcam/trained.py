@@ -30,7 +30,7 @@ from cifarcam.errors import (
     UsageError,
 )
 from cifarcam.precision import memory_format, training_dtype
-from cifarcam.rundir import CheckpointInfo, RunDir
+from cifarcam.rundir import CheckpointInfo, RunDir, reads_run
 
 
 @dataclass
@@ -131,6 +131,7 @@ def test_logits(loaded: LoadedRun, write: bool = True) -> torch.Tensor:
     return logits
 
 
+@reads_run
 def evaluate(
     run: RunDir, checkpoint: str = "last", device_name: str = "auto", tta: bool = True
 ) -> dict[str, Any]:
@@ -206,6 +207,7 @@ def mistake_entries(
     ]
 
 
+@reads_run
 def misclassified(
     run: RunDir, count: int = 10, checkpoint: str = "last", device_name: str = "auto"
 ) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import numpy as np
@@ -16,9 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from cifarcam.fileio import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from cifarcam.rundir import RunDir
+from cifarcam.rundir import RunDir, reads_run
 
 TILE_INCHES = 1.6
 
@@ -40,6 +38,7 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarra
     return blended.round().clip(0, 255).astype(np.uint8)
 
 
+@reads_run
 def plot_run_curves(run: RunDir) -> list[Path]:
     """`cifarcam plot`: a run's curves from its metrics.json into plots/loss.png and accuracy.png."""
     paths = [run.plots_dir / "loss.png", run.plots_dir / "accuracy.png"]

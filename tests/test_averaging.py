@@ -16,6 +16,7 @@ from cifarcam.config import build_config
 from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, synthetic_dataset
 from cifarcam.engine import predict, score
 from cifarcam.models import build_model
+from cifarcam.precision import memory_format
 from cifarcam.trainer import StopRequested, Trainer
 
 
@@ -74,7 +75,8 @@ def make_trainer(ema_decay: float, seed: int = 5) -> Trainer:
         {"width": 4, "epochs": 4, "batch_size": 32, "lr": 0.1, "ema_decay": ema_decay, "ema_start": 0.5}
     )
     torch.manual_seed(seed)
-    model = build_model("resnet18", 4).to(memory_format=torch.channels_last)
+    # the pipeline's layout: fp32 on the CPU trains in NCHW (channels_last crashes or hangs there)
+    model = build_model("resnet18", 4).to(memory_format=memory_format(torch.device("cpu"), None, True))
     return Trainer(model, data.train, data.test, config, CIFAR10_MEAN, CIFAR10_STD)
 
 

@@ -451,6 +451,20 @@ CASES = [
         "Error: --out '{runs}/other/gradcam' is inside run 'other'; predictions never write into a run",
     ),
     (
+        "sanity guided-backprop with an unknown layer",
+        None,
+        "sanity --run tiny --method guided-backprop --layer nonsense",
+        2,
+        "Error: unknown layer 'nonsense'; top-level layers are:",
+    ),
+    (
+        "gradcam --steps beyond the pixels",
+        None,
+        "gradcam --run tiny --metrics --steps 1025",
+        2,
+        "Error: --steps must be at most 1024, one per pixel of a 32x32 image (got 1025)",
+    ),
+    (
         "the classifier as a CAM layer",
         None,
         "gradcam --run tiny --layer linear",
