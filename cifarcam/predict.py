@@ -52,7 +52,8 @@ class ImageInput:
 
 
 def _decode_with_pillow(data: bytes) -> np.ndarray | None:
-    """Formats OpenCV does not read (PCX, ICO, TGA...): the first frame as BGRA or 16-bit gray."""
+    """Formats OpenCV does not read (PCX, ICO, TGA...): the first frame in OpenCV's layout, with
+    the channels the file holds: gray, gray + alpha, BGR or BGRA (or 16-bit gray)."""
     from PIL import Image
 
     try:
@@ -60,10 +61,13 @@ def _decode_with_pillow(data: bytes) -> np.ndarray | None:
             image.load()
             if image.mode in ("I;16", "I;16B", "I;16L"):
                 return np.asarray(image, dtype=np.uint16)
-            rgba = np.asarray(image.convert("RGBA"))
+            alpha = "A" in image.getbands() or "transparency" in image.info
+            if image.mode in ("1", "L", "LA"):
+                return np.asarray(image.convert("LA" if alpha else "L"))
+            colour = np.asarray(image.convert("RGBA" if alpha else "RGB"))
     except Exception:  # Pillow's decoders raise many types (OSError, EOFError, SyntaxError...): unreadable
         return None
-    return cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA)
+    return cv2.cvtColor(colour, cv2.COLOR_RGBA2BGRA if alpha else cv2.COLOR_RGB2BGR)
 
 
 def _to_uint8(array: np.ndarray, name: str) -> tuple[np.ndarray, str]:

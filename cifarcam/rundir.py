@@ -110,13 +110,13 @@ class RunDir:
                     f"run '{self.name}' already has a training (status: {status})",
                     hint="pass --overwrite to replace it, or choose another --run name",
                 )
-            with self._without_readers(
-                RunLocked(
-                    f"run '{self.name}' is being read by another cifarcam command, which would "
-                    f"write its results into the new run; run '{self.name}' was not changed",
-                    hint="wait for that command to finish, then train again",
-                )
-            ):
+            with self._readers_shut_out() as alone:
+                if not alone:
+                    raise RunLocked(
+                        f"run '{self.name}' is being read by another cifarcam command, which would "
+                        f"write its results into the new run; run '{self.name}' was not changed",
+                        hint="wait for that command to finish, then train again",
+                    )
                 shutil.rmtree(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -220,16 +220,17 @@ class RunDir:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
-    def _without_readers(self, busy: RunError) -> Iterator[None]:
-        """Hold the readers' lock exclusively for the block, or raise `busy` if a command is
-        reading the run (see `reading`)."""
+    def _readers_shut_out(self) -> Iterator[bool]:
+        """Hold the readers' lock exclusively for the block and yield True, or yield False at once
+        when a command is reading the run (see `reading`)."""
         with open(self._readers_lock_path, "a") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise busy from None
+                yield False
+                return
             try:
-                yield
+                yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -242,8 +243,8 @@ class RunDir:
         none while another command reads the run, whose own files in flight they may be."""
         if not self.path.is_dir():
             return
-        with contextlib.suppress(RunError), self._without_readers(RunError("being read")):
-            for leftover in self.path.rglob(".*.tmp"):
+        with self._readers_shut_out() as alone:
+            for leftover in self.path.rglob(".*.tmp") if alone else []:
                 leftover.unlink(missing_ok=True)
 
     # -- full training state (for --resume) ---------------------------------------------

@@ -455,3 +455,17 @@ def test_resume_of_a_finished_run_without_its_state_has_nothing_to_do(
     last = json.loads((runs / "tiny" / "metrics.json").read_text())["epochs"][-1]
     assert f"Finished: test accuracy {last['test_acc']:.2%}" in result.stdout
     assert {p: p.read_bytes() for p in sorted((runs / "tiny").rglob("*")) if p.is_file()} == files
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_train_notes_emulated_bf16_on_a_cpu_without_it(
+    precision: str, tmp_path: Path, synthetic_tree: Path
+) -> None:
+    """Asked for bf16 on a CPU without AVX512-bf16 or AMX, train says it is emulated (slow)."""
+    from cifarcam.precision import cpu_supports_bf16
+
+    args = [*tiny_train_args(tmp_path / "runs", synthetic_tree, epochs=1), "--subset", "100"]
+    result = invoke(*args, "--precision", precision)
+    assert result.exit_code == 0, result.output
+    noted = "bf16 is emulated and slower than fp32" in result.output
+    assert noted == (precision == "bf16" and not cpu_supports_bf16())

@@ -107,6 +107,35 @@ def test_transform_crops_the_centre_square_and_keeps_32x32_pixels() -> None:
     assert to_model_input(np.zeros((5, 9, 3), np.uint8)).pixels.shape == (32, 32, 3)
 
 
+@pytest.mark.parametrize(
+    ("name", "mode", "expected"),
+    [
+        ("rgb.tga", "RGB", "RGB 8-bit"),
+        ("rgba.tga", "RGBA", "RGBA 8-bit"),
+        ("gray.pcx", "L", "grayscale 8-bit"),
+    ],
+)
+def test_files_only_pillow_reads_name_their_own_channels(
+    name: str, mode: str, expected: str, tmp_path: Path
+) -> None:
+    rgb = cv2.resize(a_photo(), (40, 40))
+    rgba = np.dstack([rgb, np.full((40, 40), 255, np.uint8)])
+    rgba[:, :10, 3] = 0  # a transparent stripe
+    picture = Image.fromarray(rgba).convert(mode)
+    path = tmp_path / name
+    picture.save(path)
+    assert cv2.imread(str(path)) is None  # OpenCV does not read it: Pillow decodes it
+    image = read_image(path)
+    assert image.mode == expected
+    channels = np.asarray(picture.convert("RGB"))
+    rgb_seen, _ = decode_image(path.read_bytes(), name)
+    if mode == "RGBA":
+        assert (rgb_seen[:, :10] == 255).all()  # transparent shows as white
+        assert np.array_equal(rgb_seen[:, 10:], channels[:, 10:])
+    else:
+        assert np.array_equal(rgb_seen, channels)
+
+
 def test_every_odd_file_reads(odd_images: dict[str, Path]) -> None:
     modes = {
         name: read_image(path).mode
@@ -119,7 +148,7 @@ def test_every_odd_file_reads(odd_images: dict[str, Path]) -> None:
         "rgba.png": "RGBA 8-bit",
         "deep.png": "RGB 16-bit",
         "tiny.bmp": "RGB 8-bit",
-        "palette.pcx": "RGBA 8-bit",
+        "palette.pcx": "RGB 8-bit",
     }
     rgba = read_image(odd_images["rgba.png"])
     assert (rgba.pixels[:, :6] == 255).all()  # the transparent stripe is white after the transform

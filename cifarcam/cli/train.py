@@ -268,6 +268,7 @@ def _stop_on_signals(group: Any = None) -> Iterator[Any]:
 @contextmanager
 def _training_progress(shown: bool = True) -> Iterator[Any]:
     from cifarcam.pipeline import TrainCallbacks
+    from cifarcam.precision import cpu_supports_bf16
 
     if not shown:  # another rank of a torchrun training reports
         yield TrainCallbacks()
@@ -300,6 +301,11 @@ def _training_progress(shown: bool = True) -> Iterator[Any]:
             f"{per_epoch}, "
             f"{meta['test_images']} test images, data: {meta['data']}{resumed}"
         )
+        if meta["device"] == "cpu" and meta["precision"] == "bfloat16" and not cpu_supports_bf16():
+            console.print(
+                "Note: this CPU has no native bf16 (AVX512-bf16 or AMX), so bf16 is emulated and "
+                "slower than fp32; --precision auto trains in fp32 here"
+            )
 
     def on_step(step: int, steps: int, loss: float | None) -> None:
         progress.update(task, completed=step, total=steps, description=f"epoch {epoch['n']}/{epoch['total']}")
