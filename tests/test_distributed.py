@@ -61,14 +61,30 @@ def max_weight_difference(a: Path, b: Path) -> float:
     return max((first[k].double() - second[k].double()).abs().max().item() for k in first)
 
 
+def weight_move(run: Path, seed: int, width: int, norm: str) -> float:
+    """How far training moved the weights from the start `train` builds (seeded before the model)."""
+    import torch
+
+    from cifarcam.models import build_model
+
+    torch.manual_seed(seed)
+    start = build_model("resnet18", width, 10, norm).state_dict()
+    trained = load_file(run / "checkpoints" / "last.safetensors")
+    return max((trained[k].double() - start[k].double()).abs().max().item() for k in trained)
+
+
 def test_groupnorm_weights_after_one_epoch_equal_one_process_and_the_run_is_usable(
     tmp_path: Path, small_tree: Path
 ) -> None:
     # 201 images in batches of 100: the last global batch holds one image, so rank 1 trains on a
     # zero-weight stand-in for that step. Augmentation (flip, translate) stays on. Few steps on
     # purpose: float32 rounding differences (one process sums a batch's gradient in one pass, two
-    # ranks in two halves) grow with every step; on the synthetic fallback data they pass 1e-5
-    # after four steps (2e-4 with 301 images) while three steps stay at 6e-8.
+    # ranks in two halves) grow with every step. They are compared with how far training moved
+    # the weights from their start: a rank left out of the average, a sum for a mean or a
+    # stand-in that counts would differ by a sizeable part of that move. Measured, max difference
+    # against max move: 3e-8 / 0.017 on real images (Xeon and AMD EPYC alike), and on the
+    # synthetic fallback data 6e-8 on the Xeon but 9.7e-5 / 0.020 (0.5%) on an AVX2 EPYC, whose
+    # kernels round differently; its flat 4x4-grid images make GroupNorm's variances tiny.
     runs = tmp_path / "runs"
     options = ["--runs-dir", str(runs), "--data", str(small_tree), "--subset", "201", "--epochs", "1"]
     options += ["--batch-size", "100", "--width", "8", "--lr", "0.01", "--norm", "group"]
@@ -79,11 +95,16 @@ def test_groupnorm_weights_after_one_epoch_equal_one_process_and_the_run_is_usab
     assert ddp.returncode == 0, ddp.stderr
     assert ddp.stdout.count("Finished: test accuracy") == 1  # rank 0 reports for both
 
-    assert max_weight_difference(runs / "single", runs / "ddp") < 1e-5
+    difference = max_weight_difference(runs / "single", runs / "ddp")
+    moved = weight_move(runs / "single", seed=0, width=8, norm="group")
+    assert 1e-3 < moved < 0.1  # three steps at lr 0.01 from the pipeline's seeded start
+    assert difference < 0.01 * moved, (difference, moved)
     ours, theirs = records(runs / "ddp")[0], records(runs / "single")[0]
-    assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
+    # per-sample means of the epoch: the same rounding moved the synthetic data's training loss
+    # by 3.4e-5 (relative) on the EPYC; counting the stand-in image would move it by about 1/201
+    assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=2e-4)
     assert ours["train_acc"] == theirs["train_acc"]
-    assert ours["test_loss"] == pytest.approx(theirs["test_loss"], rel=1e-5)
+    assert ours["test_loss"] == pytest.approx(theirs["test_loss"], rel=2e-4)
     assert abs(ours["test_acc"] - theirs["test_acc"]) <= 1 / (10 * TEST_PER_CLASS)
 
     run = runs / "ddp"
