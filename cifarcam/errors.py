@@ -58,7 +58,8 @@ class TrainingInterrupted(CifarcamError):
 
 
 class RunLocked(RunError):
-    """Another process is training this run."""
+    """Another process holds this run: it trains it, or reads it while `train --overwrite` would
+    delete it."""
 
 
 class PeerFailed(CifarcamError):

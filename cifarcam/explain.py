@@ -26,7 +26,8 @@ from cifarcam.errors import RunError, UsageError
 from cifarcam.faithfulness import faithfulness, random_maps
 from cifarcam.fileio import atomic_write_bytes
 from cifarcam.precision import autocast_dtype, precision_name
-from cifarcam.rundir import RunDir, reads_run
+from cifarcam.rundir import RunDir
+from cifarcam.runlock import reads_run
 from cifarcam.sanity import cascading_randomization, similarity_table
 from cifarcam.trained import LoadedRun, load_run, select_misclassified, test_logits
 

@@ -21,7 +21,8 @@ import cifarcam
 from cifarcam import viz
 from cifarcam.errors import RunError
 from cifarcam.fileio import atomic_write_bytes
-from cifarcam.rundir import RunDir, now_iso, reads_run
+from cifarcam.rundir import RunDir, now_iso
+from cifarcam.runlock import reads_run
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 SECTIONS = {

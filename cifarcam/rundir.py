@@ -10,21 +10,18 @@ Every file is written atomically, so a reader never sees half a file.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import functools
 import json
-import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError, safe_open
 
+from cifarcam import runlock
 from cifarcam.errors import CheckpointError, RunError, RunLocked, UsageError
 from cifarcam.fileio import atomic_write_bytes, atomic_write_json
 
@@ -110,7 +107,7 @@ class RunDir:
                     f"run '{self.name}' already has a training (status: {status})",
                     hint="pass --overwrite to replace it, or choose another --run name",
                 )
-            with self._readers_shut_out() as alone:
+            with runlock.readers_shut_out(self._readers_lock_path) as alone:
                 if not alone:
                     raise RunLocked(
                         f"run '{self.name}' is being read by another cifarcam command, which would "
@@ -162,77 +159,14 @@ class RunDir:
         self.write_json(self.meta_path, meta)
         return meta
 
-    # -- one writer per run ----------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold an exclusive lock on this run for the block (fcntl, next to the run directory).
+    # -- who may change the run at once (cifarcam.runlock) -------------------------------
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """The one `train` of this run (an exclusive lock for the block)."""
+        return runlock.training(self.runs_dir, self.name)
 
-        The kernel drops the lock when its process dies, so a lock left by a killed process is
-        simply taken over; the file only records who holds it.
-        """
-        try:
-            self.runs_dir.mkdir(parents=True, exist_ok=True)
-            handle = open(self.runs_dir / f".{self.name}.lock", "a+")  # noqa: SIM115
-        except OSError as error:
-            raise RunError(f"cannot use runs directory '{self.runs_dir}': {error.strerror}") from None
-        with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "unknown"
-                raise RunLocked(
-                    f"run '{self.name}' is being trained by another process (pid {holder})",
-                    hint="wait for it to finish, or stop it first",
-                ) from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(str(os.getpid()))
-            handle.flush()
-            try:
-                yield
-            finally:
-                handle.seek(0)
-                handle.truncate()
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
-        """Keep this run from being deleted (`train --overwrite`) for the block: a command that
-        reads the run and writes its results into it holds this shared lock, so its results,
-        computed from the old training, never land in a new run.
-
-        Without it where the lock file cannot be created: such a runs directory is read-only,
-        so the run can neither be deleted nor written to.
-        """
-        try:
-            if not self.path.is_dir():  # nothing to protect, and no lock file for a mistyped name
-                raise FileNotFoundError(self.path)
-            handle = open(self._readers_lock_path, "a")  # noqa: SIM115
-        except OSError:
-            yield
-            return
-        with handle:
-            fcntl.flock(handle, fcntl.LOCK_SH)  # waits only while a run is being deleted
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    @contextlib.contextmanager
-    def _readers_shut_out(self) -> Iterator[bool]:
-        """Hold the readers' lock exclusively for the block and yield True, or yield False at once
-        when a command is reading the run (see `reading`)."""
-        with open(self._readers_lock_path, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        """Keep this run from being deleted by `train --overwrite` for the block."""
+        return runlock.reading(self.path, self._readers_lock_path)
 
     @property
     def _readers_lock_path(self) -> Path:
@@ -243,7 +177,7 @@ class RunDir:
         none while another command reads the run, whose own files in flight they may be."""
         if not self.path.is_dir():
             return
-        with self._readers_shut_out() as alone:
+        with runlock.readers_shut_out(self._readers_lock_path) as alone:
             for leftover in self.path.rglob(".*.tmp") if alone else []:
                 leftover.unlink(missing_ok=True)
 
@@ -369,22 +303,6 @@ class RunDir:
                 f"checkpoint '{path}' does not match its header ({info.model}, width {info.width})"
             ) from None
         return model, info
-
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-
-def reads_run(function: Callable[Concatenate[RunDir, P], T]) -> Callable[Concatenate[RunDir, P], T]:
-    """`function(run, ...)` holding `run.reading()`: for the commands that read a run and write
-    their results into it."""
-
-    @functools.wraps(function)
-    def holding(run: RunDir, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        with run.reading():
-            return function(run, *args, **kwargs)
-
-    return holding
 
 
 def enclosing_run(path: Path, runs_dirs: list[Path]) -> Path | None:

@@ -30,7 +30,8 @@ from cifarcam.errors import (
     UsageError,
 )
 from cifarcam.precision import memory_format, training_dtype
-from cifarcam.rundir import CheckpointInfo, RunDir, reads_run
+from cifarcam.rundir import CheckpointInfo, RunDir
+from cifarcam.runlock import reads_run
 
 
 @dataclass

@@ -16,7 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from cifarcam.fileio import atomic_write_bytes
-from cifarcam.rundir import RunDir, reads_run
+from cifarcam.rundir import RunDir
+from cifarcam.runlock import reads_run
 
 TILE_INCHES = 1.6
 
