@@ -65,7 +65,7 @@ class Setup:
         self.device, self.batch_size = device, batch_size
         self.amp = training_dtype(device, precision)
         torch.manual_seed(0)
-        layout = memory_format(device, self.amp, True)
+        layout = memory_format(True)
         self.model: torch.nn.Module = build_model("resnet18", width).to(device).to(memory_format=layout)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=0.05, momentum=0.9, nesterov=True, foreach=True

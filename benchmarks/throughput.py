@@ -58,7 +58,7 @@ def cifarcam_images_per_s(
     amp = autocast_dtype(device, "auto")
     variants = (True, False) if amp is not None else (True,)  # convgrad is bf16-only
     torch.manual_seed(0)
-    model = build_model("resnet18", width).to(memory_format=memory_format(device, amp, True))
+    model = build_model("resnet18", width).to(memory_format=memory_format(True))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(1000, 0.2))
     data = fake_cifar(batch_size * (steps + 2))

@@ -193,7 +193,7 @@ def train_steps(
     """
     model.train()
     device = tally.loss_sum.device
-    layout = memory_format(device, amp_dtype, channels_last)
+    layout = memory_format(channels_last)
     fast_grads = gemm_weight_grads(device, amp_dtype) if gemm_weight_grad else contextlib.nullcontext()
     eps = label_smoothing
     scale = FP16_LOSS_SCALE if amp_dtype == torch.float16 else None
@@ -315,7 +315,7 @@ def predict(
     batch_size = batch_size or inference_batch_size(images.device)
     was_training = model.training
     model.eval()
-    layout = memory_format(images.device, amp_dtype, channels_last)
+    layout = memory_format(channels_last)
     outputs = []
     try:
         runner = scoring_model(model, layout) if fold else model

@@ -97,7 +97,7 @@ def explain_images(
     amp_dtype: torch.dtype | None = None,
 ) -> Explanations:
     """Maps (and guided attributions) for `indices`, batch by batch, one forward pass per batch."""
-    model = loaded.cam_model(amp_dtype)
+    model = loaded.cam_model()
     classes = loaded.info.classes
     true = loaded.test.labels.cpu()[indices]
     result = Explanations(indices, pred, true)

@@ -42,16 +42,20 @@ class BasicBlock(nn.Module):
         # ReLU as a module (not F.relu) so that guided backpropagation can hook every one of them.
         self.relu = nn.ReLU()
         self.shortcut: nn.Module = nn.Sequential()
+        # The projection shortcut keeps every `stride`-th pixel, then applies a 1x1 convolution
+        # of stride 1: the same function as a strided 1x1 convolution, without oneDNN's kernel
+        # for the latter's weight gradient, which in torch 2.14.1 (oneDNN issue 6035) writes
+        # past its buffer in channels_last when the input has fewer channels than its block
+        # (8 on AVX2, 16 on AVX-512): it hung, crashed or corrupted the heap at widths 4 and 8.
+        self.subsample = stride
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                norm(planes),
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, bias=False), norm(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        skip = x[:, :, :: self.subsample, :: self.subsample] if self.subsample > 1 else x
+        return self.relu(out + self.shortcut(skip))
 
 
 class ResNet(nn.Module):

@@ -282,7 +282,7 @@ def _train_loop(
     torch.manual_seed(config.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = config.cudnn_benchmark
-    layout = memory_format(device, prepared.amp_dtype, config.channels_last)
+    layout = memory_format(config.channels_last)
     model: nn.Module = build_model(config.model, config.width, len(dataset.classes), config.norm)
     model = model.to(device).to(memory_format=layout)
     if config.sync_bn and group.distributed:

@@ -55,18 +55,14 @@ def training_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return autocast_dtype(device, precision)
 
 
-def memory_format(
-    device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool
-) -> torch.memory_format:
-    """channels_last where asked for, except fp32 on the CPU.
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """channels_last where asked for, on every device and in every arithmetic.
 
-    There, torch 2.14.1 training convolutions in channels_last corrupt the heap for some
-    batch sizes (seen here with 7, 25 and 33 images at widths 4 and 8: 'double free or
-    corruption'); NCHW and bf16 channels_last do not. NCHW costs fp32 about 15% speed.
+    fp32 on the CPU trained in NCHW until `models.BasicBlock` sidestepped a torch 2.14.1 bug
+    that hung or corrupted the heap there in channels_last; on a 2-core AVX2 EPYC channels_last
+    trains fp32 faster (benchmarks/RESULTS.md).
     """
-    if not channels_last or (device.type == "cpu" and amp_dtype is None):
-        return torch.contiguous_format
-    return torch.channels_last
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:

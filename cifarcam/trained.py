@@ -71,11 +71,9 @@ class LoadedRun:
         """The same images un-normalised with the checkpoint's mean/std, (N, 3, H, W) in [0, 1]."""
         return denormalize(self.test_inputs(indices), self.info.mean, self.info.std).cpu().numpy()
 
-    def cam_model(self, amp_dtype: torch.dtype | None = None) -> nn.Module:
-        """The model for CAM work: float32 weights, NCHW unless under autocast, since torch 2.14's
-        CPU channels_last float32 convolution backward is unreliable for some batch sizes."""
-        layout = memory_format(self.device, amp_dtype, channels_last=True)
-        return self.model.float().to(memory_format=layout).eval()
+    def cam_model(self) -> nn.Module:
+        """The model for CAM work: float32 weights in channels_last, in eval mode."""
+        return self.model.float().to(memory_format=memory_format(channels_last=True)).eval()
 
 
 def read_config(run: RunDir) -> TrainConfig:
@@ -115,7 +113,7 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
             f"but the checkpoint was trained on {info.classes}"
         )
     amp_dtype = training_dtype(device, config.precision)
-    model = model.to(device).to(memory_format=memory_format(device, amp_dtype, config.channels_last)).eval()
+    model = model.to(device).to(memory_format=memory_format(config.channels_last)).eval()
     return LoadedRun(run, model, info, dataset.test.to(device), device, amp_dtype, config.channels_last)
 
 

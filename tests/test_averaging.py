@@ -75,8 +75,7 @@ def make_trainer(ema_decay: float, seed: int = 5) -> Trainer:
         {"width": 4, "epochs": 4, "batch_size": 32, "lr": 0.1, "ema_decay": ema_decay, "ema_start": 0.5}
     )
     torch.manual_seed(seed)
-    # the pipeline's layout: fp32 on the CPU trains in NCHW (channels_last crashes or hangs there)
-    model = build_model("resnet18", 4).to(memory_format=memory_format(torch.device("cpu"), None, True))
+    model = build_model("resnet18", 4).to(memory_format=memory_format(channels_last=True))
     return Trainer(model, data.train, data.test, config, CIFAR10_MEAN, CIFAR10_STD)
 
 

@@ -16,7 +16,7 @@ from cifarcam.engine import (
     train_one_epoch,
     train_steps,
 )
-from cifarcam.models import build_model, scoring_model
+from cifarcam.models import BasicBlock, build_model, scoring_model
 from cifarcam.precision import FP16_LOSS_SCALE, autocast_dtype, training_dtype
 from cifarcam.trainer import epoch_order, fit
 
@@ -332,27 +332,74 @@ def test_divergence_keeps_the_last_good_checkpoint_and_marks_the_run_failed(
     assert all(torch.isfinite(w.float()).all() for w in weights.values())
 
 
-def test_fp32_on_cpu_survives_odd_batches_with_channels_last_requested() -> None:
-    """torch 2.14.1 corrupts the heap training fp32 channels_last convs on the CPU with odd
-    batches (width 8, batch 33 crashed here); cifarcam must fall back to NCHW there. Run in a
-    subprocess so a crash fails this test instead of killing the test session."""
+@pytest.mark.parametrize("width", [4, 8])
+def test_fp32_channels_last_training_on_cpu_with_narrow_projection_shortcuts(width: int) -> None:
+    """In torch 2.14.1 oneDNN's weight gradient of a strided 1x1 convolution in channels_last
+    hung (AVX2: 2 threads spinning; width 4, batch 33, on a 2-core EPYC) or corrupted the heap
+    (AVX-512 Xeon: widths 4 and 8, batches 7, 25, 33) when the input had fewer channels than
+    its block; the models subsample before a stride-1 projection instead. Run in a subprocess
+    with a time limit, so a hang or a crash fails this test rather than the whole session; the
+    gradients of each convolution are also checked against float64, since the same bug gave
+    wrong ones on other machines."""
     import subprocess
     import sys
 
     script = (
-        "import torch\n"
+        "import torch, torch.nn.functional as F\n"
         "from cifarcam.config import build_config\n"
         "from cifarcam.data import synthetic_dataset\n"
         "from cifarcam.trainer import fit\n"
         "from cifarcam.models import build_model\n"
+        "from cifarcam.precision import memory_format\n"
+        f"width = {width}\n"
+        "layout = memory_format(channels_last=True)\n"
+        "assert layout == torch.channels_last\n"
         "data = synthetic_dataset(99, 20, seed=4)\n"
-        "config = build_config({'epochs': 2, 'batch_size': 33, 'width': 8, 'lr': 0.05, 'channels_last': True})\n"
-        "records = list(fit(build_model('resnet18', 8), data.train, data.test, config, (0.5,) * 3, (0.25,) * 3))\n"
-        "print(len(records))\n"
+        "config = build_config({'epochs': 2, 'batch_size': 33, 'width': width, 'lr': 0.05})\n"
+        "model = build_model('resnet18', width).to(memory_format=layout)\n"
+        "records = list(fit(model, data.train, data.test, config, (0.5,) * 3, (0.25,) * 3))\n"
+        "# every convolution of the model, on the input it gets, against float64 NCHW\n"
+        "inputs = {}\n"
+        "convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}\n"
+        "hooks = [m.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, i[0].detach()))\n"
+        "         for n, m in convs.items()]\n"
+        "model(torch.randn(25, 3, 32, 32).contiguous(memory_format=layout))\n"
+        "worst = 0.0\n"
+        "for name, conv in convs.items():\n"
+        "    x = inputs[name]\n"
+        "    assert x.stride(1) == 1, name  # channels innermost: the model ran in channels_last\n"
+        "    out_grad = torch.randn_like(conv(x))\n"
+        "    grads = []\n"
+        "    for dtype, fmt in ((torch.float64, torch.contiguous_format), (torch.float32, layout)):\n"
+        "        xi = x.to(dtype).contiguous(memory_format=fmt).requires_grad_()\n"
+        "        w = conv.weight.detach().to(dtype).contiguous(memory_format=fmt).requires_grad_()\n"
+        "        F.conv2d(xi, w, None, conv.stride, conv.padding).backward(out_grad.to(dtype))\n"
+        "        grads.append((xi.grad, w.grad))\n"
+        "    for ref, got in zip(*grads):\n"
+        "        worst = max(worst, float((got.double() - ref).abs().max() / ref.abs().max()))\n"
+        "print(len(records), worst)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    try:
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"fp32 channels_last training at width {width} hung (no result in 240 s)")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "2"
+    epochs, worst = result.stdout.split()
+    assert epochs == "2"
+    assert float(worst) < 1e-4  # every convolution's input and weight gradients, in fp32 channels_last
+
+
+def test_projection_shortcut_is_a_strided_1x1_convolution() -> None:
+    """Subsampling, then a stride-1 1x1 convolution, computes what the strided one would."""
+    torch.manual_seed(0)
+    block = BasicBlock(6, 12, stride=2).eval()
+    x = torch.randn(3, 6, 9, 9)  # odd size: the last row and column are kept by both
+    conv, norm = block.shortcut[0], block.shortcut[1]
+    expected = block.relu(
+        block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))
+        + norm(F.conv2d(x, conv.weight, stride=2))
+    )
+    assert torch.allclose(block(x), expected, atol=1e-6)
 
 
 def test_compile_flag_trains_the_same_parameters() -> None:
