@@ -1,8 +1,8 @@
 """Training throughput on this machine, measured in one run against two references.
 
 (a) cifarcam: the real training loop (engine.train_one_epoch) with its on-device batched
-    augmentation (flip, translate, cutout), bf16 autocast and channels_last where the CPU has
-    native bf16 (fp32 and NCHW elsewhere, as `cifarcam train` chooses); with bf16 also
+    augmentation (flip, translate, cutout), in channels_last, under bf16 autocast where the
+    CPU has native bf16 (fp32 elsewhere, as `cifarcam train` chooses); with bf16 also
     without the GEMM weight gradients of small-map convolutions, alternating with it.
 (b) a naive baseline written the common way: per-sample albumentations in DataLoader
     workers, fp32, NCHW, loss.item() every step; the same ResNet.
@@ -158,8 +158,7 @@ def main() -> None:
         f"{fp32 * 1e9 / flops:.1f} img/s (fp32)"
     )
     ours = speeds[True]
-    layout = "channels_last" if amp is not None else "NCHW"
-    print(f"cifarcam ({precision}, {layout}, on-device augmentation): {ours:.1f} img/s")
+    print(f"cifarcam ({precision}, channels_last, on-device augmentation): {ours:.1f} img/s")
     if False in speeds:
         print(
             f"cifarcam without the GEMM weight gradients (cifarcam.convgrad): {speeds[False]:.1f} img/s "
