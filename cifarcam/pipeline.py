@@ -176,6 +176,15 @@ def resume(
     Under torchrun rank 0 reads the config and the state and sends them to the other ranks.
     """
     config = group.from_main(lambda: read_config(run))
+
+    def check_config_early() -> None:
+        """A changed config.json is refused before the data load, from the state file's header
+        (checked again with the whole state, under the run's lock, below)."""
+        saved = run.read_state_meta()
+        if saved is not None:
+            resumption.check_same_config(run, config, saved)
+
+    group.from_main(check_config_early)
     prepared = group.agree(lambda: _prepare(config, group))
     with contextlib.ExitStack() as lock:
 

@@ -211,6 +211,21 @@ class RunDir:
             ) from None
         return tensors, meta
 
+    def read_state_meta(self) -> dict[str, Any] | None:
+        """The saved training state's record (epoch, config, data facts) read from the file's
+        header alone, without its tensors; None when there is no state or it cannot be read
+        (`load_state` reports that)."""
+        try:
+            with self.state_path.open("rb") as file:
+                length = int.from_bytes(file.read(8), "little")
+                if length > 100_000_000:  # far beyond any state's header: not one
+                    return None
+                raw = _read_header_metadata(length.to_bytes(8, "little") + file.read(length))
+            meta = json.loads(raw["state"]) if raw.get("format") == STATE_FORMAT else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return meta if isinstance(meta, dict) else None
+
     # -- checkpoints -------------------------------------------------------------------
     def checkpoint_path(self, kind: str) -> Path:
         return self.checkpoints_dir / f"{kind}.safetensors"

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import copy_tree, tiny_train_args
+from conftest import copy_tree, snapshot, tiny_train_args
 from typer.testing import CliRunner
 
 from cifarcam.cli import app
@@ -253,6 +253,27 @@ def test_resume_refuses_data_that_changed_since_the_run_started(
     assert result.stderr.startswith(
         f"Error: the data at '{tree}' has changed since run 'tiny' started: classes ["
     )
+
+
+def test_resume_refuses_an_edited_config_before_loading_the_data(trained_runs: Path, tmp_path: Path) -> None:
+    """The config check reads the state file's header, so it needs no data: with the data folder
+    gone, an edited width is still what the refusal names (before, the missing data was)."""
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    run = RunDir(runs, "tiny")
+    config = json.loads(run.config_path.read_text())
+    run.config_path.write_text(json.dumps(config | {"width": 16, "data": str(tmp_path / "gone")}))
+    saved = run.read_state_meta()
+    assert saved is not None and saved["config"]["width"] == 8 and saved["epoch"] == 2
+    files = snapshot(runs / "tiny")
+    result = invoke("train", "--run", "tiny", "--runs-dir", str(runs), "--resume")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(
+        "Error: run 'tiny' config.json has changed since its training state was saved: width 8 then, 16 now"
+    ), result.stderr
+    assert snapshot(runs / "tiny") == files
+    # a state file that is not one is left to the full load, which names it after the data load
+    run.state_path.write_bytes(b"\xff" * 8 + b"not a header")
+    assert run.read_state_meta() is None
 
 
 def test_a_state_that_does_not_fit_the_model_fails_the_resume_in_one_line(
