@@ -1,6 +1,7 @@
 """Grad-CAM over a whole test set: cifarcam vs pytorch-grad-cam vs a plain forward pass, one run.
 
-For each layer, the same model, images (batches of --batch-size, float32, NCHW) and target
+For each layer, the same model (float32, channels_last, as `cifarcam gradcam` loads it; NCHW
+before the thirteenth session), images (batches of --batch-size, float32, NCHW) and target
 classes (the model's predictions, computed beforehand and not timed) go through:
 (a) a plain forward pass under torch.inference_mode (the floor),
 (b) cifarcam's CamExtractor as `cifarcam gradcam --all` runs it (fast=True, compiled=True:
@@ -57,9 +58,13 @@ def load_model(run: str | None, width: int) -> tuple[torch.nn.Module, str]:
     if run:
         path = Path(run)
         model, info = RunDir(path.parent, path.name).load_model("last")
-        return model.float().eval(), f"trained run {run} (ResNet18 width {info.width})"
-    torch.manual_seed(0)
-    return build_model("resnet18", width).eval(), f"seeded ResNet18 width {width}"
+        model = model.float()
+        described = f"trained run {run} (ResNet18 width {info.width})"
+    else:
+        torch.manual_seed(0)
+        model, described = build_model("resnet18", width), f"seeded ResNet18 width {width}"
+    # in channels_last, as `cifarcam gradcam` loads it (LoadedRun.cam_model)
+    return model.to(memory_format=torch.channels_last).eval(), described
 
 
 ROUNDS = 5
@@ -86,7 +91,7 @@ def main() -> None:
     batches = list(x.split(args.batch_size))
     with torch.no_grad():  # not inference_mode: these classes are used under autograd later
         classes = [model(batch).argmax(1) for batch in batches]
-    print(f"{described}; {source}; batch {args.batch_size}; float32 NCHW")
+    print(f"{described}, channels_last; {source}; batch {args.batch_size}; float32 NCHW images")
     print(
         f"CPU: {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"

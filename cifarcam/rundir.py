@@ -222,7 +222,7 @@ class RunDir:
                     return None
                 raw = _read_header_metadata(length.to_bytes(8, "little") + file.read(length))
             meta = json.loads(raw["state"]) if raw.get("format") == STATE_FORMAT else None
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return None
         return meta if isinstance(meta, dict) else None
 
@@ -352,6 +352,8 @@ def _read_header_metadata(data: bytes) -> dict[str, str]:
         raise ValueError("file too short")
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + length])
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
     metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict):
         raise ValueError("bad metadata")

@@ -272,8 +272,17 @@ def test_resume_refuses_an_edited_config_before_loading_the_data(trained_runs: P
     ), result.stderr
     assert snapshot(runs / "tiny") == files
     # a state file that is not one is left to the full load, which names it after the data load
-    run.state_path.write_bytes(b"\xff" * 8 + b"not a header")
-    assert run.read_state_meta() is None
+    for header in (b"not a header", b"[]", b"null", b"[" * 100_000, b'{"__metadata__": 5}'):
+        run.state_path.write_bytes(len(header).to_bytes(8, "little") + header)
+        assert run.read_state_meta() is None, header
+    for data in (b"\xff" * 8 + b"{}", b"\x05\x00"):  # a huge length; a truncated one
+        run.state_path.write_bytes(data)
+        assert run.read_state_meta() is None, data
+    run.state_path.write_bytes((2).to_bytes(8, "little") + b"[]")
+    run.config_path.write_text(json.dumps(config | {"epochs": 3}))
+    result = invoke("train", "--run", "tiny", "--runs-dir", str(runs), "--resume")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"Error: training state '{run.state_path}' is corrupt or truncated")
 
 
 def test_a_state_that_does_not_fit_the_model_fails_the_resume_in_one_line(
