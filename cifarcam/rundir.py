@@ -178,8 +178,9 @@ class RunDir:
         if not self.path.is_dir():
             return
         with runlock.readers_shut_out(self._readers_lock_path) as alone:
-            for leftover in self.path.rglob(".*.tmp") if alone else []:
-                leftover.unlink(missing_ok=True)
+            if alone:
+                for leftover in self.path.rglob(".*.tmp"):
+                    leftover.unlink(missing_ok=True)
 
     # -- full training state (for --resume) ---------------------------------------------
     @property
@@ -201,10 +202,7 @@ class RunDir:
         try:
             data = self.state_path.read_bytes()
             tensors = load_safetensors(data)
-            raw = _read_header_metadata(data)
-            if raw.get("format") != STATE_FORMAT:
-                raise ValueError("not a cifarcam training state")
-            meta = json.loads(raw["state"])
+            meta = _state_record(_read_header_metadata(data))
         except (SafetensorError, ValueError, KeyError, OSError) as error:
             raise CheckpointError(
                 f"training state '{self.state_path}' is corrupt or truncated ({error})"
@@ -216,15 +214,10 @@ class RunDir:
         header alone, without its tensors; None when there is no state or it cannot be read
         (`load_state` reports that)."""
         try:
-            with self.state_path.open("rb") as file:
-                length = int.from_bytes(file.read(8), "little")
-                if length > 100_000_000:  # far beyond any state's header: not one
-                    return None
-                raw = _read_header_metadata(length.to_bytes(8, "little") + file.read(length))
-            meta = json.loads(raw["state"]) if raw.get("format") == STATE_FORMAT else None
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            with safe_open(str(self.state_path), framework="pt") as state:
+                return _state_record(state.metadata() or {})
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError):
             return None
-        return meta if isinstance(meta, dict) else None
 
     # -- checkpoints -------------------------------------------------------------------
     def checkpoint_path(self, kind: str) -> Path:
@@ -352,9 +345,17 @@ def _read_header_metadata(data: bytes) -> dict[str, str]:
         raise ValueError("file too short")
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + length])
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
     metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict):
         raise ValueError("bad metadata")
     return metadata
+
+
+def _state_record(metadata: dict[str, str]) -> dict[str, Any]:
+    """The record `save_state` keeps in a training state's metadata (ValueError if it is not one)."""
+    if metadata.get("format") != STATE_FORMAT:
+        raise ValueError("not a cifarcam training state")
+    record = json.loads(metadata["state"])
+    if not isinstance(record, dict):
+        raise ValueError("the state's record is not a JSON object")
+    return record

@@ -8,7 +8,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -16,8 +16,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from cifarcam.fileio import atomic_write_bytes
-from cifarcam.rundir import RunDir
 from cifarcam.runlock import reads_run
+
+if TYPE_CHECKING:
+    from cifarcam.rundir import RunDir
 
 TILE_INCHES = 1.6
 
