@@ -15,6 +15,8 @@
 # 3. Recipe variants, PARALLEL at a time on the one GPU (their times are not comparable; their
 #    accuracies are), each evaluated, while time is left.
 # 4. benchmarks/gpu_summary.py's table of every run.
+# Options: BENCH=0 skips gpu_warmup.py, TESTS=0 the CUDA-graph tests; CHAIN=1 times the commands
+# after training on the first timed run; VARIANT_SPECS="name|options;..." replaces the variants.
 # CPU dry run: NO_WHEELS=1 EPOCHS=1 SUBSET=1000 WIDTH=8 DEVICE=cpu MAX_VARIANTS=2 WARMUP_ARGS="--device cpu --width 4 --batch-size 16 --short 12 --steps 2" bash benchmarks/gpu_recipe.sh
 set -u
 START=$(date +%s)
@@ -40,9 +42,11 @@ if [ "${BENCH:-1}" != 0 ]; then
     timeout 150 python3 benchmarks/gpu_warmup.py ${WARMUP_ARGS:-} >"$OUT/warmup.txt" 2>&1
     echo "=== rc=$? after $(elapsed) s"
     tail -14 "$OUT/warmup.txt"
-
-    # The CUDA-graph tests (skipped on a CPU-only machine).
+fi
+# The CUDA-graph tests (skipped on a CPU-only machine; TESTS=0: not run).
+if [ "${TESTS:-1}" != 0 ]; then
     python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | grep -E "^E |FAILED|passed|failed" | head -20
+    echo "=== tests done after $(elapsed) s"
 fi
 
 # 2. Timed whole runs, one at a time, each evaluated.
@@ -85,6 +89,20 @@ for index in "${!timed[@]}"; do
 done
 pack_json
 
+# 2b. CHAIN=1: the commands a user runs after training, each timed, on the first timed run.
+if [ "${CHAIN:-0}" = 1 ]; then
+    first=${timed[0]%%|*}
+    for args in "misclassified --count 10" "gradcam --layer layer4 --layer layer3 --method gradcam --method gradcam++" \
+        "gradcam --layer layer4 --all" "sanity --layer layer4" "plot" "report"; do
+        read -ra words <<<"$args"
+        t0=$(date +%s%N)
+        "${cli[@]}" "${words[0]}" --run "$first" "${words[@]:1}" >>"$WORK/logs/chain.txt" 2>&1
+        echo "=== [$(elapsed) s] chain rc=$? in $((($(date +%s%N) - t0) / 1000000)) ms: $args"
+    done
+    tail -3 "$WORK/logs/chain.txt"
+    pack
+fi
+
 # 3. Variants, PARALLEL at a time, while time is left.
 VARIANTS=(
     "t3|--config $(cfg t3 '{"augment": {"flip": true, "translate": 3, "cutout": 0}}')"
@@ -92,6 +110,8 @@ VARIANTS=(
     "wd25|--config $(cfg wd25 '{"weight_decay": 0.00025}')"
     "lr03|--lr 0.3"
 )
+# VARIANT_SPECS replaces that list: "name|options;name|options" (a later --epochs wins).
+[ -n "${VARIANT_SPECS:-}" ] && IFS=';' read -ra VARIANTS <<<"$VARIANT_SPECS"
 # Several torch processes, each with a thread per core, can stall one another: share the cores.
 export OMP_NUM_THREADS=$(($(nproc) / PARALLEL > 0 ? $(nproc) / PARALLEL : 1))
 pids=()  # (a bare `wait` would also wait for the tee above, forever)
