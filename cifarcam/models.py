@@ -42,14 +42,36 @@ class BasicBlock(nn.Module):
         # ReLU as a module (not F.relu) so that guided backpropagation can hook every one of them.
         self.relu = nn.ReLU()
         self.shortcut: nn.Module = nn.Sequential()
-        # The projection shortcut keeps every `stride`-th pixel, then applies a 1x1 convolution
-        # of stride 1: the same function as a strided 1x1 convolution, without oneDNN's kernel
-        # for the latter's weight gradient, which in torch 2.14.1 (oneDNN issue 6035) writes
-        # past its buffer in channels_last when the input has fewer channels than its block
-        # (8 on AVX2, 16 on AVX-512): it hung, crashed or corrupted the heap at widths 4 and 8.
-        self.subsample = stride
+        self.stride = stride
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, bias=False), norm(planes))
+            projection = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+            self.shortcut = nn.Sequential(projection, norm(planes))
+        self.subsample = 1
+        self._place_shortcut()
+
+    def _place_shortcut(self) -> None:
+        """How the projection shortcut's strided 1x1 convolution runs on the block's device.
+
+        On the CPU it keeps every `stride`-th pixel, then convolves with stride 1: the same
+        function, without oneDNN's kernel for the strided convolution's weight gradient, which in
+        torch 2.14.1 (oneDNN issue 6035) writes past its buffer in channels_last when the input
+        has fewer channels than its block (8 on AVX2, 16 on AVX-512): it hung, crashed or
+        corrupted the heap at widths 4 and 8. Elsewhere the convolution itself strides: on an
+        H100 the subsampling's copies made epochs 2-20 about 7% slower (benchmarks/RESULTS.md).
+        The parameters are the same either way, so checkpoints load on every device.
+        """
+        on_cpu = self.conv1.weight.device.type == "cpu"
+        self.subsample = self.stride if on_cpu else 1
+        for projection in self.shortcut.children():
+            if isinstance(projection, nn.Conv2d):
+                conv_stride = 1 if on_cpu else self.stride
+                projection.stride = (conv_stride, conv_stride)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> BasicBlock:
+        # Every move between devices (.to, .cuda, .cpu) passes through here, as in torch's RNNs.
+        super()._apply(fn, recurse)
+        self._place_shortcut()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

@@ -392,11 +392,21 @@ def test_fp32_channels_last_training_on_cpu_with_narrow_projection_shortcuts(wid
 
 
 def test_projection_shortcut_is_a_strided_1x1_convolution() -> None:
-    """Subsampling, then a stride-1 1x1 convolution, computes what the strided one would."""
+    """On the CPU the shortcut subsamples, then convolves with stride 1, which computes what the
+    strided convolution would; on other devices the convolution strides itself, and moving the
+    block back and forth switches between the two."""
     torch.manual_seed(0)
     block = BasicBlock(6, 12, stride=2).eval()
-    x = torch.randn(3, 6, 9, 9)  # odd size: the last row and column are kept by both
     conv, norm = block.shortcut[0], block.shortcut[1]
+    assert (block.subsample, conv.stride) == (2, (1, 1))
+    block.to("meta")
+    assert (block.subsample, conv.stride) == (1, (2, 2))
+    block.to_empty(device="cpu")
+    assert (block.subsample, conv.stride) == (2, (1, 1))
+    torch.manual_seed(0)
+    block = BasicBlock(6, 12, stride=2).eval()
+    conv, norm = block.shortcut[0], block.shortcut[1]
+    x = torch.randn(3, 6, 9, 9)  # odd size: the last row and column are kept by both
     expected = block.relu(
         block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))
         + norm(F.conv2d(x, conv.weight, stride=2))
