@@ -32,6 +32,11 @@ def norm_layer(name: str) -> Norm:
     raise UsageError(f"unknown norm '{name}'; choose one of: {', '.join(NORM_NAMES)}")
 
 
+def _place_after_load(module: nn.Module, _incompatible_keys: object) -> None:
+    if isinstance(module, BasicBlock):
+        module._place_shortcut()
+
+
 class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int, norm: Norm = nn.BatchNorm2d) -> None:
         super().__init__()
@@ -48,6 +53,8 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(projection, norm(planes))
         self.subsample = 1
         self._place_shortcut()
+        # load_state_dict(assign=True) swaps in tensors without a move: place the shortcut again.
+        self.register_load_state_dict_post_hook(_place_after_load)
 
     def _place_shortcut(self) -> None:
         """How the projection shortcut's strided 1x1 convolution runs on the block's device.
@@ -57,8 +64,10 @@ class BasicBlock(nn.Module):
         torch 2.14.1 (oneDNN issue 6035) writes past its buffer in channels_last when the input
         has fewer channels than its block (8 on AVX2, 16 on AVX-512): it hung, crashed or
         corrupted the heap at widths 4 and 8. Elsewhere the convolution itself strides: on an
-        H100 the subsampling's copies made epochs 2-20 about 7% slower (benchmarks/RESULTS.md).
-        The parameters are the same either way, so checkpoints load on every device.
+        H100 the subsampling's copies made epochs 2-20 about 1 s (5-7%) slower
+        (benchmarks/RESULTS.md). The parameters are the same either way, so checkpoints load on
+        every device. A torch.fx trace (fold_batchnorm's copies) keeps the choice made when it
+        was traced; those copies only score, and the broken kernel is a training one.
         """
         on_cpu = self.conv1.weight.device.type == "cpu"
         self.subsample = self.stride if on_cpu else 1

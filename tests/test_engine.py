@@ -403,6 +403,14 @@ def test_projection_shortcut_is_a_strided_1x1_convolution() -> None:
     assert (block.subsample, conv.stride) == (1, (2, 2))
     block.to_empty(device="cpu")
     assert (block.subsample, conv.stride) == (2, (1, 1))
+    # a whole model's move reaches every block; so does loading tensors in place of the meta ones
+    model = build_model("resnet18", 4)
+    state = model.state_dict()
+    model.to("meta")
+    projections = [b for b in model.modules() if isinstance(b, BasicBlock) and b.stride > 1]
+    assert len(projections) == 3 and all(b.subsample == 1 for b in projections)
+    model.load_state_dict(state, assign=True)
+    assert all((b.subsample, b.shortcut[0].stride) == (2, (1, 1)) for b in projections)
     torch.manual_seed(0)
     block = BasicBlock(6, 12, stride=2).eval()
     conv, norm = block.shortcut[0], block.shortcut[1]
