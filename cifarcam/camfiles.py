@@ -83,8 +83,9 @@ def save_maps(
     loaded: LoadedRun,
     amp_dtype: torch.dtype | None,
 ) -> list[Path]:
-    """One maps file per (method, layer) group, holding every target's maps of the images; the
-    metadata names the checkpoint, test set and precision they came from."""
+    """One file per (method, layer) group: the maps (attributions for the guided methods) of
+    `targets`, plus other targets kept from an earlier file of the same images, checkpoint and
+    precision; the metadata names the checkpoint, test set and precision they came from."""
     paths = []
     same = {"checkpoint_id": loaded.info.checkpoint_id, "test_fingerprint": loaded.test_fingerprint}
     for method, layer in groups:
@@ -98,7 +99,7 @@ def save_maps(
         for key in targets:
             name = key.replace("class:", "class_")
             kind = "attributions" if (key, method, layer) in explained.attributions else "maps"
-            tensors[f"{kind}_{name}"] = explained.get((key, method, layer)).contiguous()
+            tensors[f"{kind}_{name}"] = explained.tensor((key, method, layer)).contiguous()
         path = maps_path(run, method, layer, all_images)
         tensors |= _earlier_targets(path, tensors, same)
         names = [
@@ -139,7 +140,7 @@ def save_gallery(
     columns = []
     for method, layer in groups:
         for key in targets:
-            tiles = explained.get((key, method, layer))[rows].numpy()
+            tiles = explained.tensor((key, method, layer))[rows].numpy()
             where = f"{method} {layer}".strip()
             heading = {"pred": "pred class", "true": "true class"}.get(key, key.replace(":", " "))
             columns.append(viz.GalleryColumn(f"{where}\n{heading}", tiles))

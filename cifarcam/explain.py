@@ -72,8 +72,9 @@ class Explanations:
     maps: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)  # (target, method, layer)
     attributions: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
 
-    def get(self, key: tuple[str, str, str]) -> torch.Tensor:
-        """The maps of (target, method, layer), or the attributions for a guided method."""
+    def tensor(self, key: tuple[str, str, str]) -> torch.Tensor:
+        """What was computed for (target, method, layer): from `attributions` where it holds the
+        key (explain_images stores the guided methods there), else from `maps`."""
         return self.attributions[key] if key in self.attributions else self.maps[key]
 
 

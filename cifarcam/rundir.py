@@ -2,8 +2,8 @@
 
 Layout (the contract between commands):
   config.json, meta.json, metrics.json, evaluation.json, misclassified.json/.png,
-  checkpoints/{last,best}.safetensors, gradcam/<layer>.{png,json,safetensors}, plots/*.png,
-  gradcam/metrics.json and sanity/*.{json,png} (CAM faithfulness and sanity checks), report.html
+  checkpoints/{last,best}.safetensors, plots/*.png, gradcam/ (maps, galleries and the
+  faithfulness table gradcam/metrics.json: camfiles.py names them), sanity/*.{json,png}, report.html
 Every file is written atomically, so a reader never sees half a file.
 """
 
