@@ -307,11 +307,11 @@ def test_divergence_keeps_the_last_good_checkpoint_and_marks_the_run_failed(
 
     from typer.testing import CliRunner
 
-    import cifarcam.pipeline as pipeline
+    import cifarcam.runloop as runloop
     from cifarcam.cli import app
 
     monkeypatch.setattr(
-        pipeline, "build_model", lambda name, width, classes, norm: NanAfter(after=6, width=width)
+        runloop, "build_model", lambda name, width, classes, norm: NanAfter(after=6, width=width)
     )
     runs = tmp_path / "runs"
     result = CliRunner().invoke(
