@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -46,12 +47,12 @@ class BasicBlock(nn.Module):
         self.bn2 = norm(planes)
         # ReLU as a module (not F.relu) so that guided backpropagation can hook every one of them.
         self.relu = nn.ReLU()
-        self.shortcut: nn.Module = nn.Sequential()
+        self.shortcut = nn.Sequential()  # identity, or a 1x1 projection and its norm
         self.stride = stride
         if stride != 1 or in_planes != planes:
             projection = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
             self.shortcut = nn.Sequential(projection, norm(planes))
-        self.subsample = 1
+        self.subsample = 1  # pixels the shortcut's input skips; its convolution strides the rest
         self._place_shortcut()
         # load_state_dict(assign=True) swaps in tensors without a move: place the shortcut again.
         self.register_load_state_dict_post_hook(_place_after_load)
@@ -69,12 +70,10 @@ class BasicBlock(nn.Module):
         every device. A torch.fx trace (fold_batchnorm's copies) keeps the choice made when it
         was traced; those copies only score, and the broken kernel is a training one.
         """
-        on_cpu = self.conv1.weight.device.type == "cpu"
-        self.subsample = self.stride if on_cpu else 1
-        for projection in self.shortcut.children():
-            if isinstance(projection, nn.Conv2d):
-                conv_stride = 1 if on_cpu else self.stride
-                projection.stride = (conv_stride, conv_stride)
+        self.subsample = self.stride if self.conv1.weight.device.type == "cpu" else 1
+        if len(self.shortcut) > 0:
+            projection = cast(nn.Conv2d, self.shortcut[0])
+            projection.stride = (self.stride // self.subsample,) * 2
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> BasicBlock:
         # Every move between devices (.to, .cuda, .cpu) passes through here, as in torch's RNNs.

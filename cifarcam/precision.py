@@ -56,12 +56,8 @@ def training_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
-    """channels_last where asked for, on every device and in every arithmetic.
-
-    fp32 on the CPU trained in NCHW until `models.BasicBlock` sidestepped a torch 2.14.1 bug
-    that hung or corrupted the heap there in channels_last; on a 2-core AVX2 EPYC channels_last
-    trains fp32 faster (benchmarks/RESULTS.md).
-    """
+    """The memory layout of the `channels_last` setting, on every device and in every arithmetic
+    (fp32 on the CPU included, since `models.BasicBlock` avoids the oneDNN kernel that broke it)."""
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
