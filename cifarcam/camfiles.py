@@ -19,7 +19,7 @@ from safetensors.torch import save as save_safetensors
 
 from cifarcam import viz
 from cifarcam.errors import RunError
-from cifarcam.fileio import atomic_write_bytes
+from cifarcam.fileio import json_bytes
 from cifarcam.precision import precision_name
 from cifarcam.rundir import RunDir
 from cifarcam.trained import LoadedRun
@@ -74,7 +74,7 @@ def _earlier_targets(
         return {}
 
 
-def save_maps(
+def maps_files(
     run: RunDir,
     explained: Explanations,
     targets: list[str],
@@ -82,11 +82,11 @@ def save_maps(
     all_images: bool,
     loaded: LoadedRun,
     amp_dtype: torch.dtype | None,
-) -> list[Path]:
-    """One file per (method, layer) group: the maps (attributions for the guided methods) of
-    `targets`, plus other targets kept from an earlier file of the same images, checkpoint and
+) -> dict[Path, bytes]:
+    """One file (path and bytes) per (method, layer) group: the maps (attributions for the guided
+    methods) of `targets`, plus other targets kept from an earlier file of the same images, checkpoint and
     precision; the metadata names the checkpoint, test set and precision they came from."""
-    paths = []
+    files = {}
     same = {"checkpoint_id": loaded.info.checkpoint_id, "test_fingerprint": loaded.test_fingerprint}
     for method, layer in groups:
         # guided backpropagation never runs under autocast: its attributions are fp32's
@@ -115,12 +115,11 @@ def save_maps(
             **same,
             "note": MAPS_NOTE,
         }
-        atomic_write_bytes(path, save_safetensors(tensors, metadata=metadata))
-        paths.append(path)
-    return paths
+        files[path] = save_safetensors(tensors, metadata=metadata)
+    return files
 
 
-def save_gallery(
+def gallery_files(
     run: RunDir,
     loaded: LoadedRun,
     explained: Explanations,
@@ -130,8 +129,9 @@ def save_gallery(
     confidence: torch.Tensor,
     stem: str,
     checkpoint: str,
-) -> list[Path]:
-    """The gallery of the mistakes in `rows` (PNG) and its sidecar JSON: indices, classes, confidence."""
+) -> dict[Path, bytes]:
+    """The gallery of the mistakes in `rows` (PNG) and its sidecar JSON: indices, classes,
+    confidence (paths and bytes)."""
     classes = loaded.info.classes
     indices = explained.indices[rows]
     shown = loaded.test_display(indices)
@@ -153,23 +153,19 @@ def save_gallery(
         f"confident mistakes ({checkpoint} checkpoint, epoch {loaded.info.epoch}; red = high)"
     )
     png, sidecar = run.gradcam_dir / f"{stem}.png", run.gradcam_dir / f"{stem}.json"
-    viz.cam_gallery(shown, columns, labels, png, title)
-    run.write_json(
-        sidecar,
-        {
-            "title": title,
-            "methods": list(dict.fromkeys(m for m, _ in groups)),
-            "layers": sorted({layer for _, layer in groups if layer}),
-            "targets": targets,
-            "checkpoint": checkpoint,
-            "epoch": loaded.info.epoch,
-            "indices": indices.tolist(),
-            "true": true_names,
-            "pred": pred_names,
-            "confidence": confidence[rows].tolist(),
-        },
-    )
-    return [png, sidecar]
+    record = {
+        "title": title,
+        "methods": list(dict.fromkeys(m for m, _ in groups)),
+        "layers": sorted({layer for _, layer in groups if layer}),
+        "targets": targets,
+        "checkpoint": checkpoint,
+        "epoch": loaded.info.epoch,
+        "indices": indices.tolist(),
+        "true": true_names,
+        "pred": pred_names,
+        "confidence": confidence[rows].tolist(),
+    }
+    return {png: viz.cam_gallery(shown, columns, labels, title), sidecar: json_bytes(record)}
 
 
 _ROW_KEY = ("method", "layer", "target", "selection", "steps", "checkpoint", "precision")
@@ -194,7 +190,7 @@ def earlier_faithfulness_rows(run: RunDir) -> list[dict[str, Any]]:
     return rows
 
 
-def save_faithfulness(
+def faithfulness_file(
     run: RunDir,
     earlier: list[dict[str, Any]],
     rows: list[dict[str, Any]],
@@ -202,23 +198,21 @@ def save_faithfulness(
     steps: int,
     checkpoint: str,
     precision: str,
-) -> Path:
-    """gradcam/metrics.json keeps rows from earlier calls unless this call recomputed them: the
-    same method, layer, target, images, steps, checkpoint and precision (each row names its own)."""
+) -> dict[Path, bytes]:
+    """gradcam/metrics.json (path and bytes): rows from earlier calls are kept unless this call
+    recomputed them: the same method, layer, target, images, steps, checkpoint and precision
+    (each row names its own)."""
     path = run.faithfulness_path
     for row in rows:
         row |= {"selection": selection, "steps": steps, "checkpoint": checkpoint, "precision": precision}
     keys = {tuple(r[k] for k in _ROW_KEY) for r in rows}
     kept = [r for r in earlier if tuple(r.get(k) for k in _ROW_KEY) not in keys]
-    run.write_json(
-        path,
-        {
-            "about": "deletion_auc (lower is better) and insertion_auc (higher) over each row's "
-            "`steps`, softmax probability of the target class, deletion to the mean colour, "
-            "insertion from a Gaussian blur (sigma 4); average_drop (% , lower) and "
-            "increase_in_confidence (% of images, higher) for the input multiplied by its map; "
-            "'random' is a uniform-noise map baseline",
-            "results": kept + rows,
-        },
-    )
-    return path
+    document = {
+        "about": "deletion_auc (lower is better) and insertion_auc (higher) over each row's "
+        "`steps`, softmax probability of the target class, deletion to the mean colour, "
+        "insertion from a Gaussian blur (sigma 4); average_drop (% , lower) and "
+        "increase_in_confidence (% of images, higher) for the input multiplied by its map; "
+        "'random' is a uniform-noise map baseline",
+        "results": kept + rows,
+    }
+    return {path: json_bytes(document)}

@@ -26,7 +26,7 @@ from cifarcam.report import (
     percent,
     read_optional,
     render,
-    write_output,
+    write_outputs,
 )
 from cifarcam.rundir import RunDir, enclosing_run, now_iso
 
@@ -120,4 +120,5 @@ def compare(runs: list[RunDir], out: Path) -> tuple[Path, Path]:
         same_config=same,
     )
     html = render("compare.html.j2", comparison=comparison)
-    return write_output(out, html), write_output(out.with_suffix(".png"), png)
+    html_path, png_path = write_outputs({out: html, out.with_suffix(".png"): png})
+    return html_path, png_path

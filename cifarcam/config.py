@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from cifarcam.errors import ConfigError
+from cifarcam.fileio import parse_json
 
 ModelName = Literal["resnet18", "resnet34"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -18,20 +19,31 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 NormName = Literal["batch", "group"]
 
 
-class AugmentConfig(BaseModel):
-    """Batched on-device augmentation applied to every training batch."""
+class _Settings(BaseModel):
+    """Unknown fields are refused, and so is true/false where a number belongs (pydantic would
+    otherwise read `"width": true` as width 1)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation is not bool:
+            raise ValueError("true/false is not a value this field takes")
+        return value
+
+
+class AugmentConfig(_Settings):
+    """Batched on-device augmentation applied to every training batch."""
 
     flip: bool = True  # random horizontal flip, p=0.5
     translate: int = Field(4, ge=0, le=16)  # max shift in pixels (reflect padding)
     cutout: int = Field(0, ge=0, le=32)  # side of the zeroed square; 0 = off
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(_Settings):
     """Everything that decides what `cifarcam train` does. Saved as the run's config.json."""
-
-    model_config = ConfigDict(extra="forbid")
 
     data: str = "cifar10"  # "cifar10" (torchvision) or a path to an image-folder tree
     data_dir: str | None = None  # where downloads and decode caches go; None = user cache
@@ -87,6 +99,14 @@ class TrainConfig(BaseModel):
             return value
         if not value.strip():
             raise ValueError("an empty path; give a folder (or, for data, 'cifar10')")
+        if "\x00" in value:
+            raise ValueError("a path with a NUL character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes of the file system, kept as surrogates
+            raise ValueError(
+                "a path that is not valid UTF-8 (config.json keeps paths as UTF-8 text)"
+            ) from None
         return os.path.abspath(os.path.expanduser(value))
 
     @field_validator("albumentations")
@@ -195,11 +215,13 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"config file '{path}' is not UTF-8 text (a JSON object is expected)") from None
     try:
-        values = json.loads(text)
+        values = parse_json(text)
     except json.JSONDecodeError as error:
         raise ConfigError(
             f"config file '{path}' is not valid JSON: {error.msg} at line {error.lineno}"
         ) from None
+    except ValueError as error:
+        raise ConfigError(f"config file '{path}' is not a cifarcam config: {error}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file '{path}' must hold a JSON object")
     return values

@@ -17,6 +17,7 @@ from cifarcam.cam import METHODS, CamExtractor, check_layers, guided_backprop, g
 from cifarcam.data import IMAGE_SIZE
 from cifarcam.errors import UsageError
 from cifarcam.faithfulness import faithfulness, random_maps
+from cifarcam.fileio import atomic_write_files, json_bytes
 from cifarcam.precision import autocast_dtype, precision_name
 from cifarcam.rundir import RunDir
 from cifarcam.runlock import reads_run
@@ -215,21 +216,21 @@ def gradcam(
     rows = (mistakes if all_images else torch.arange(len(mistakes)))[:GALLERY_ROWS]
     groups = _groups(methods, layers)
     stem = camfiles.gallery_stem(methods, layers)
-    paths = camfiles.save_maps(run, explained, targets, groups, all_images, loaded, amp_dtype)
+    # Written together at the end: a failed write leaves every earlier file as it was
+    files = camfiles.maps_files(run, explained, targets, groups, all_images, loaded, amp_dtype)
     if len(rows):
-        paths += camfiles.save_gallery(
+        files |= camfiles.gallery_files(
             run, loaded, explained, rows, targets, groups, confidence_all[indices], stem, checkpoint
         )
     scores: list[dict[str, Any]] = []
     if metrics:
         scores = _faithfulness_rows(loaded, explained, targets[0], methods, layers, steps, batch_size)
         selection = "all test images" if all_images else f"{count} most confident mistakes"
-        paths.append(
-            camfiles.save_faithfulness(
-                run, earlier_rows, scores, selection, steps, checkpoint, precision_name(amp_dtype)
-            )
+        files |= camfiles.faithfulness_file(
+            run, earlier_rows, scores, selection, steps, checkpoint, precision_name(amp_dtype)
         )
-    return GradcamOutcome(paths, scores, len(rows))
+    atomic_write_files(files)
+    return GradcamOutcome(list(files), scores, len(rows))
 
 
 @dataclass
@@ -284,24 +285,21 @@ def sanity(
     name = f"{method}_{layer}" if layer else method
     png, sidecar = run.sanity_dir / f"{name}.png", run.sanity_dir / f"{name}.json"
     where = f"{method} at {layer}" if layer else method
-    viz.sanity_plot(
+    plot = viz.sanity_plot(
         table,
         [m[0].numpy() for m in maps],
-        png,
         f"run {run.name}: cascading randomisation sanity check for {where}, {count} test images "
         "(predicted class); bottom: the first image's map at each step",
     )
-    run.write_json(
-        sidecar,
-        {
-            "method": method,
-            "layer": layer,
-            "images": count,
-            "indices": indices.tolist(),
-            "target": "pred",
-            "seed": seed,
-            "checkpoint": checkpoint,
-            "steps": table,
-        },
-    )
+    sidecar_record = {
+        "method": method,
+        "layer": layer,
+        "images": count,
+        "indices": indices.tolist(),
+        "target": "pred",
+        "seed": seed,
+        "checkpoint": checkpoint,
+        "steps": table,
+    }
+    atomic_write_files({png: plot, sidecar: json_bytes(sidecar_record)})
     return SanityOutcome(table, [png, sidecar])

@@ -1,12 +1,15 @@
-"""Atomic file writes: a temporary file in the target's directory, fsync, then os.replace."""
+"""Atomic file writes (a temporary file in the target's directory, fsync, then os.replace), and
+the JSON parsing every reader of cifarcam's files shares."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,9 +20,7 @@ def atomic_open(path: Path) -> Iterator[IO[bytes]]:
 
     The temporary file is created with mode 0666 minus the umask, like a plain open().
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    temporary, descriptor = _create_temporary(path)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             yield handle
@@ -32,14 +33,81 @@ def atomic_open(path: Path) -> Iterator[IO[bytes]]:
         raise
 
 
+_TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp")
+
+
+def _create_temporary(path: Path) -> tuple[Path, int]:
+    """A new hidden file next to `path` (`.NAME.RANDOM.tmp`), and its descriptor open for writing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    return temporary, os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_open(path) as handle:
-        handle.write(data)
+    atomic_write_files({path: data})
+
+
+def atomic_write_files(files: Mapping[Path, bytes]) -> None:
+    """Replace several files as one result (a gallery and its JSON, say): every temporary file is
+    written and synced before the first target is replaced, so an error while writing (a full
+    disk) leaves all the targets as they were, never a mix of old and new."""
+    for path in files:  # os.replace cannot put a file over a folder: found before any write
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    written: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files.items():
+            temporary, descriptor = _create_temporary(path)
+            written.append((temporary, path))
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+    except BaseException:
+        for temporary, _ in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        raise
+    for temporary, path in written:
+        os.replace(temporary, path)
+
+
+def written_file(filename: str) -> str:
+    """The file a write was for: `filename` itself, or the target of one of our temporary files
+    (an error while writing names the temporary, which the user never asked for)."""
+    path = Path(filename)
+    match = _TEMPORARY.fullmatch(path.name)
+    return str(path.with_name(match.group(1))) if match else filename
+
+
+def json_bytes(value: Any) -> bytes:
+    """A JSON file's bytes as cifarcam writes them: indented, UTF-8, a final newline."""
+    return (json.dumps(value, indent=2) + "\n").encode("utf-8")
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, json_bytes(value))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# More digits than any number cifarcam writes (a float's range ends near 1e308): such an integer
+# could not become a float where a reader needs one.
+_MAX_INT_DIGITS = 309
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"it holds an integer of {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
+def parse_json(text: str) -> Any:
+    """json.loads for files a user may have edited: a ValueError (json.JSONDecodeError for bad
+    syntax) also for integers beyond a float's range and for nesting too deep to parse."""
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None

@@ -94,6 +94,8 @@ def train(
     Under torchrun only rank 0 locks and writes the run directory; every step that can fail
     is agreed on by all ranks, so an error is printed once and no rank is left waiting.
     """
+    config_json = config_to_json(config)  # what can fail is done before an earlier run is replaced
+    group.from_main(run.refuse_nesting)
     prepared = group.agree(lambda: _prepare(config, group))
     with contextlib.ExitStack() as lock:
 
@@ -102,7 +104,7 @@ def train(
                 raise interrupted(stop.signal, f"before training started; run '{run.name}' was not changed")
             lock.enter_context(run.lock())
             run.start_training(overwrite)
-            atomic_write_text(run.config_path, config_to_json(config))
+            atomic_write_text(run.config_path, config_json)
             run.update_meta(
                 status="running",
                 started_at=now_iso(),

@@ -76,7 +76,8 @@ def _to_uint8(array: np.ndarray, name: str) -> tuple[np.ndarray, str]:
     if array.dtype == np.uint16:
         return (array.astype(np.float32) / 257.0).round().astype(np.uint8), "16-bit"
     if array.dtype in (np.float32, np.float64):
-        return (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8), "float"
+        finite = np.nan_to_num(array, nan=0.0)  # a NaN pixel shows as black (0), not as a cast warning
+        return (np.clip(finite, 0.0, 1.0) * 255.0).round().astype(np.uint8), "float"
     raise DataError(f"'{name}' holds {array.dtype} pixels; cifarcam reads 8-bit, 16-bit and float images")
 
 

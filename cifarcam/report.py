@@ -20,7 +20,7 @@ import jinja2
 import cifarcam
 from cifarcam import viz
 from cifarcam.errors import RunError
-from cifarcam.fileio import atomic_write_bytes
+from cifarcam.fileio import atomic_write_files, written_file
 from cifarcam.rundir import RunDir, now_iso
 from cifarcam.runlock import reads_run
 
@@ -243,7 +243,14 @@ def _add_evaluation(report: RunReport, evaluation: dict[str, Any], meta: dict[st
     ]
     per_class = as_dict(evaluation.get("per_class_accuracy"))
     report.per_class = [(str(k), float(v)) for k, v in per_class.items() if isinstance(v, int | float)]
-    classes = evaluation.get("classes") or list(per_class) or meta.get("classes") or []
+    classes = next(
+        (
+            c
+            for c in (evaluation.get("classes"), list(per_class), meta.get("classes"))
+            if isinstance(c, list) and c
+        ),
+        [],
+    )
     matrix = evaluation.get("confusion_matrix")
     if not isinstance(matrix, list):
         return
@@ -332,14 +339,22 @@ def render(template: str, **values: Any) -> str:
 
 def write_output(path: Path, content: str | bytes) -> Path:
     """Write a page or figure atomically; a failed write is one error line and leaves no file."""
+    return write_outputs({path: content})[0]
+
+
+def write_outputs(files: dict[Path, str | bytes]) -> list[Path]:
+    """Write pages and figures together (`atomic_write_files`): a failed write is one error line
+    and changes none of them."""
     try:
-        atomic_write_bytes(path, content.encode("utf-8") if isinstance(content, str) else content)
+        atomic_write_files({p: c.encode("utf-8") if isinstance(c, str) else c for p, c in files.items()})
     except OSError as error:
         # mkdir names the parent that is in the way; the temporary file's name would only confuse.
-        culprit = Path(error.filename) if error.filename else None
-        where = f" ('{culprit}')" if culprit is not None and culprit in path.parents else ""
+        culprit = Path(written_file(str(error.filename))) if error.filename else None
+        parent = next((p for p in files if culprit is not None and culprit in p.parents), None)
+        path = culprit if culprit in files else parent or next(iter(files))
+        where = f" ('{culprit}')" if parent is not None else ""
         raise RunError(f"cannot write '{path}': {error.strerror or error}{where}") from None
-    return path
+    return list(files)
 
 
 @reads_run

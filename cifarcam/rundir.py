@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from cifarcam import runlock
 from cifarcam.errors import CheckpointError, RunError, RunLocked, UsageError
-from cifarcam.fileio import atomic_write_bytes, atomic_write_json
+from cifarcam.fileio import atomic_write_bytes, atomic_write_json, parse_json
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written: `plot` runs without it
     import torch
@@ -94,7 +94,20 @@ class RunDir:
         return self
 
     def has_training(self) -> bool:
-        return self.meta_path.exists() or self.checkpoint_path("last").exists()
+        """Whether any record of a training is here (any one of them: a user may delete files)."""
+        records = (self.meta_path, self.config_path, self.metrics_path, self.checkpoint_path("last"))
+        return any(path.exists() for path in (*records, self.state_path))
+
+    def refuse_nesting(self) -> None:
+        """A run is never made inside another run (a --runs-dir within one), where the other's
+        `train --overwrite` would delete it, and it could delete the other's files."""
+        for folder in (self.runs_dir.resolve(), *self.runs_dir.resolve().parents):
+            if (folder / "meta.json").is_file() and (folder / "config.json").is_file():
+                raise UsageError(
+                    f"--runs-dir '{self.runs_dir}' is inside run '{folder.name}'; "
+                    "a run never holds another run",
+                    hint="choose a runs directory outside every run, e.g. the default 'runs'",
+                )
 
     def start_training(self, overwrite: bool) -> None:
         """Create the run directory, refusing to replace earlier training unless asked to."""
@@ -126,11 +139,13 @@ class RunDir:
 
     def read_json(self, path: Path) -> Any:
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            return parse_json(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise RunError(f"run '{self.name}' has no {path.name}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise RunError(f"'{path}' is not valid JSON ({error})") from None
+        except ValueError as error:
+            raise RunError(f"'{path}' is not a file cifarcam wrote: {error}") from None
 
     def read_meta(self) -> dict[str, Any]:
         meta = self.read_json(self.meta_path)
@@ -288,9 +303,9 @@ class RunDir:
             meta = {key: json.loads(value) for key, value in raw.items() if key != "format"}
             info = CheckpointInfo(
                 kind=kind,
-                model=meta["model"],
-                width=int(meta["width"]),
-                num_classes=int(meta["num_classes"]),
+                model=str(meta["model"]),
+                width=_positive(meta["width"], "width"),
+                num_classes=_positive(meta["num_classes"], "num_classes"),
                 epoch=int(meta["epoch"]),
                 classes=list(meta["classes"]),
                 mean=tuple(meta["mean"]),
@@ -337,6 +352,13 @@ def _record_problem(record: Any) -> str:
         if not isinstance(value, int | float) or isinstance(value, bool):
             return f"has {json.dumps(value)} for '{key}', not a number"
     return ""
+
+
+def _positive(value: Any, name: str) -> int:
+    """A checkpoint header's count (width, classes), which must be a positive integer."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"its {name} is {json.dumps(value)}, not a positive integer")
+    return value
 
 
 def _read_header_metadata(data: bytes) -> dict[str, str]:

@@ -158,9 +158,15 @@ def train_loop(
         """Run a write on rank 0 while the other ranks wait to hear whether it failed."""
         return group.agree(lambda: action() if main else default)
 
+    # The epochs the saved state holds: what meta.json reports if the run ends in error (a
+    # failed save leaves trainer.epoch one ahead of the files)
+    committed = int(state[1]["epoch"]) if state is not None else 0
+
     def save_state() -> None:
+        nonlocal committed
         tensors, meta = trainer.state()
         run.save_state(tensors, meta | resume_facts)
+        committed = int(meta["epoch"])
 
     def save_epoch_end(best_val: float) -> float:
         """The state first (the commit point of an epoch), then what is derived from it."""
@@ -230,15 +236,15 @@ def train_loop(
         )
         raise group.raise_together(error) from None
     except TrainingDiverged as error:  # found by all ranks at the same step
-        on_main(lambda: _mark_failed(run, trainer.epoch, error.message), None)
+        on_main(lambda: _mark_failed(run, committed, error.message), None)
         raise group.raise_together(error) from None
     except KeyboardInterrupt:
         if main:
-            run.update_meta(status="interrupted", ended_at=now_iso(), completed_epochs=trainer.epoch)
+            run.update_meta(status="interrupted", ended_at=now_iso(), completed_epochs=committed)
         raise
     except BaseException as error:
         if main:
-            _mark_failed(run, trainer.epoch, _reason(error))
+            _mark_failed(run, committed, _reason(error))
         raise
     if main:
         run.update_meta(status="finished", ended_at=now_iso(), completed_epochs=trainer.epoch)

@@ -29,6 +29,7 @@ from cifarcam.errors import (
     RunError,
     UsageError,
 )
+from cifarcam.fileio import atomic_write_files, json_bytes
 from cifarcam.precision import memory_format, training_dtype
 from cifarcam.rundir import CheckpointInfo, RunDir
 from cifarcam.runlock import reads_run
@@ -217,14 +218,13 @@ def misclassified(
     labels = loaded.test.labels.cpu()
     indices = select_misclassified(probs, labels, count)
     entries = mistake_entries(probs, labels, loaded.info.classes, indices)
-    viz.misclassified_gallery(
+    gallery = viz.misclassified_gallery(
         loaded.test_display(indices),
         [entry["true"] for entry in entries],
         [entry["pred"] for entry in entries],
         [entry["confidence"] for entry in entries],
-        run.misclassified_png,
         f"run {run.name}: the {count} most confident mistakes on the test set "
         f"({checkpoint} checkpoint, epoch {loaded.info.epoch})",
     )
-    run.write_json(run.misclassified_json, entries)
+    atomic_write_files({run.misclassified_png: gallery, run.misclassified_json: json_bytes(entries)})
     return entries

@@ -15,17 +15,13 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cifarcam.fileio import atomic_write_bytes
+from cifarcam.fileio import atomic_write_files
 from cifarcam.runlock import reads_run
 
 if TYPE_CHECKING:
     from cifarcam.rundir import RunDir
 
 TILE_INCHES = 1.6
-
-
-def save_figure(figure: Figure, path: Path, dpi: int = 100) -> None:
-    atomic_write_bytes(path, png_bytes(figure, dpi))
 
 
 def to_hwc(image: np.ndarray) -> np.ndarray:
@@ -44,18 +40,17 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarra
 @reads_run
 def plot_run_curves(run: RunDir) -> list[Path]:
     """`cifarcam plot`: a run's curves from its metrics.json into plots/loss.png and accuracy.png."""
-    paths = [run.plots_dir / "loss.png", run.plots_dir / "accuracy.png"]
-    plot_curves(run.read_epochs(), *paths)
-    return paths
+    loss, accuracy = plot_curves(run.read_epochs())
+    files = {run.plots_dir / "loss.png": loss, run.plots_dir / "accuracy.png": accuracy}
+    atomic_write_files(files)
+    return list(files)
 
 
-def plot_curves(epochs: Sequence[dict[str, Any]], loss_path: Path, accuracy_path: Path) -> None:
-    """Train/test (and validation, when present) loss on one figure, accuracy on another."""
+def plot_curves(epochs: Sequence[dict[str, Any]]) -> tuple[bytes, bytes]:
+    """Train/test (and validation, when present) loss on one figure, accuracy on another (PNGs)."""
     xs = [record["epoch"] for record in epochs]
-    for metric, path, label in (
-        ("loss", loss_path, "loss (per-sample mean)"),
-        ("acc", accuracy_path, "accuracy"),
-    ):
+    figures = []
+    for metric, label in (("loss", "loss (per-sample mean)"), ("acc", "accuracy")):
         figure = Figure(figsize=(6, 4))
         axes = figure.subplots()
         for split in ("train", "val", "test"):
@@ -68,8 +63,10 @@ def plot_curves(epochs: Sequence[dict[str, Any]], loss_path: Path, accuracy_path
         axes.set_ylabel(label + (" (%)" if metric == "acc" else ""))
         axes.set_title(("Loss" if metric == "loss" else "Accuracy") + " per epoch")
         axes.grid(True, alpha=0.3)
-        axes.legend()
-        save_figure(figure, path)
+        if axes.lines:  # a metric no record holds leaves an empty plot, and nothing to name
+            axes.legend()
+        figures.append(png_bytes(figure))
+    return figures[0], figures[1]
 
 
 def misclassified_gallery(
@@ -77,10 +74,9 @@ def misclassified_gallery(
     true: Sequence[str],
     pred: Sequence[str],
     confidence: Sequence[float],
-    path: Path,
     title: str,
-) -> None:
-    """A grid of (3,H,W) [0,1] images, each titled with its true and predicted label."""
+) -> bytes:
+    """A grid (PNG) of (3,H,W) [0,1] images, each titled with its true and predicted label."""
     count = len(images)
     columns = min(5, count)
     rows = (count + columns - 1) // columns
@@ -93,7 +89,7 @@ def misclassified_gallery(
             ax.imshow(to_hwc(images[index]), interpolation="nearest")
             ax.set_title(f"true: {true[index]}\npred: {pred[index]} ({confidence[index]:.0%})", fontsize=8)
     figure.suptitle(textwrap.fill(title, 70), fontsize=9)
-    save_figure(figure, path)
+    return png_bytes(figure)
 
 
 def attribution_image(attribution: np.ndarray) -> np.ndarray:
@@ -116,10 +112,9 @@ def cam_gallery(
     images: np.ndarray,
     columns: Sequence[GalleryColumn],
     row_labels: Sequence[str],
-    path: Path,
     title: str,
-) -> None:
-    """One row per image: the input (titled with its row label), then one tile per column;
+) -> bytes:
+    """A PNG with one row per image: the input (titled with its row label), then one tile per column;
     maps are JET overlays on the image, attributions are shown as images."""
     count = len(images)
     width = 1 + len(columns)
@@ -138,13 +133,11 @@ def cam_gallery(
             ax.set_title(label, fontsize=7)
             ax.axis("off")
     figure.suptitle(textwrap.fill(title, 18 * width), fontsize=9)
-    save_figure(figure, path)
+    return png_bytes(figure)
 
 
-def sanity_plot(
-    rows: Sequence[dict[str, Any]], examples: Sequence[np.ndarray], path: Path, title: str
-) -> None:
-    """Spearman and SSIM against the trained model's maps per randomisation step (mean +- std),
+def sanity_plot(rows: Sequence[dict[str, Any]], examples: Sequence[np.ndarray], title: str) -> bytes:
+    """A PNG of Spearman and SSIM against the trained model's maps per randomisation step (mean +- std),
     above the maps of one example image at every step."""
     steps = [str(row["randomized"]) for row in rows]
     positions = np.arange(len(steps))
@@ -168,7 +161,7 @@ def sanity_plot(
         tile_ax.imshow(example, cmap="jet", vmin=0, vmax=1, interpolation="nearest")
         tile_ax.axis("off")
     figure.suptitle(textwrap.fill(title, 110), fontsize=10)
-    save_figure(figure, path)
+    return png_bytes(figure)
 
 
 def png_bytes(figure: Figure, dpi: int = 100) -> bytes:
@@ -196,7 +189,7 @@ def report_curves(epochs: Sequence[dict[str, Any]]) -> bytes:
             if all(key in record for record in epochs):
                 values = [record[key] * _percent(key) for record in epochs]
                 axes.plot(xs, values, marker="o", label=split)
-        if metric != "lr":
+        if metric != "lr" and axes.lines:
             axes.legend()
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))

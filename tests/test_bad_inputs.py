@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import copy_tree, tiny_train_args
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cifarcam.cli import app
@@ -67,6 +69,16 @@ def damage_run(run: Path, how: str) -> None:
         (run / "checkpoints" / "state.safetensors").unlink()
         meta = json.loads((run / "meta.json").read_text())
         (run / "meta.json").write_text(json.dumps(meta | {"status": "interrupted"}))
+    elif how == "huge_evaluation":
+        (run / "evaluation.json").write_text('{"accuracy": 1' + "0" * 400 + "}")
+    elif how == "negative_width":
+        tensors = load_file(checkpoint)
+        with safe_open(str(checkpoint), "pt") as opened:
+            metadata = opened.metadata()
+        save_file(tensors, checkpoint, metadata=metadata | {"width": "-4"})
+    elif how == "lost_meta_and_checkpoint":
+        (run / "meta.json").unlink()
+        checkpoint.unlink()
     elif how == "corrupt_state":
         (run / "checkpoints" / "state.safetensors").write_bytes(b"junk")
         meta = json.loads((run / "meta.json").read_text())
@@ -395,6 +407,76 @@ CASES = [
         "Error: --out '{runs}/other/misclassified.html' is inside run 'other'; compare never writes into a run",
     ),
     (
+        "compare next to a folder named like its PNG",
+        "png_folder",
+        "compare tiny other --out {tmp}/c.html",
+        1,
+        "Error: cannot write '{tmp}/c.png': Is a directory",
+    ),
+    (
+        "--runs-dir inside a run",
+        None,
+        "train --run x --data {tree} --runs-dir {runs}/tiny --width 4 --epochs 1",
+        2,
+        "Error: --runs-dir '{runs}/tiny' is inside run 'tiny'; a run never holds another run",
+    ),
+    (
+        "--overwrite with a data path that is not UTF-8",
+        "undecodable_link",
+        "train --run tiny --overwrite --data {tree}\udcff --width 4 --epochs 1",
+        2,
+        "Error: invalid value for 'data': a path that is not valid UTF-8",
+    ),
+    (
+        "config path with a NUL character",
+        'file:{"data_dir": "/tmp/a\\u0000b"}',
+        "train --run r --data {tree} --config {tmp}/c.json",
+        2,
+        "Error: invalid value for 'data_dir': a path with a NUL character",
+    ),
+    (
+        "config width true",
+        'file:{"width": true}',
+        "train --run r --data {tree} --config {tmp}/c.json",
+        2,
+        "Error: invalid value for 'width': true/false is not a value this field takes (got True)",
+    ),
+    (
+        "config number of 401 digits",
+        'file:{"width": 1' + "0" * 400 + "}",
+        "train --run r --data {tree} --config {tmp}/c.json",
+        2,
+        "Error: config file '{tmp}/c.json' is not a cifarcam config: it holds an integer of 401 digits",
+    ),
+    (
+        "config nested too deeply",
+        "file:" + "[" * 100_000 + "]" * 100_000,
+        "train --run r --data {tree} --config {tmp}/c.json",
+        2,
+        "Error: config file '{tmp}/c.json' is not a cifarcam config: it is nested too deeply",
+    ),
+    (
+        "report of an evaluation.json with a 401-digit number",
+        "run:huge_evaluation",
+        "report --run tiny",
+        1,
+        "Error: '{runs}/tiny/evaluation.json' is not a file cifarcam wrote: it holds an integer of 401 digits",
+    ),
+    (
+        "checkpoint header with a negative width",
+        "run:negative_width",
+        "evaluate --run tiny",
+        1,
+        "Error: checkpoint '{runs}/tiny/checkpoints/last.safetensors' is corrupt or truncated (its width is -4, not a positive integer)",
+    ),
+    (
+        "train over a run that lost meta.json and its checkpoint",
+        "run:lost_meta_and_checkpoint",
+        "train --run tiny --data {tree} --width 4 --epochs 1",
+        1,
+        "Error: run 'tiny' already has a training (status: unknown)",
+    ),
+    (
         "predict --out under a file",
         "runs_is_file",
         "predict --run tiny --cam --out {tmp}/file/sub {tmp}/file",
@@ -578,6 +660,11 @@ def test_bad_input(
     elif kind == "second_run":
         copy_tree(runs / "tiny", runs / "other")
         (scratch / "file").write_text("")
+    elif kind == "png_folder":
+        copy_tree(runs / "tiny", runs / "other")
+        (scratch / "c.png").mkdir()
+    elif kind == "undecodable_link":  # a folder whose name is not UTF-8, as Python sees it
+        Path(f"{tree}\udcff").symlink_to(tree)
     before = snapshot(runs)
     values = {"runs": runs, "tree": tree, "tmp": scratch}
     argv = [part.format(**values) for part in args.split()]
@@ -588,6 +675,8 @@ def test_bad_input(
     assert result.exit_code == code, result.output
     first = result.stderr.splitlines()[0]
     assert first.startswith(line.format(**values)), first
+    if prepare == "png_folder":  # the page and its figure are written together or not at all
+        assert not (scratch / "c.html").exists()
     # No bad input changes or removes anything the runs root held; the only files it may add
     # are lock files and the test-set prediction cache.
     after = snapshot(runs)
@@ -648,3 +737,27 @@ def test_a_failed_write_keeps_the_previous_checkpoint(
     assert info.epoch == 1
     assert [e["epoch"] for e in json.loads(run.metrics_path.read_text())["epochs"]] == [1]
     assert not list(run.path.rglob("*.tmp"))
+
+
+def test_a_failed_save_is_not_counted_as_a_completed_epoch(
+    tmp_path: Path, synthetic_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state of epoch 2 cannot be written (a full disk): meta.json says one epoch completed,
+    as the run's files hold, not the two the training loop had reached."""
+    runs = tmp_path / "runs"
+    real_save_state = RunDir.save_state
+    calls = {"n": 0}
+
+    def save_state(self: RunDir, tensors: dict[str, torch.Tensor], meta: dict[str, object]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        real_save_state(self, tensors, meta)
+
+    monkeypatch.setattr(RunDir, "save_state", save_state)
+    result = runner.invoke(app, tiny_train_args(runs, synthetic_tree, epochs=3))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[0] == "Error: No space left on device"
+    meta = json.loads((runs / "r" / "meta.json").read_text())
+    assert (meta["status"], meta["completed_epochs"]) == ("failed", 1)
+    assert [e["epoch"] for e in json.loads((runs / "r" / "metrics.json").read_text())["epochs"]] == [1]

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import copy_tree, snapshot
+from conftest import copy_tree, snapshot, tiny_train_args
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -91,6 +93,15 @@ def test_decoding_modes_to_rgb() -> None:
     for bad in (b"", b"GIF89a", b"\x89PNG\r\n\x1a\n" + b"\0" * 20):
         with pytest.raises(DataError, match="'x' is not a readable image"):
             decode_image(bad, "x")
+
+
+def test_a_float_image_with_nan_pixels_decodes_without_warnings() -> None:
+    gray = np.array([[0.0, np.nan], [0.5, 2.0]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rgb, mode = decode_image(cv2.imencode(".tiff", gray)[1].tobytes(), "f")
+    assert mode == "grayscale float"
+    assert rgb[..., 0].tolist() == [[0, 0], [128, 255]]
 
 
 def test_transform_crops_the_centre_square_and_keeps_32x32_pixels() -> None:
@@ -283,6 +294,21 @@ def test_predict_needs_only_the_checkpoint(
         "predict", "--run", "tiny", "--runs-dir", str(runs), "--device", "cpu", str(odd_images["gray.png"])
     )
     assert result.exit_code == 0, result.output
+
+
+def test_the_default_top_k_lists_every_class_of_a_two_class_run(
+    synthetic_tree: Path, odd_images: dict[str, Path], tmp_path: Path
+) -> None:
+    tree = copy_tree(synthetic_tree, tmp_path / "tree")
+    for split in ("train", "test"):
+        for folder in sorted((tree / split).iterdir())[2:]:
+            shutil.rmtree(folder)
+    runs = tmp_path / "runs"
+    assert invoke(*tiny_train_args(runs, tree, epochs=1)).exit_code == 0
+    result = invoke("predict", "--run", "r", "--runs-dir", str(runs), "--json", str(odd_images["gray.png"]))
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)["images"][0]["top_k"]
+    assert sorted(entry["class"] for entry in listed) == ["class0", "class1"]
 
 
 @pytest.mark.parametrize(

@@ -186,6 +186,18 @@ def test_a_confusion_matrix_with_a_null_cell_is_left_out(trained_runs: Path, tmp
     assert f"{edited['accuracy']:.2%}" in page.section_text()  # the rest of the evaluation shows
 
 
+def test_class_names_that_are_not_a_list_fall_back_to_the_per_class_ones(
+    trained_runs: Path, tmp_path: Path
+) -> None:
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    evaluation = runs / "tiny" / "evaluation.json"
+    assert runner.invoke(app, ["evaluate", "--run", "tiny", "--runs-dir", str(runs)]).exit_code == 0
+    evaluation.write_text(json.dumps(json.loads(evaluation.read_text()) | {"classes": 3}))
+    result = runner.invoke(app, ["report", "--run", "tiny", "--runs-dir", str(runs)])
+    assert result.exit_code == 0, result.output
+    assert "Confusion matrix" in Page((runs / "tiny" / "report.html").read_text()).section_text()
+
+
 def test_cam_files_of_another_shape_still_render(trained_runs: Path, tmp_path: Path) -> None:
     """Galleries with methods/layers lists or no JSON, bare-list metrics, sanity files without steps."""
     runs = copy_tree(trained_runs, tmp_path / "runs")

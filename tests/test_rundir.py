@@ -8,7 +8,7 @@ import torch
 from cifarcam.data import Split, synthetic_dataset
 from cifarcam.engine import score
 from cifarcam.errors import CheckpointError, RunError, UsageError
-from cifarcam.fileio import atomic_open, atomic_write_json
+from cifarcam.fileio import atomic_open, atomic_write_files, atomic_write_json, written_file
 from cifarcam.models import build_model
 from cifarcam.rundir import RunDir, validate_run_name
 from cifarcam.trained import load_run
@@ -40,6 +40,57 @@ def test_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
         raise RuntimeError("disk full")
     assert json.loads(target.read_text()) == {"good": True}
     assert os.listdir(tmp_path) == ["m.json"]
+
+
+def test_files_written_together_all_stay_as_they_were_when_one_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk error on the second file: the first is not replaced either, and no temporary is left."""
+    import cifarcam.fileio as fileio
+
+    first, second = tmp_path / "a.png", tmp_path / "a.json"
+    atomic_write_files({first: b"old png", second: b"old json"})
+    real_fsync = fileio.os.fsync
+    calls = {"n": 0}
+
+    def fsync(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_files({first: b"new png", second: b"new json"})
+    assert (first.read_bytes(), second.read_bytes()) == (b"old png", b"old json")
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "a.png"]
+    atomic_write_files({first: b"new png", second: b"new json"})  # the third and fourth fsync
+    assert (first.read_bytes(), second.read_bytes()) == (b"new png", b"new json")
+
+
+def test_a_folder_in_the_way_is_found_before_anything_is_written(tmp_path: Path) -> None:
+    page, figure = tmp_path / "c.html", tmp_path / "c.png"
+    figure.mkdir()
+    with pytest.raises(IsADirectoryError):
+        atomic_write_files({page: b"<html>", figure: b"png"})
+    assert sorted(os.listdir(tmp_path)) == ["c.png"]
+
+
+def test_errors_name_the_file_a_temporary_was_for(tmp_path: Path) -> None:
+    assert written_file(str(tmp_path / ".loss.png.0123abcd.tmp")) == str(tmp_path / "loss.png")
+    assert written_file(str(tmp_path / "loss.png")) == str(tmp_path / "loss.png")
+    assert written_file(str(tmp_path / ".hidden.tmp")) == str(tmp_path / ".hidden.tmp")
+
+
+def test_a_run_is_never_made_inside_another(runs_dir: Path) -> None:
+    outer = RunDir(runs_dir, "outer")
+    outer.start_training(overwrite=False)
+    atomic_write_json(outer.config_path, {})
+    atomic_write_json(outer.meta_path, {})
+    for inner_root in (outer.path, outer.checkpoints_dir / "deeper"):
+        with pytest.raises(UsageError, match="is inside run 'outer'"):
+            RunDir(inner_root, "inner").refuse_nesting()
+    RunDir(runs_dir, "beside").refuse_nesting()  # a sibling is fine
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "", "x" * 101, "a b", "/abs"])

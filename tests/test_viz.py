@@ -1,4 +1,4 @@
-from pathlib import Path
+import warnings
 
 import cv2
 import numpy as np
@@ -23,33 +23,42 @@ def test_overlay_shows_high_as_red_and_low_as_blue() -> None:
     assert tuple(out[0, 31]) == (128, 0, 0)  # JET at 1 is dark red
 
 
-def read_png(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path))
-    assert image is not None, f"{path} is not a PNG"
+def read_png(data: bytes) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None, "not a PNG"
     return image
 
 
-def test_figures_are_written_as_pngs(tmp_path: Path) -> None:
+def test_figures_are_pngs() -> None:
     epochs = [
         {"epoch": e, "train_loss": 2.0 / e, "test_loss": 2.2 / e, "train_acc": 0.3 * e, "test_acc": 0.25 * e}
         for e in (1, 2, 3)
     ]
-    plot_curves(epochs, tmp_path / "loss.png", tmp_path / "acc.png")
+    loss, accuracy = plot_curves(epochs)
     images = np.random.default_rng(0).random((4, 3, 32, 32))
     names = ["cat", "dog", "ship", "frog"]
-    misclassified_gallery(images, names, names[::-1], [0.9, 0.8, 0.7, 0.6], tmp_path / "m.png", "t")
+    mistakes = misclassified_gallery(images, names, names[::-1], [0.9, 0.8, 0.7, 0.6], "t")
     maps = np.random.default_rng(1).random((4, 32, 32))
     columns = [GalleryColumn("gradcam pred", maps), GalleryColumn("guided", images - 0.5)]
-    cam_gallery(images, columns, names, tmp_path / "g.png", "t")
+    gallery = cam_gallery(images, columns, names, "t")
     rows = [
         {"randomized": s, "spearman": v, "spearman_std": 0.1, "ssim": v, "ssim_std": 0.1}
         for s, v in (("none", 1.0), ("linear", 0.2))
     ]
-    sanity_plot(rows, [maps[0], maps[1]], tmp_path / "s.png", "t")
-    for name in ("loss.png", "acc.png", "m.png", "g.png", "s.png"):
-        height, width, _ = read_png(tmp_path / name).shape
+    sanity = sanity_plot(rows, [maps[0], maps[1]], "t")
+    for png in (loss, accuracy, mistakes, gallery, sanity):
+        height, width, _ = read_png(png).shape
         assert height > 150 and width > 150
-    assert read_png(tmp_path / "g.png").shape[0] > read_png(tmp_path / "g.png").shape[1]  # 4 rows x 3
+    assert loss != accuracy
+    assert read_png(gallery).shape[0] > read_png(gallery).shape[1]  # 4 rows x 3
+
+
+def test_curves_of_records_without_accuracy_draw_no_empty_legend() -> None:
+    epochs = [{"epoch": e, "train_loss": 1.0 / e} for e in (1, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of a legend with nothing in it
+        loss, accuracy = plot_curves(epochs)
+    assert read_png(loss).shape[0] > 150 and read_png(accuracy).shape[0] > 150
 
 
 def test_attributions_are_shown_around_mid_grey() -> None:

@@ -23,6 +23,7 @@ from cifarcam.errors import (
     PeerFailed,
     interrupt_exit_code,
 )
+from cifarcam.fileio import written_file
 
 app = typer.Typer(
     name="cifarcam",
@@ -92,7 +93,7 @@ def user_errors(rank: int = 0) -> Iterator[None]:
     except KeyboardInterrupt as error:
         raise fail(who + "interrupted", None, interrupt_exit_code(error)) from None
     except OSError as error:
-        where = f" ({error.filename})" if error.filename else ""
+        where = f" ({written_file(str(error.filename))})" if error.filename else ""
         raise fail(f"{who}{error.strerror or error}{where}", None, EXIT_RUNTIME) from None
     except Exception as error:
         if os.environ.get("CIFARCAM_DEBUG"):

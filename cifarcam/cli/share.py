@@ -69,7 +69,10 @@ def predict(
     ],
     run: RunOpt,
     runs_dir: RunsDirOpt = Path("runs"),
-    top_k: Annotated[int, typer.Option("--top-k", help="How many classes to list per image.")] = 3,
+    top_k: Annotated[
+        int | None,
+        typer.Option("--top-k", help="How many classes to list per image  [default: 3, or all if fewer]"),
+    ] = None,
     cam: Annotated[
         bool,
         typer.Option("--cam", help="Write CAM overlay PNGs (predicted class, and each --class) to --out."),
@@ -115,16 +118,17 @@ def predict(
         CamRequest(out, method or ["gradcam"], layer or ["layer4"], class_names or []) if wants_cam else None
     )
 
-    def prepare() -> Any:
+    def prepare() -> tuple[Any, int]:
         rundir = run_dir(runs_dir, run)
         predictor = Predictor.from_run(rundir, checkpoint, device)
-        check_request(predictor, rundir, top_k, request)
-        return predictor
+        k = min(3, len(predictor.classes)) if top_k is None else top_k
+        check_request(predictor, rundir, k, request)
+        return predictor, k
 
-    predictor = guarded(prepare)
+    predictor, k = guarded(prepare)
     results = []
     with user_errors():
-        for result in predict_files(predictor, images, top_k, request):
+        for result in predict_files(predictor, images, k, request):
             results.append(result)
             if result.error is not None:
                 typer.echo(f"Error: {result.error}", err=True)
