@@ -19,9 +19,12 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 NormName = Literal["batch", "group"]
 
 
+MAX_WIDTH = 1024  # channels of layer1 (layer4 has 8x as many)
+
+
 class _Settings(BaseModel):
-    """Unknown fields are refused, and so is true/false where a number belongs (pydantic would
-    otherwise read `"width": true` as width 1)."""
+    """Unknown fields are refused, and so is true/false for any field that is not a plain bool
+    (pydantic would otherwise read `"width": true` as width 1)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -48,7 +51,7 @@ class TrainConfig(_Settings):
     data: str = "cifar10"  # "cifar10" (torchvision) or a path to an image-folder tree
     data_dir: str | None = None  # where downloads and decode caches go; None = user cache
     model: ModelName = "resnet18"
-    width: int = Field(64, ge=1, le=1024)  # channels of layer1; 64 = the standard ResNet
+    width: int = Field(64, ge=1, le=MAX_WIDTH)  # channels of layer1; 64 = the standard ResNet
     # "group": GroupNorm, no statistics across images, so a batch split over processes
     # trains exactly as the whole batch does (BatchNorm normalises each process's share)
     norm: NormName = "batch"

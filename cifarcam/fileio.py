@@ -50,26 +50,28 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_files(files: Mapping[Path, bytes]) -> None:
     """Replace several files as one result (a gallery and its JSON, say): every temporary file is
     written and synced before the first target is replaced, so an error while writing (a full
-    disk) leaves all the targets as they were, never a mix of old and new."""
+    disk) leaves all the targets as they were. Only a failure between the renames, which need
+    no space, could leave some replaced and others not; no temporary file is left either way."""
     for path in files:  # os.replace cannot put a file over a folder: found before any write
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-    written: list[tuple[Path, Path]] = []
+    pending: list[tuple[Path, Path]] = []  # (temporary, target) not yet renamed
     try:
         for path, data in files.items():
             temporary, descriptor = _create_temporary(path)
-            written.append((temporary, path))
+            pending.append((temporary, path))
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+        while pending:
+            os.replace(*pending[0])
+            pending.pop(0)
     except BaseException:
-        for temporary, _ in written:
+        for temporary, _ in pending:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
         raise
-    for temporary, path in written:
-        os.replace(temporary, path)
 
 
 def written_file(filename: str) -> str:
@@ -93,15 +95,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-# More digits than any number cifarcam writes (a float's range ends near 1e308): such an integer
-# could not become a float where a reader needs one.
-_MAX_INT_DIGITS = 309
-
-
 def _parse_int(text: str) -> int:
-    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
-        raise ValueError(f"it holds an integer of {len(text.lstrip('-'))} digits")
-    return int(text)
+    """An integer a reader can also take as a float (cifarcam writes none beyond that range)."""
+    digits = len(text.lstrip("-"))
+    try:
+        if digits > 400:  # beyond any float, and Python's own limit on int() is 4,300 digits
+            raise OverflowError
+        value = int(text)
+        float(value)
+    except OverflowError:
+        raise ValueError(f"it holds an integer of {digits} digits, beyond a float's range") from None
+    return value
 
 
 def parse_json(text: str) -> Any:

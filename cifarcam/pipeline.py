@@ -113,7 +113,7 @@ def train(
             )
 
         group.from_main(start)
-        with never_left_running(run, None, group):
+        with never_left_running(run, group):
             return train_loop(config, run, prepared, None, callbacks or TrainCallbacks(), stop, group)
 
 
@@ -186,5 +186,5 @@ def resume(
         state, finished = group.from_main(load)
         if finished is not None:
             return finished
-        with never_left_running(run, state, group):
+        with never_left_running(run, group):
             return train_loop(config, run, prepared, state, callbacks or TrainCallbacks(), stop, group)

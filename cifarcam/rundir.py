@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import SafetensorError, safe_open
 
 from cifarcam import runlock
+from cifarcam.config import MAX_WIDTH
 from cifarcam.errors import CheckpointError, RunError, RunLocked, UsageError
 from cifarcam.fileio import atomic_write_bytes, atomic_write_json, parse_json
 
@@ -94,20 +95,29 @@ class RunDir:
         return self
 
     def has_training(self) -> bool:
-        """Whether any record of a training is here (any one of them: a user may delete files)."""
-        records = (self.meta_path, self.config_path, self.metrics_path, self.checkpoint_path("last"))
-        return any(path.exists() for path in (*records, self.state_path))
+        """Whether a record of a training is here: any one of them, since a user may delete files
+        (a config.json alone is not one: users write theirs there before the first `train`)."""
+        records = (self.meta_path, self.metrics_path, self.checkpoint_path("last"), self.state_path)
+        return any(path.exists() for path in records)
 
     def refuse_nesting(self) -> None:
-        """A run is never made inside another run (a --runs-dir within one), where the other's
-        `train --overwrite` would delete it, and it could delete the other's files."""
-        for folder in (self.runs_dir.resolve(), *self.runs_dir.resolve().parents):
-            if (folder / "meta.json").is_file() and (folder / "config.json").is_file():
-                raise UsageError(
-                    f"--runs-dir '{self.runs_dir}' is inside run '{folder.name}'; "
-                    "a run never holds another run",
-                    hint="choose a runs directory outside every run, e.g. the default 'runs'",
-                )
+        """A run is never made inside another run, nor around one: `train --overwrite` of the
+        outer run would delete the inner one, and the inner one's files would mix into the outer."""
+        runs_dir = self.runs_dir.resolve()
+        outer = next((f for f in (runs_dir, *runs_dir.parents) if looks_like_run(f)), None)
+        if outer is not None:
+            raise UsageError(
+                f"the runs directory '{self.runs_dir}' is inside run '{outer.name}' ('{outer}'); "
+                "a run never holds another run",
+                hint="choose a --runs-dir outside every run",
+            )
+        folders = self.path.rglob("*") if self.path.is_dir() else iter(())
+        inner = next((f for f in folders if f.is_dir() and looks_like_run(f)), None)
+        if inner is not None:
+            raise UsageError(
+                f"'{self.path}' holds another run ('{inner}'); a run never holds another run",
+                hint="choose another --run name, or move that run out first",
+            )
 
     def start_training(self, overwrite: bool) -> None:
         """Create the run directory, refusing to replace earlier training unless asked to."""
@@ -300,12 +310,12 @@ class RunDir:
             raw = _read_header_metadata(data)
             if raw.get("format") != CHECKPOINT_FORMAT:
                 raise ValueError("not a cifarcam checkpoint")
-            meta = {key: json.loads(value) for key, value in raw.items() if key != "format"}
+            meta = {key: parse_json(value) for key, value in raw.items() if key != "format"}
             info = CheckpointInfo(
                 kind=kind,
                 model=str(meta["model"]),
-                width=_positive(meta["width"], "width"),
-                num_classes=_positive(meta["num_classes"], "num_classes"),
+                width=_count(meta["width"], "width", MAX_WIDTH),
+                num_classes=_count(meta["num_classes"], "num_classes", len(meta["classes"])),
                 epoch=int(meta["epoch"]),
                 classes=list(meta["classes"]),
                 mean=tuple(meta["mean"]),
@@ -326,6 +336,20 @@ class RunDir:
                 f"checkpoint '{path}' does not match its header ({info.model}, width {info.width})"
             ) from None
         return model, info
+
+
+def looks_like_run(folder: Path) -> bool:
+    """Whether `folder` holds a cifarcam run: a meta.json that `train` wrote (it names the
+    cifarcam version), or a checkpoint or training state. A project folder with a meta.json and
+    a config.json of its own is not one."""
+    checkpoints = folder / "checkpoints"
+    if (checkpoints / "last.safetensors").is_file() or (checkpoints / "state.safetensors").is_file():
+        return True
+    try:
+        meta = parse_json((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "cifarcam_version" in meta
 
 
 def enclosing_run(path: Path, runs_dirs: list[Path]) -> Path | None:
@@ -354,10 +378,10 @@ def _record_problem(record: Any) -> str:
     return ""
 
 
-def _positive(value: Any, name: str) -> int:
-    """A checkpoint header's count (width, classes), which must be a positive integer."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"its {name} is {json.dumps(value)}, not a positive integer")
+def _count(value: Any, name: str, most: int) -> int:
+    """A checkpoint header's count (width, classes): an integer from 1 to `most`."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+        raise ValueError(f"its {name} is {json.dumps(value)}, not an integer from 1 to {most}")
     return value
 
 
@@ -366,7 +390,7 @@ def _read_header_metadata(data: bytes) -> dict[str, str]:
     if len(data) < 8:
         raise ValueError("file too short")
     length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + length])
+    header = parse_json(data[8 : 8 + length].decode("utf-8"))
     metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict):
         raise ValueError("bad metadata")
@@ -377,7 +401,7 @@ def _state_record(metadata: dict[str, str]) -> dict[str, Any]:
     """The record `save_state` keeps in a training state's metadata (ValueError if it is not one)."""
     if metadata.get("format") != STATE_FORMAT:
         raise ValueError("not a cifarcam training state")
-    record = json.loads(metadata["state"])
+    record = parse_json(metadata["state"])
     if not isinstance(record, dict):
         raise ValueError("the state's record is not a JSON object")
     return record

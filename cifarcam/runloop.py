@@ -78,16 +78,24 @@ def interrupted(number: int, what: str, hint: str | None = None) -> TrainingInte
 
 
 @contextlib.contextmanager
-def never_left_running(run: RunDir, state: tuple[Any, dict[str, Any]] | None, group: Group) -> Iterator[None]:
-    """meta.json never left saying "running" by an error before the first step (a model too large
-    for the device, a disk error while repairing the last epoch's files), which the handlers
-    around the epochs in `train_loop` do not see."""
+def never_left_running(run: RunDir, group: Group) -> Iterator[None]:
+    """meta.json never left saying "running" by an error the handlers around the epochs in
+    `train_loop` do not see: before the first step (a model too large for the device, a disk
+    error while repairing the last epoch's files), or while saving the state at a stop."""
     try:
         yield
     except BaseException as error:
         if group.is_main:
-            _mark_if_running(run, int(state[1]["epoch"]) if state is not None else 0, error)
+            _mark_if_running(run, saved_epochs(run), error)
         raise
+
+
+def saved_epochs(run: RunDir) -> int:
+    """The epochs the run's saved training state holds (0 without one): what meta.json reports
+    when training ends early, since a failed save leaves the loop an epoch ahead of the files."""
+    saved = run.read_state_meta()
+    epoch = saved.get("epoch") if saved is not None else 0
+    return epoch if isinstance(epoch, int) else 0
 
 
 def _mark_if_running(run: RunDir, completed_epochs: int, error: BaseException) -> None:
@@ -158,15 +166,9 @@ def train_loop(
         """Run a write on rank 0 while the other ranks wait to hear whether it failed."""
         return group.agree(lambda: action() if main else default)
 
-    # The epochs the saved state holds: what meta.json reports if the run ends in error (a
-    # failed save leaves trainer.epoch one ahead of the files)
-    committed = int(state[1]["epoch"]) if state is not None else 0
-
     def save_state() -> None:
-        nonlocal committed
         tensors, meta = trainer.state()
         run.save_state(tensors, meta | resume_facts)
-        committed = int(meta["epoch"])
 
     def save_epoch_end(best_val: float) -> float:
         """The state first (the commit point of an epoch), then what is derived from it."""
@@ -236,15 +238,15 @@ def train_loop(
         )
         raise group.raise_together(error) from None
     except TrainingDiverged as error:  # found by all ranks at the same step
-        on_main(lambda: _mark_failed(run, committed, error.message), None)
+        on_main(lambda: _mark_failed(run, saved_epochs(run), error.message), None)
         raise group.raise_together(error) from None
     except KeyboardInterrupt:
         if main:
-            run.update_meta(status="interrupted", ended_at=now_iso(), completed_epochs=committed)
+            run.update_meta(status="interrupted", ended_at=now_iso(), completed_epochs=saved_epochs(run))
         raise
     except BaseException as error:
         if main:
-            _mark_failed(run, committed, _reason(error))
+            _mark_failed(run, saved_epochs(run), _reason(error))
         raise
     if main:
         run.update_meta(status="finished", ended_at=now_iso(), completed_epochs=trainer.epoch)

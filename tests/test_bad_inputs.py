@@ -418,7 +418,7 @@ CASES = [
         None,
         "train --run x --data {tree} --runs-dir {runs}/tiny --width 4 --epochs 1",
         2,
-        "Error: --runs-dir '{runs}/tiny' is inside run 'tiny'; a run never holds another run",
+        "Error: the runs directory '{runs}/tiny' is inside run 'tiny' ('{runs}/tiny'); a run never holds another run",
     ),
     (
         "--overwrite with a data path that is not UTF-8",
@@ -446,7 +446,7 @@ CASES = [
         'file:{"width": 1' + "0" * 400 + "}",
         "train --run r --data {tree} --config {tmp}/c.json",
         2,
-        "Error: config file '{tmp}/c.json' is not a cifarcam config: it holds an integer of 401 digits",
+        "Error: config file '{tmp}/c.json' is not a cifarcam config: it holds an integer of 401 digits, beyond a float's range",
     ),
     (
         "config nested too deeply",
@@ -460,14 +460,14 @@ CASES = [
         "run:huge_evaluation",
         "report --run tiny",
         1,
-        "Error: '{runs}/tiny/evaluation.json' is not a file cifarcam wrote: it holds an integer of 401 digits",
+        "Error: '{runs}/tiny/evaluation.json' is not a file cifarcam wrote: it holds an integer of 401 digits, beyond a float's range",
     ),
     (
         "checkpoint header with a negative width",
         "run:negative_width",
         "evaluate --run tiny",
         1,
-        "Error: checkpoint '{runs}/tiny/checkpoints/last.safetensors' is corrupt or truncated (its width is -4, not a positive integer)",
+        "Error: checkpoint '{runs}/tiny/checkpoints/last.safetensors' is corrupt or truncated (its width is -4, not an integer from 1 to 1024)",
     ),
     (
         "train over a run that lost meta.json and its checkpoint",

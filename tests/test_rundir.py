@@ -8,7 +8,7 @@ import torch
 from cifarcam.data import Split, synthetic_dataset
 from cifarcam.engine import score
 from cifarcam.errors import CheckpointError, RunError, UsageError
-from cifarcam.fileio import atomic_open, atomic_write_files, atomic_write_json, written_file
+from cifarcam.fileio import atomic_open, atomic_write_files, atomic_write_json, parse_json, written_file
 from cifarcam.models import build_model
 from cifarcam.rundir import RunDir, validate_run_name
 from cifarcam.trained import load_run
@@ -82,15 +82,66 @@ def test_errors_name_the_file_a_temporary_was_for(tmp_path: Path) -> None:
     assert written_file(str(tmp_path / ".hidden.tmp")) == str(tmp_path / ".hidden.tmp")
 
 
-def test_a_run_is_never_made_inside_another(runs_dir: Path) -> None:
+def test_a_run_is_never_made_inside_another_nor_around_one(runs_dir: Path) -> None:
     outer = RunDir(runs_dir, "outer")
     outer.start_training(overwrite=False)
-    atomic_write_json(outer.config_path, {})
-    atomic_write_json(outer.meta_path, {})
+    atomic_write_json(outer.meta_path, {"status": "finished", "cifarcam_version": "0"})
     for inner_root in (outer.path, outer.checkpoints_dir / "deeper"):
         with pytest.raises(UsageError, match="is inside run 'outer'"):
             RunDir(inner_root, "inner").refuse_nesting()
     RunDir(runs_dir, "beside").refuse_nesting()  # a sibling is fine
+    inner = RunDir(runs_dir / "later" / "sub", "inner")
+    inner.start_training(overwrite=False)
+    inner.save_checkpoint("last", build_model("resnet18", 4), HEADER | {"width": 4})
+    with pytest.raises(UsageError, match="holds another run"):
+        RunDir(runs_dir, "later").refuse_nesting()
+
+
+def test_a_project_folder_with_its_own_meta_and_config_is_not_a_run(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "meta.json").write_text("{}")
+    (project / "config.json").write_text('{"lr": 0.1}')
+    RunDir(project / "runs", "r").refuse_nesting()
+
+
+def test_a_config_file_put_in_the_run_folder_first_is_not_a_training(runs_dir: Path) -> None:
+    run = RunDir(runs_dir, "r")
+    run.path.mkdir()
+    atomic_write_json(run.config_path, {"width": 8})
+    assert not run.has_training()
+    run.start_training(overwrite=False)
+    assert run.config_path.exists()
+    for record in (run.meta_path, run.metrics_path, run.checkpoint_path("last"), run.state_path):
+        record.parent.mkdir(exist_ok=True)
+        record.write_text("{}")
+        assert run.has_training()
+        record.unlink()
+
+
+def test_integers_beyond_a_float_are_refused_when_read(tmp_path: Path) -> None:
+    assert parse_json("1" + "0" * 308) == 10**308
+    for text in ("9" + "0" * 308, "-1" + "0" * 400, "1" * 5000, "[" * 100_000):
+        with pytest.raises(ValueError, match=r"beyond a float's range|nested too deeply"):
+            parse_json(text)
+
+
+def test_a_failed_rename_leaves_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cifarcam.fileio as fileio
+
+    real_replace = fileio.os.replace
+    calls = {"n": 0}
+
+    def replace(source: str, target: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise PermissionError(13, "Permission denied", target)
+        real_replace(source, target)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(PermissionError):
+        atomic_write_files({tmp_path / "a.png": b"png", tmp_path / "a.json": b"json"})
+    assert sorted(os.listdir(tmp_path)) == ["a.png"]  # renamed before the failure; no temporary
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "", "x" * 101, "a b", "/abs"])

@@ -71,7 +71,9 @@ def predict(
     runs_dir: RunsDirOpt = Path("runs"),
     top_k: Annotated[
         int | None,
-        typer.Option("--top-k", help="How many classes to list per image  [default: 3, or all if fewer]"),
+        typer.Option(
+            "--top-k", help="How many classes to list per image.", show_default="3, or all if fewer"
+        ),
     ] = None,
     cam: Annotated[
         bool,
