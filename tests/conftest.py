@@ -183,3 +183,20 @@ def hostile_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_tree: Path)
     gallery.write_text(json.dumps(json.loads(gallery.read_text()) | {"title": "<script>alert(3)</script>"}))
     write_report(run)
     return base / "runs"
+
+
+def disk_full_at_fsync(call: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on, the `call`-th fsync of cifarcam's file writes fails as on a full disk (the
+    count is of every os.fsync in this process: keep other writers out of the block)."""
+    import cifarcam.fileio as fileio
+
+    real_fsync = fileio.os.fsync
+    calls = {"n": 0}
+
+    def fsync(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)

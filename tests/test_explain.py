@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
-from conftest import copy_tree, snapshot
+from conftest import copy_tree, disk_full_at_fsync, snapshot
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -254,21 +254,10 @@ def test_a_failed_write_leaves_every_earlier_gradcam_file_as_it_was(
 ) -> None:
     """A disk error on the second of the files a call writes (the gallery, after the maps): the
     maps, gallery and its JSON all keep the earlier call's results, never a mix of the two."""
-    import cifarcam.fileio as fileio
-
     where = ["--run", "tiny", "--runs-dir", str(runs), "--count", "4"]
     cifarcam("gradcam", *where, "--target", "pred")
     before = snapshot(runs / "tiny" / "gradcam")
-    real_fsync = fileio.os.fsync
-    calls = {"n": 0}
-
-    def fsync(fd: int) -> None:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(28, "No space left on device")
-        real_fsync(fd)
-
-    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    disk_full_at_fsync(2, monkeypatch)
     result = runner.invoke(app, ["gradcam", *where, "--target", "true"])
     assert result.exit_code == 1, result.output
     assert result.stderr.splitlines()[0] == "Error: No space left on device"

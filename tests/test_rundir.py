@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import disk_full_at_fsync
 
 from cifarcam.data import Split, synthetic_dataset
 from cifarcam.engine import score
@@ -46,20 +47,9 @@ def test_files_written_together_all_stay_as_they_were_when_one_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A disk error on the second file: the first is not replaced either, and no temporary is left."""
-    import cifarcam.fileio as fileio
-
     first, second = tmp_path / "a.png", tmp_path / "a.json"
     atomic_write_files({first: b"old png", second: b"old json"})
-    real_fsync = fileio.os.fsync
-    calls = {"n": 0}
-
-    def fsync(fd: int) -> None:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(28, "No space left on device")
-        real_fsync(fd)
-
-    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    disk_full_at_fsync(2, monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         atomic_write_files({first: b"new png", second: b"new json"})
     assert (first.read_bytes(), second.read_bytes()) == (b"old png", b"old json")
