@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -161,6 +162,12 @@ def _list_tree(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]],
                 key=lambda entry: entry.name,
             )
             stats = [entry.stat() for entry in listing]
+            for entry, st in zip(listing, stats, strict=True):
+                if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode) or stat.S_ISCHR(st.st_mode):
+                    # reading one would wait for a writer forever
+                    raise DataError(
+                        f"'{entry.path}' is not a readable image (it is a FIFO, socket or device)"
+                    )
             digest.update(
                 "\n".join(
                     f"{split}/{name}/{entry.name}|{st.st_size}|{st.st_mtime_ns}"

@@ -7,6 +7,7 @@ files: a trained run (copied per case), the synthetic image tree, damaged copies
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def damage_tree(tree: Path, how: str) -> None:
         (cls / "notes.txt").write_text("not an image")
     elif how == "wrong_size":
         cv2.imwrite(str(cls / "big.png"), np.zeros((64, 48, 3), np.uint8))
+    elif how == "fifo":
+        os.mkfifo(cls / "pipe.png")
     elif how == "empty":
         for folder in (tree / "train").iterdir():
             shutil.rmtree(folder)
@@ -412,6 +415,13 @@ CASES = [
         "compare tiny other --out {tmp}/c.html",
         1,
         "Error: cannot write '{tmp}/c.png': Is a directory",
+    ),
+    (
+        "a FIFO in the image tree",
+        "tree:fifo",
+        "train --run r --data {tree} --width 4 --epochs 1",
+        1,
+        "Error: '{tree}/train/class1/pipe.png' is not a readable image (it is a FIFO, socket or device)",
     ),
     (
         "--runs-dir inside a run",
