@@ -8,6 +8,7 @@ over processes is augmented exactly as the unsplit batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, get_worker_info
 
-from cifarcam.config import AugmentConfig
+from cifarcam.config import AugmentConfig, load_pipeline, one_line, pipeline_problem
 from cifarcam.data import Split
+from cifarcam.errors import ConfigError
 
 
 def _rows(x: torch.Tensor, rows: slice | None, batch: int | None) -> tuple[slice, int]:
@@ -111,23 +113,33 @@ def seed_project_pipeline() -> dict[str, Any]:
     return dict(A.to_dict(pipeline))
 
 
-class AlbumentationsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
-    """Per-sample albumentations over uint8 HWC images; returns uint8 CHW tensors."""
+class AlbumentationsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, str]]):
+    """Per-sample albumentations over uint8 HWC images; returns uint8 CHW tensors.
+
+    A pipeline that fails on an image, or changes its size or type, does not raise in the worker
+    (the DataLoader would pass on a multi-line worker traceback): the sample comes back blank
+    with the problem as its third element, for `albumentations_batches` to raise in one line.
+    """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, pipeline: dict[str, Any], seed: int) -> None:
-        import albumentations as A
-
         self.images = images
         self.labels = labels
-        self.transform = A.from_dict(pipeline)
+        self.transform = load_pipeline(pipeline)
         self.transform.set_random_seed(seed)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.transform(image=self.images[index])["image"]
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.labels[index])
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            image = self.transform(image=self.images[index])["image"]
+            problem = pipeline_problem(image)
+        except Exception as error:
+            problem = f"the albumentations pipeline failed ({one_line(error)})"
+        if problem is not None:
+            blank = torch.zeros(self.images.shape[3], *self.images.shape[1:3], dtype=torch.uint8)
+            return blank, int(self.labels[index]), f"{problem} on training image {index}"
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.labels[index]), ""
 
 
 def _seed_worker(_worker_id: int) -> None:
@@ -136,9 +148,9 @@ def _seed_worker(_worker_id: int) -> None:
         info.dataset.transform.set_random_seed(info.seed % 2**32)  # type: ignore[attr-defined]
 
 
-def albumentations_loader(
+def _loader(
     train: Split, order: torch.Tensor, pipeline: dict[str, Any], batch_size: int, workers: int, seed: int
-) -> DataLoader[tuple[torch.Tensor, int]]:
+) -> DataLoader[tuple[torch.Tensor, int, str]]:
     """A DataLoader over the images of `train` at the indices `order`, in that order, that applies
     `pipeline` per image in `workers` processes."""
     images = train.images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
@@ -152,3 +164,16 @@ def albumentations_loader(
         worker_init_fn=_seed_worker,
         persistent_workers=workers > 0,
     )
+
+
+def albumentations_batches(
+    train: Split, order: torch.Tensor, pipeline: dict[str, Any], batch_size: int, workers: int, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The (uint8 images, labels) batches of `train` at the indices `order`, in that order, with
+    `pipeline` applied per image in `workers` processes. The first image the pipeline fails on
+    (or returns resized or retyped) raises ConfigError, in one line."""
+    for images, labels, problems in _loader(train, order, pipeline, batch_size, workers, seed):
+        for problem in problems:
+            if problem:
+                raise ConfigError(problem, hint="fix the pipeline in the config's 'albumentations' field")
+        yield images, labels

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -129,36 +131,77 @@ def _always(node: Any) -> Any:
     return node
 
 
-def _check_pipeline(value: dict[str, Any]) -> None:
-    """The pipeline loads, and turns a 32x32 RGB uint8 image into another (a resize or a crop to
-    another size would fail the first batch, or train on images unlike the test set), checked
-    before training starts, so a bad pipeline never replaces a run."""
+def one_line(error: Exception) -> str:
+    """An albumentations error in one line: the first of pydantic's errors about a parameter, or
+    the message's lines joined."""
+    cause = error.__cause__
+    if isinstance(cause, ValidationError) and cause.errors():
+        first = cause.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"parameter '{where}': {first['msg']} (got {first.get('input')!r})"
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"{type(error).__name__}: {text}"
+
+
+def load_pipeline(value: dict[str, Any]) -> Any:
+    """The albumentations Compose of a serialised pipeline. A parameter albumentations does not
+    know is an error (albumentations only warns and drops it); its other notices are silenced."""
     import albumentations as A
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            pipeline = A.from_dict(value)
+        except Exception as error:
+            raise ValueError(f"not an albumentations pipeline ({one_line(error)})") from None
+    for warning in caught:
+        unknown = re.match(r"Argument\(s\) '(.*)' are not valid for transform", str(warning.message))
+        if unknown is not None:
+            raise ValueError(
+                f"unknown albumentations parameter(s) '{unknown.group(1)}' (albumentations would drop them)"
+            )
+    return pipeline
+
+
+def pipeline_problem(image: Any) -> str | None:
+    """What is wrong with an albumentations pipeline's output, or None for a 32x32x3 uint8 image
+    (cifarcam converts images to tensors itself; a resize or crop would train on images unlike
+    the test set)."""
     import numpy as np
 
-    try:
-        pipelines = [A.from_dict(value), A.from_dict(_always(value))]
-    except Exception as error:
-        raise ValueError(f"not an albumentations pipeline ({type(error).__name__}: {error})") from None
+    if isinstance(image, np.ndarray) and image.shape == (32, 32, 3) and image.dtype == np.uint8:
+        return None
+    got = f"{tuple(image.shape)} {image.dtype}" if hasattr(image, "shape") else type(image).__name__
+    return (
+        f"the albumentations pipeline must keep 32x32x3 uint8 images (it made {got}); "
+        "cifarcam converts them to tensors itself"
+    )
+
+
+PIPELINE_PROBES = 64  # seeded draws of the pipeline as given, and of it with every p set to 1
+
+
+def _check_pipeline(value: dict[str, Any]) -> None:
+    """The pipeline loads, and turns 32x32 RGB uint8 images into others of that size and type,
+    checked before training starts, so a bad pipeline never replaces a run. Enough draws that a
+    transform changing the size one time in ten is caught; the training loader checks every image
+    as well."""
+    import numpy as np
+
+    pipelines = [load_pipeline(value), load_pipeline(_always(value))]
     probe = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     for pipeline in pipelines:
         pipeline.set_random_seed(0)
-        for _ in range(4):
+        for _ in range(PIPELINE_PROBES):
             try:
                 image = pipeline(image=probe)["image"]
             except Exception as error:
                 raise ValueError(
-                    "the albumentations pipeline fails on a 32x32 RGB image "
-                    f"({type(error).__name__}: {error})"
+                    f"the albumentations pipeline fails on a 32x32 RGB image ({one_line(error)})"
                 ) from None
-            if not isinstance(image, np.ndarray) or image.shape != (32, 32, 3) or image.dtype != np.uint8:
-                got = (
-                    f"{tuple(image.shape)} {image.dtype}" if hasattr(image, "shape") else type(image).__name__
-                )
-                raise ValueError(
-                    f"the albumentations pipeline must keep 32x32x3 uint8 images (it made {got}); "
-                    "cifarcam converts them to tensors itself"
-                )
+            problem = pipeline_problem(image)
+            if problem is not None:
+                raise ValueError(problem)
 
 
 # CPU-sized: the whole chain (20 epochs, evaluate, misclassified, gradcam, plot) in about

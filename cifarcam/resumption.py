@@ -81,7 +81,10 @@ def finished_without_state(run: RunDir, config: TrainConfig) -> list[dict[str, A
 
 def derived_files_saved(run: RunDir, state: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> bool:
     """Whether the checkpoints and metrics.json are those of the saved state's epoch: metrics.json
-    is the last file an epoch writes (`save_epoch_end`), so its last record tells."""
+    is the last file an epoch writes (`save_epoch_end`), so its last record tells, unless the last
+    checkpoint was deleted since."""
+    if not run.checkpoint_path("last").exists():
+        return False
     try:
         return bool(run.read_epochs()[-1].get("epoch") == state[1]["epoch"])
     except RunError:  # no metrics.json, or no epoch in it

@@ -228,6 +228,7 @@ class RunDir:
             data = self.state_path.read_bytes()
             tensors = load_safetensors(data)
             meta = _state_record(_read_header_metadata(data))
+            _check_state_tensors(tensors, meta)
         except (SafetensorError, ValueError, KeyError, OSError) as error:
             raise CheckpointError(
                 f"training state '{self.state_path}' is corrupt or truncated ({error})"
@@ -397,11 +398,47 @@ def _read_header_metadata(data: bytes) -> dict[str, str]:
     return metadata
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _state_record(metadata: dict[str, str]) -> dict[str, Any]:
-    """The record `save_state` keeps in a training state's metadata (ValueError if it is not one)."""
+    """The record `save_state` keeps in a training state's metadata, with the fields resuming
+    relies on checked (ValueError naming the first that is wrong)."""
     if metadata.get("format") != STATE_FORMAT:
         raise ValueError("not a cifarcam training state")
     record = parse_json(metadata["state"])
     if not isinstance(record, dict):
         raise ValueError("the state's record is not a JSON object")
+    epoch, records = record.get("epoch"), record.get("records")
+    if not _whole(epoch):
+        raise ValueError(f"its epoch is {json.dumps(epoch)}, not a whole number")
+    if not isinstance(records, list) or not all(isinstance(item, dict) for item in records):
+        raise ValueError("its records are not a list of per-epoch records")
+    if len(records) != epoch or any(item.get("epoch") != number for number, item in enumerate(records, 1)):
+        raise ValueError(f"its records are not those of epochs 1 to {epoch}")
+    config = record.get("config")
+    if isinstance(config, dict) and _whole(config.get("epochs")) and epoch > config["epochs"]:
+        raise ValueError(f"its epoch {epoch} is beyond the {config['epochs']} its config trains")
+    for field in ("optimizer_param_groups", "scheduler"):
+        if not isinstance(record.get(field), list if field == "optimizer_param_groups" else dict):
+            raise ValueError(f"its {field} field is missing or malformed")
+    partial = record.get("partial")
+    if partial is not None and not (
+        isinstance(partial, dict)
+        and all(_whole(partial.get(field)) for field in ("epoch", "seen", "steps"))
+        and isinstance(partial.get("started_s"), int | float)
+    ):
+        raise ValueError("its partial epoch is malformed")
     return record
+
+
+def _check_state_tensors(tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+    """The random-number states a resumed run restores are byte tensors (ValueError if not)."""
+    import torch
+
+    names = ["rng.torch"] + (["partial.augment_rng"] if record.get("partial") is not None else [])
+    for name in names:
+        tensor = tensors.get(name)
+        if tensor is None or tensor.dtype != torch.uint8 or tensor.dim() != 1:
+            raise ValueError(f"its tensor '{name}' is missing or not a random-number state")

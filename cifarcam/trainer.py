@@ -13,7 +13,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from cifarcam.augment import albumentations_loader
+from cifarcam.augment import albumentations_batches
 from cifarcam.averaging import WeightAverage
 from cifarcam.config import TrainConfig
 from cifarcam.data import Split, normalize
@@ -159,7 +159,7 @@ class Trainer:
     def _batches(self, epoch: int) -> tuple[Iterable[Batch], PartialEpoch | None]:
         config = self.config
         if config.albumentations is not None:
-            loader = albumentations_loader(
+            loader = albumentations_batches(
                 self.train,
                 epoch_order(len(self.train), self.epoch_images, config.seed, epoch),
                 config.albumentations,

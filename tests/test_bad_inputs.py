@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -43,6 +44,24 @@ def damage_tree(tree: Path, how: str) -> None:
         for folder in (tree / "train").iterdir():
             shutil.rmtree(folder)
             folder.mkdir()
+
+
+def edit_state(path: Path, how: str) -> None:
+    tensors = load_file(path)
+    with safe_open(str(path), framework="pt") as opened:
+        metadata = opened.metadata()
+    record = json.loads(metadata["state"])
+    if how == "no_epoch":
+        del record["epoch"]
+    elif how == "epoch_text":
+        record["epoch"] = "2"
+    elif how == "epoch_99":
+        record["epoch"] = 99
+    elif how == "records_null":
+        record["records"] = None
+    elif how == "float_rng":
+        tensors["rng.torch"] = tensors["rng.torch"].float()
+    save_file(tensors, path, metadata=metadata | {"state": json.dumps(record)})
 
 
 def damage_run(run: Path, how: str) -> None:
@@ -82,15 +101,22 @@ def damage_run(run: Path, how: str) -> None:
     elif how == "lost_meta_and_checkpoint":
         (run / "meta.json").unlink()
         checkpoint.unlink()
+    elif how.startswith("state_"):  # a hand-edited training state: its header, or a tensor
+        edit_state(run / "checkpoints" / "state.safetensors", how.removeprefix("state_"))
     elif how == "corrupt_state":
         (run / "checkpoints" / "state.safetensors").write_bytes(b"junk")
         meta = json.loads((run / "meta.json").read_text())
         (run / "meta.json").write_text(json.dumps(meta | {"status": "interrupted"}))
 
 
-RESIZING_PIPELINE = json.dumps(
-    {"albumentations": A.to_dict(A.Compose([A.Resize(64, 64)])), "workers": 0}, separators=(",", ":")
-)
+def pipeline_file(transforms: list[Any], change: dict[str, Any] | None = None) -> str:
+    """A config file naming an albumentations pipeline; `change` edits its first transform."""
+    pipeline = A.to_dict(A.Compose(transforms))
+    pipeline["transform"]["transforms"][0].update(change or {})
+    return json.dumps({"albumentations": pipeline, "workers": 0}, separators=(",", ":"))
+
+
+RESIZING_PIPELINE = pipeline_file([A.Resize(64, 64)])
 
 # (id, what to prepare, arguments, exit code, first line of stderr). Placeholders: {runs} the
 # runs root (holding the trained run 'tiny'), {tree} a copy of the synthetic image tree,
@@ -363,6 +389,41 @@ CASES = [
         "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated",
     ),
     (
+        "--resume from a state edited: no_epoch",
+        "run:state_no_epoch",
+        "train --run tiny --resume",
+        1,
+        "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated (its epoch is null, not a whole number)",
+    ),
+    (
+        "--resume from a state edited: epoch_text",
+        "run:state_epoch_text",
+        "train --run tiny --resume",
+        1,
+        "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated (its epoch is \"2\", not a whole number)",
+    ),
+    (
+        "--resume from a state edited: epoch_99",
+        "run:state_epoch_99",
+        "train --run tiny --resume",
+        1,
+        "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated (its records are not those of epochs 1 to 99)",
+    ),
+    (
+        "--resume from a state edited: records_null",
+        "run:state_records_null",
+        "train --run tiny --resume",
+        1,
+        "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated (its records are not a list of per-epoch records)",
+    ),
+    (
+        "--resume from a state edited: float_rng",
+        "run:state_float_rng",
+        "train --run tiny --resume",
+        1,
+        "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated (its tensor 'rng.torch' is missing or not a random-number state)",
+    ),
+    (
         "runs directory is a file",
         "runs_is_file",
         "train --run r --data {tree} --runs-dir {tmp}/file",
@@ -585,6 +646,27 @@ CASES = [
         "Error: invalid value for 'albumentations': the albumentations pipeline must keep 32x32x3 uint8 images (it made (64, 64, 3) uint8)",
     ),
     (
+        "--overwrite with a pipeline that resizes one image in about ten",
+        "file:" + pipeline_file([A.RandomScale(scale_limit=(0, 0.035), p=0.5)]),
+        "train --run tiny --overwrite --data {tree} --config {tmp}/c.json",
+        2,
+        "Error: invalid value for 'albumentations': the albumentations pipeline must keep 32x32x3 uint8 images (it made (33, 33, 3) uint8)",
+    ),
+    (
+        "a pipeline parameter of the wrong type",
+        "file:" + pipeline_file([A.HorizontalFlip()], {"p": "half"}),
+        "train --run new --data {tree} --config {tmp}/c.json",
+        2,
+        "Error: invalid value for 'albumentations': not an albumentations pipeline (parameter 'p': Input should be a valid number, unable to parse string as a number (got 'half'))",
+    ),
+    (
+        "an unknown pipeline parameter",
+        "file:" + pipeline_file([A.HorizontalFlip()], {"flip_prob": 1}),
+        "train --run new --data {tree} --config {tmp}/c.json",
+        2,
+        "Error: invalid value for 'albumentations': unknown albumentations parameter(s) 'flip_prob' (albumentations would drop them)",
+    ),
+    (
         "metrics.json with a null",
         "run:null_metric",
         "plot --run tiny",
@@ -685,6 +767,7 @@ def test_bad_input(
     assert result.exit_code == code, result.output
     first = result.stderr.splitlines()[0]
     assert first.startswith(line.format(**values)), first
+    assert len(result.stderr.splitlines()) <= 2, result.stderr  # the error, and a hint at most
     if prepare == "png_folder":  # the page and its figure are written together or not at all
         assert not (scratch / "c.html").exists()
     # No bad input changes or removes anything the runs root held; the only files it may add

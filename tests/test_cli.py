@@ -197,6 +197,24 @@ def test_resume_writes_the_final_epochs_files_when_a_kill_left_them_behind(
     assert json.loads(run.meta_path.read_text())["status"] == "finished"
 
 
+def test_resume_writes_a_deleted_last_checkpoint_of_a_finished_run_again(
+    trained_runs: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    runs = copy_tree(trained_runs, tmp_path / "runs")
+    run = RunDir(runs, "tiny")
+    model, _ = run.load_model("last")
+    run.checkpoint_path("last").unlink()
+    result = invoke("train", "--run", "tiny", "--runs-dir", str(runs), "--resume")
+    assert result.exit_code == 0, result.output
+    assert "writing the last epoch's files again" in result.stdout
+    restored, info = run.load_model("last")
+    assert info.epoch == 2
+    weights = model.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in restored.state_dict().items())
+
+
 def test_a_stop_asked_while_the_data_loads_leaves_the_run_to_overwrite_alone(
     trained_runs: Path, tmp_path: Path
 ) -> None:

@@ -121,8 +121,8 @@ def test_a_broken_albumentations_pipeline_is_a_config_error() -> None:
     ("transform", "made"),
     [
         ({"__class_fullname__": "Resize", "height": 64, "width": 64, "p": 1.0}, "(64, 64, 3) uint8"),
-        # rare: still caught, since the check also runs every transform with p = 1
-        ({"__class_fullname__": "RandomScale", "scale_limit": 0.5, "p": 0.05}, "(43, 43, 3) uint8"),
+        # rare (1 draw in 20): caught by the 64 seeded draws as given, or by those with every p = 1
+        ({"__class_fullname__": "RandomScale", "scale_limit": 0.5, "p": 0.05}, "(39, 39, 3) uint8"),
         ({"__class_fullname__": "Normalize", "p": 1.0}, "(32, 32, 3) float32"),
     ],
 )

@@ -16,6 +16,7 @@ from cifarcam.engine import (
     train_one_epoch,
     train_steps,
 )
+from cifarcam.errors import ConfigError
 from cifarcam.models import BasicBlock, build_model, scoring_model
 from cifarcam.precision import FP16_LOSS_SCALE, autocast_dtype, training_dtype
 from cifarcam.trainer import epoch_order, fit
@@ -99,15 +100,42 @@ def test_norm_and_bias_weight_decay_switch() -> None:
     assert len(make_optimizer(model, build_config({})).param_groups) == 1
 
 
+@pytest.mark.parametrize(
+    ("transform", "problem"),
+    [
+        ("scale", "the albumentations pipeline must keep 32x32x3 uint8 images (it made (48, 48, 3) uint8)"),
+        ("crop", "the albumentations pipeline failed (CropSizeError: Crop size (height, width) exceeds"),
+    ],
+)
+def test_a_pipeline_failing_in_a_worker_raises_one_line_naming_the_image(
+    transform: str, problem: str
+) -> None:
+    """The config's probe draws catch most bad pipelines; one that slips through still ends the
+    epoch with one line, not a worker's traceback."""
+    import albumentations as A
+
+    from cifarcam.augment import albumentations_batches
+
+    data = synthetic_dataset(64, 32, seed=4)
+    bad = A.RandomScale(scale_limit=(0.5, 0.5), p=1) if transform == "scale" else A.RandomCrop(64, 64)
+    pipeline = A.to_dict(A.Compose([A.HorizontalFlip(p=0.5), bad]))
+    order = torch.tensor([5, 7, 9])
+    with pytest.raises(ConfigError) as raised:
+        list(albumentations_batches(data.train, order, pipeline, 2, 1, seed=3))
+    assert raised.value.message.startswith(problem), raised.value.message
+    assert raised.value.message.endswith("on training image 5")
+    assert "\n" not in raised.value.message
+
+
 def test_albumentations_path_trains_and_is_seeded() -> None:
-    from cifarcam.augment import albumentations_loader, seed_project_pipeline
+    from cifarcam.augment import albumentations_batches, seed_project_pipeline
 
     data = synthetic_dataset(64, 32, seed=4)
     pipeline = seed_project_pipeline()
     order = torch.randperm(64)[:40]
-    batches = list(albumentations_loader(data.train, order, pipeline, 16, 0, seed=3))
+    batches = list(albumentations_batches(data.train, order, pipeline, 16, 0, seed=3))
     first = [x for x, _ in batches]
-    again = [x for x, _ in albumentations_loader(data.train, order, pipeline, 16, 0, seed=3)]
+    again = [x for x, _ in albumentations_batches(data.train, order, pipeline, 16, 0, seed=3)]
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert torch.equal(torch.cat([y for _, y in batches]), data.train.labels[order])  # in that order
     assert first[0].dtype == torch.uint8 and first[0].shape == (16, 3, 32, 32)
