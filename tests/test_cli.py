@@ -374,6 +374,28 @@ def test_first_signal_asks_to_stop_and_a_second_stops_at_once() -> None:
     assert {sig: signal.getsignal(sig) for sig in before} == before  # handlers restored
 
 
+def test_a_forked_worker_leaves_the_signals_to_its_parent(capfd: pytest.CaptureFixture[str]) -> None:
+    """albumentations' DataLoader workers are forked inside the handler: a Ctrl-C reaches them
+    too, and only the training process may announce the stop or stop at once."""
+    import os
+    import signal
+
+    from cifarcam.cli.train import _stop_on_signals
+
+    with _stop_on_signals() as stop:
+        child = os.fork()
+        if child == 0:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)  # a second one would stop at once
+                os._exit(0 if stop.signal is None else 3)
+            except BaseException:
+                os._exit(4)
+        _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "Stopping" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
 def test_a_second_signal_exits_with_its_own_code(sig: str, code: int) -> None:
     import os

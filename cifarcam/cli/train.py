@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
@@ -246,8 +247,11 @@ def _stop_on_signals(group: Any = None) -> Iterator[Any]:
     group = group or SINGLE
     stop = StopSignal()
     first_at = [0.0]
+    owner = os.getpid()
 
     def handler(signum: int, _frame: object) -> None:
+        if os.getpid() != owner:  # a forked DataLoader worker: its parent decides when to stop
+            return
         if stop.signal is not None:
             if group.distributed and time.monotonic() - first_at[0] < _SAME_SIGNAL_S:
                 return
