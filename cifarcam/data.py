@@ -10,6 +10,7 @@ import hashlib
 import os
 import stat
 import zipfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,9 +271,15 @@ def synthetic_dataset(n_train: int = 512, n_test: int = 256, num_classes: int = 
 
 
 def balanced_indices(
-    labels: torch.Tensor, count: int, num_classes: int, seed: int, what: str = "subset"
+    labels: torch.Tensor,
+    count: int,
+    num_classes: int,
+    seed: int,
+    what: str = "subset",
+    names: Sequence[str] | None = None,
 ) -> torch.Tensor:
-    """`count` indices spread evenly over the classes (the first count % C classes get one more)."""
+    """`count` indices spread evenly over the classes (the first count % C classes get one more);
+    `names` (the class names) only make the error clearer."""
     if count > len(labels):
         raise UsageError(f"--{what} {count} is larger than the {len(labels)} training images")
     generator = torch.Generator().manual_seed(seed)
@@ -281,27 +288,29 @@ def balanced_indices(
         members = torch.nonzero(labels == label).flatten()
         wanted = count // num_classes + (1 if label < count % num_classes else 0)
         if wanted > len(members):
+            name = f"'{names[label]}' (index {label})" if names is not None else str(label)
             raise UsageError(
-                f"--{what} {count} needs {wanted} images of class {label}, which has {len(members)}"
+                f"--{what} {count} needs {wanted} image{'s' * (wanted != 1)} of class {name}, "
+                f"which has {len(members)}"
             )
         chosen.append(members[torch.randperm(len(members), generator=generator)[:wanted]])
     return torch.sort(torch.cat(chosen)).values
 
 
 def split_train(
-    train: Split, num_classes: int, subset: int | None, val_split: int, seed: int
+    train: Split, classes: Sequence[str], subset: int | None, val_split: int, seed: int
 ) -> tuple[Split, Split | None]:
     """Hold out a balanced validation set first, then draw the balanced training subset."""
     remaining = torch.arange(len(train))
     validation = None
     if val_split:
-        val_idx = balanced_indices(train.labels, val_split, num_classes, seed, what="val-split")
+        val_idx = balanced_indices(train.labels, val_split, len(classes), seed, "val-split", classes)
         keep = torch.ones(len(train), dtype=torch.bool)
         keep[val_idx] = False
         remaining = remaining[keep]
         validation = train.select(val_idx)
     if subset is not None:
-        picked = balanced_indices(train.labels[remaining], subset, num_classes, seed + 1)
+        picked = balanced_indices(train.labels[remaining], subset, len(classes), seed + 1, "subset", classes)
         remaining = remaining[picked]
     return train.select(remaining), validation
 

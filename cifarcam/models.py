@@ -139,7 +139,7 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
     top_level = [child for child, _ in model.named_children()]
     raise UsageError(
         f"unknown layer '{name}'; top-level layers are: {', '.join(top_level)} "
-        f"(dotted names like layer4.1.conv2 reach inside them){_closest(name, list(modules))}"
+        f"(dotted names like layer4.1.conv2 reach inside them){_closest(name, [m for m in modules if m])}"
     )
 
 

@@ -54,7 +54,7 @@ def _prepare(config: TrainConfig, group: Group = SINGLE) -> Prepared:
         raise UsageError(f"--precision fp16 needs CUDA (the device is {device.type}); use bf16 or fp32")
     dataset = load_dataset(config.data, data_dir_path(config))
     train_split, validation = split_train(
-        dataset.train, len(dataset.classes), config.subset, config.val_split, config.seed
+        dataset.train, dataset.classes, config.subset, config.val_split, config.seed
     )
     if len(train_split) == 0:
         raise UsageError("no training images are left after --val-split")

@@ -375,6 +375,13 @@ CASES = [
         "Error: --resume continues with the run's own config.json; leave out --epochs",
     ),
     (
+        "--resume with a --no- option",
+        None,
+        "train --run tiny --resume --no-compile --width 8",
+        2,
+        "Error: --resume continues with the run's own config.json; leave out --width, --no-compile",
+    ),
+    (
         "--resume of a missing run",
         None,
         "train --run ghost --resume",

@@ -439,7 +439,7 @@ def test_an_immediate_stop_marks_the_run_interrupted_and_keeps_the_last_epoch(
     result = invoke(*tiny_train_args(runs, synthetic_tree, epochs=3))
     assert result.exit_code == code
     assert result.stderr.splitlines() == [
-        f"Error: stopped at once by a second {signal_name}; the last saved epoch, if any, is kept",
+        f"Error: stopped at once by a second {signal_name}; the last saved epoch is kept",
         "Hint: resume with 'cifarcam train --run r --resume'",
     ]
     meta = json.loads((runs / "r" / "meta.json").read_text())
@@ -448,6 +448,23 @@ def test_an_immediate_stop_marks_the_run_interrupted_and_keeps_the_last_epoch(
     resumed = invoke("train", "--run", "r", "--runs-dir", str(runs), "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert [e["epoch"] for e in json.loads((runs / "r" / "metrics.json").read_text())["epochs"]] == [1, 2, 3]
+
+
+def test_a_stop_at_once_before_the_first_epoch_does_not_suggest_resuming(
+    tmp_path: Path, synthetic_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    import cifarcam.pipeline
+    from cifarcam.errors import StoppedAtOnce
+
+    def load_interrupted(*_args: object) -> None:  # a second Ctrl-C while the data loads
+        raise StoppedAtOnce(signal.SIGINT)
+
+    monkeypatch.setattr(cifarcam.pipeline, "load_dataset", load_interrupted)
+    result = invoke(*tiny_train_args(tmp_path / "runs", synthetic_tree, epochs=3))
+    assert result.exit_code == 130
+    assert result.stderr.splitlines() == ["Error: stopped at once by a second SIGINT; no epoch was saved"]
 
 
 def test_label_smoothing_and_compile_options_reach_the_saved_config(

@@ -34,9 +34,19 @@ def test_subset_larger_than_data_is_a_usage_error() -> None:
         balanced_indices(torch.arange(1000) % 10, 2000, 10, seed=0)
 
 
+def test_a_class_too_small_for_the_subset_is_named() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    with pytest.raises(UsageError) as raised:
+        balanced_indices(labels, 6, 3, seed=0, names=["cat", "dog", "owl"])
+    assert raised.value.message == "--subset 6 needs 2 images of class 'dog' (index 1), which has 1"
+    with pytest.raises(UsageError) as raised:
+        balanced_indices(labels[:3], 2, 2, seed=0, what="val-split")
+    assert raised.value.message == "--val-split 2 needs 1 image of class 1, which has 0"
+
+
 def test_validation_and_training_subsets_are_disjoint_and_balanced() -> None:
     data = synthetic_dataset(500, 10)
-    train, val = split_train(data.train, 10, subset=200, val_split=100, seed=0)
+    train, val = split_train(data.train, data.classes, subset=200, val_split=100, seed=0)
     assert val is not None and len(val) == 100 and len(train) == 200
     assert torch.bincount(val.labels, minlength=10).tolist() == [10] * 10
     assert torch.bincount(train.labels, minlength=10).tolist() == [20] * 10

@@ -34,3 +34,10 @@ def test_unknown_model_and_layer() -> None:
         UsageError, match="unknown layer 'layer5'; top-level layers are: conv1, bn1, relu, layer1"
     ):
         find_layer(build_model("resnet18", 8), "layer5")
+
+
+def test_an_empty_layer_name_suggests_no_layer() -> None:
+    with pytest.raises(UsageError) as raised:
+        find_layer(build_model("resnet18", 8), "")
+    assert raised.value.message.startswith("unknown layer ''; top-level layers are: conv1,")
+    assert "did you mean" not in raised.value.message

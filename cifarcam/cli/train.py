@@ -193,9 +193,13 @@ def train(
             train_or_resume(rundir, group)
         except KeyboardInterrupt as stopped:  # StoppedAtOnce (a second signal) or Python's own
             code = interrupt_exit_code(stopped)
+            name = signal.Signals(code - 128).name
+            if not rundir.state_path.exists():  # stopped before a first epoch was saved
+                raise TrainingInterrupted(
+                    f"stopped at once by a second {name}; no epoch was saved", None, code
+                ) from None
             raise TrainingInterrupted(
-                f"stopped at once by a second {signal.Signals(code - 128).name}; "
-                "the last saved epoch, if any, is kept",
+                f"stopped at once by a second {name}; the last saved epoch is kept",
                 hint=f"resume with 'cifarcam train --run {run} --resume'",
                 exit_code=code,
             ) from None
@@ -203,7 +207,11 @@ def train(
     def train_or_resume(rundir: Any, group: Any) -> None:
         command = shlex.join(["cifarcam", *sys.argv[1:]])
         if resume:
-            given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+            given = [
+                f"--{'no-' * (v is False)}{k.replace('_', '-')}"
+                for k, v in overrides.items()
+                if v is not None
+            ]
             given += ["--preset"] * bool(preset) + ["--config"] * bool(config) + ["--overwrite"] * overwrite
             if given:
                 raise UsageError(
