@@ -21,7 +21,8 @@ from cifarcam.cam import CamExtractor, check_layers, check_methods
 from cifarcam.data import normalize
 from cifarcam.errors import DataError, UsageError
 from cifarcam.fileio import atomic_write_bytes
-from cifarcam.rundir import CheckpointInfo, RunDir, enclosing_run
+from cifarcam.formats import CheckpointInfo
+from cifarcam.rundir import RunDir, enclosing_run
 from cifarcam.trained import LoadedRun, load_checkpoint
 
 INPUT_SIZE = 32

@@ -4,7 +4,8 @@ Layout (the contract between commands):
   config.json, meta.json, metrics.json, evaluation.json, misclassified.json/.png,
   checkpoints/{last,best}.safetensors, plots/*.png, gradcam/ (maps, galleries and the
   faithfulness table gradcam/metrics.json: camfiles.py names them), sanity/*.{json,png}, report.html
-Every file is written atomically, so a reader never sees half a file.
+Every file is written atomically, so a reader never sees half a file. What the safetensors
+files' headers hold is formats.py's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import re
 import shutil
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,17 +22,23 @@ from typing import TYPE_CHECKING, Any
 from safetensors import SafetensorError, safe_open
 
 from cifarcam import runlock
-from cifarcam.config import MAX_WIDTH
 from cifarcam.errors import CheckpointError, RunError, RunLocked, UsageError
 from cifarcam.fileio import atomic_write_bytes, atomic_write_json, parse_json
+from cifarcam.formats import (
+    CheckpointInfo,
+    check_state_tensors,
+    checkpoint_info,
+    checkpoint_metadata,
+    header_metadata,
+    state_metadata,
+    state_record,
+)
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written: `plot` runs without it
     import torch
     from torch import nn
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
-CHECKPOINT_FORMAT = "cifarcam-checkpoint/1"
-STATE_FORMAT = "cifarcam-training-state/1"
 CHECKPOINT_KINDS = ("last", "best")
 
 
@@ -48,22 +54,6 @@ def validate_run_name(name: str) -> str:
             "(starting with a letter or digit, no '..', at most 100 characters)"
         )
     return name
-
-
-@dataclass
-class CheckpointInfo:
-    """What a checkpoint's header says about the model it holds."""
-
-    kind: str
-    model: str
-    width: int
-    num_classes: int
-    epoch: int
-    classes: list[str]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    checkpoint_id: str
-    norm: str = "batch"  # checkpoints written before the norm option hold BatchNorm
 
 
 class RunDir:
@@ -215,7 +205,7 @@ class RunDir:
     def save_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         from safetensors.torch import save as save_safetensors
 
-        metadata = {"format": STATE_FORMAT, "state": json.dumps(meta)}
+        metadata = state_metadata(meta)
         atomic_write_bytes(self.state_path, save_safetensors(tensors, metadata=metadata))
 
     def load_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -227,8 +217,8 @@ class RunDir:
         try:
             data = self.state_path.read_bytes()
             tensors = load_safetensors(data)
-            meta = _state_record(_read_header_metadata(data))
-            _check_state_tensors(tensors, meta)
+            meta = state_record(header_metadata(data))
+            check_state_tensors(tensors, meta)
         except (SafetensorError, ValueError, KeyError, OSError) as error:
             raise CheckpointError(
                 f"training state '{self.state_path}' is corrupt or truncated ({error})"
@@ -241,7 +231,7 @@ class RunDir:
         (`load_state` reports that)."""
         try:
             with safe_open(str(self.state_path), framework="pt") as state:
-                return _state_record(state.metadata() or {})
+                return state_record(state.metadata() or {})
         except (SafetensorError, OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -254,10 +244,8 @@ class RunDir:
         from safetensors.torch import save as save_safetensors
 
         tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-        metadata = {key: json.dumps(value) for key, value in info.items()}
-        metadata["format"] = CHECKPOINT_FORMAT
         checkpoint_id = uuid.uuid4().hex
-        metadata["checkpoint_id"] = json.dumps(checkpoint_id)
+        metadata = checkpoint_metadata(info, checkpoint_id)
         atomic_write_bytes(self.checkpoint_path(kind), save_safetensors(tensors, metadata=metadata))
         return checkpoint_id
 
@@ -308,22 +296,7 @@ class RunDir:
         try:
             data = path.read_bytes()
             tensors = load_safetensors(data)
-            raw = _read_header_metadata(data)
-            if raw.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError("not a cifarcam checkpoint")
-            meta = {key: parse_json(value) for key, value in raw.items() if key != "format"}
-            info = CheckpointInfo(
-                kind=kind,
-                model=str(meta["model"]),
-                width=_count(meta["width"], "width", MAX_WIDTH),
-                num_classes=_count(meta["num_classes"], "num_classes", len(meta["classes"])),
-                epoch=int(meta["epoch"]),
-                classes=list(meta["classes"]),
-                mean=tuple(meta["mean"]),
-                std=tuple(meta["std"]),
-                checkpoint_id=str(meta["checkpoint_id"]),
-                norm=str(meta.get("norm", "batch")),
-            )
+            info = checkpoint_info(kind, header_metadata(data))
         except (SafetensorError, ValueError, KeyError, TypeError, OSError) as error:
             raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({error})") from None
         try:
@@ -355,13 +328,13 @@ def looks_like_run(folder: Path) -> bool:
 
 def enclosing_run(path: Path, runs_dirs: list[Path]) -> Path | None:
     """The run folder that `path` is or lies in, if any: a folder right under one of `runs_dirs`
-    holding meta.json or checkpoints/. Commands that write elsewhere refuse such a path, since
-    the run's report would show what they wrote there as its own."""
+    that `looks_like_run`. Commands that write elsewhere refuse such a path, since the run's
+    report would show what they wrote there as its own."""
     target = path.resolve()
     for root in (folder.resolve() for folder in runs_dirs):
         if root in target.parents:
             folder = root / target.relative_to(root).parts[0]
-            if (folder / "meta.json").exists() or (folder / "checkpoints").is_dir():
+            if looks_like_run(folder):
                 return folder
     return None
 
@@ -377,68 +350,3 @@ def _record_problem(record: Any) -> str:
         if not isinstance(value, int | float) or isinstance(value, bool):
             return f"has {json.dumps(value)} for '{key}', not a number"
     return ""
-
-
-def _count(value: Any, name: str, most: int) -> int:
-    """A checkpoint header's count (width, classes): an integer from 1 to `most`."""
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
-        raise ValueError(f"its {name} is {json.dumps(value)}, not an integer from 1 to {most}")
-    return value
-
-
-def _read_header_metadata(data: bytes) -> dict[str, str]:
-    """The __metadata__ block of a safetensors file (the format: u64 header length, JSON header)."""
-    if len(data) < 8:
-        raise ValueError("file too short")
-    length = int.from_bytes(data[:8], "little")
-    header = parse_json(data[8 : 8 + length].decode("utf-8"))
-    metadata = header.get("__metadata__", {})
-    if not isinstance(metadata, dict):
-        raise ValueError("bad metadata")
-    return metadata
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _state_record(metadata: dict[str, str]) -> dict[str, Any]:
-    """The record `save_state` keeps in a training state's metadata, with the fields resuming
-    relies on checked (ValueError naming the first that is wrong)."""
-    if metadata.get("format") != STATE_FORMAT:
-        raise ValueError("not a cifarcam training state")
-    record = parse_json(metadata["state"])
-    if not isinstance(record, dict):
-        raise ValueError("the state's record is not a JSON object")
-    epoch, records = record.get("epoch"), record.get("records")
-    if not _whole(epoch):
-        raise ValueError(f"its epoch is {json.dumps(epoch)}, not a whole number")
-    if not isinstance(records, list) or not all(isinstance(item, dict) for item in records):
-        raise ValueError("its records are not a list of per-epoch records")
-    if len(records) != epoch or any(item.get("epoch") != number for number, item in enumerate(records, 1)):
-        raise ValueError(f"its records are not those of epochs 1 to {epoch}")
-    config = record.get("config")
-    if isinstance(config, dict) and _whole(config.get("epochs")) and epoch > config["epochs"]:
-        raise ValueError(f"its epoch {epoch} is beyond the {config['epochs']} its config trains")
-    for field in ("optimizer_param_groups", "scheduler"):
-        if not isinstance(record.get(field), list if field == "optimizer_param_groups" else dict):
-            raise ValueError(f"its {field} field is missing or malformed")
-    partial = record.get("partial")
-    if partial is not None and not (
-        isinstance(partial, dict)
-        and all(_whole(partial.get(field)) for field in ("epoch", "seen", "steps"))
-        and isinstance(partial.get("started_s"), int | float)
-    ):
-        raise ValueError("its partial epoch is malformed")
-    return record
-
-
-def _check_state_tensors(tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
-    """The random-number states a resumed run restores are byte tensors (ValueError if not)."""
-    import torch
-
-    names = ["rng.torch"] + (["partial.augment_rng"] if record.get("partial") is not None else [])
-    for name in names:
-        tensor = tensors.get(name)
-        if tensor is None or tensor.dtype != torch.uint8 or tensor.dim() != 1:
-            raise ValueError(f"its tensor '{name}' is missing or not a random-number state")

@@ -30,8 +30,9 @@ from cifarcam.errors import (
     UsageError,
 )
 from cifarcam.fileio import atomic_write_files, json_bytes
+from cifarcam.formats import CheckpointInfo
 from cifarcam.precision import memory_format, training_dtype
-from cifarcam.rundir import CheckpointInfo, RunDir
+from cifarcam.rundir import RunDir
 from cifarcam.runlock import reads_run
 
 
