@@ -138,7 +138,7 @@ class AlbumentationsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, st
             problem = f"the albumentations pipeline failed ({one_line(error)})"
         if problem is not None:
             blank = torch.zeros(self.images.shape[3], *self.images.shape[1:3], dtype=torch.uint8)
-            return blank, int(self.labels[index]), f"{problem} on training image {index}"
+            return blank, int(self.labels[index]), f"image {index} of the training split: {problem}"
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.labels[index]), ""
 
 

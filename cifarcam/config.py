@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +21,7 @@ NormName = Literal["batch", "group"]
 
 
 MAX_WIDTH = 1024  # channels of layer1 (layer4 has 8x as many)
+NEW_SETTINGS = "new settings"  # validation context of `build_config`
 
 
 class _Settings(BaseModel):
@@ -116,9 +116,13 @@ class TrainConfig(_Settings):
 
     @field_validator("albumentations")
     @classmethod
-    def _loads_in_albumentations(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _loads_in_albumentations(
+        cls, value: dict[str, Any] | None, info: ValidationInfo
+    ) -> dict[str, Any] | None:
         if value is not None:
-            _check_pipeline(value)
+            # Parameters albumentations would drop are refused in new settings (`build_config`),
+            # not in the config.json of a run already trained with them.
+            _check_pipeline(value, refuse_dropped=bool(info.context and info.context.get(NEW_SETTINGS)))
         return value
 
 
@@ -143,23 +147,39 @@ def one_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def load_pipeline(value: dict[str, Any]) -> Any:
-    """The albumentations Compose of a serialised pipeline. A parameter albumentations does not
-    know is an error (albumentations only warns and drops it); its other notices are silenced."""
+def _dropped(given: Any, kept: Any) -> list[str]:
+    """The parameters of a serialised pipeline's transforms (`given`) that its round trip through
+    albumentations (`kept`) lost, as 'name of Transform'."""
+    if isinstance(given, list) and isinstance(kept, list) and len(given) == len(kept):
+        return [name for one, other in zip(given, kept, strict=True) for name in _dropped(one, other)]
+    if not isinstance(given, dict) or not isinstance(kept, dict):
+        return []
+    transform = given.get("__class_fullname__")
+    lost = [f"'{key}' of {transform}" for key in given if key not in kept] if transform else []
+    for key in ("transform", "transforms"):  # the pipeline's root, and a Compose's members
+        lost += _dropped(given.get(key), kept.get(key))
+    return lost
+
+
+def load_pipeline(value: dict[str, Any], refuse_dropped: bool = False) -> Any:
+    """The albumentations Compose of a serialised pipeline, with albumentations' notices
+    silenced. With `refuse_dropped`, a parameter albumentations does not know (it only warns and
+    drops it: a misspelt name, or `always_apply` of albumentations 1.x) is an error."""
     import albumentations as A
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
             pipeline = A.from_dict(value)
         except Exception as error:
             raise ValueError(f"not an albumentations pipeline ({one_line(error)})") from None
-    for warning in caught:
-        unknown = re.match(r"Argument\(s\) '(.*)' are not valid for transform", str(warning.message))
-        if unknown is not None:
-            raise ValueError(
-                f"unknown albumentations parameter(s) '{unknown.group(1)}' (albumentations would drop them)"
-            )
+        lost = _dropped(value, A.to_dict(pipeline)) if refuse_dropped else []
+    if lost:
+        several = len(lost) > 1
+        raise ValueError(
+            f"unknown albumentations parameter{'s' * several} {', '.join(lost)} "
+            f"(albumentations would drop {'them' if several else 'it'})"
+        )
     return pipeline
 
 
@@ -181,14 +201,14 @@ def pipeline_problem(image: Any) -> str | None:
 PIPELINE_PROBES = 64  # seeded draws of the pipeline as given, and of it with every p set to 1
 
 
-def _check_pipeline(value: dict[str, Any]) -> None:
+def _check_pipeline(value: dict[str, Any], refuse_dropped: bool) -> None:
     """The pipeline loads, and turns 32x32 RGB uint8 images into others of that size and type,
     checked before training starts, so a bad pipeline never replaces a run. Enough draws that a
     transform changing the size one time in ten is caught; the training loader checks every image
     as well."""
     import numpy as np
 
-    pipelines = [load_pipeline(value), load_pipeline(_always(value))]
+    pipelines = [load_pipeline(value, refuse_dropped), load_pipeline(_always(value))]
     probe = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     for pipeline in pipelines:
         pipeline.set_random_seed(0)
@@ -244,6 +264,15 @@ def _describe(error: ValidationError) -> str:
 
 def build_config(values: dict[str, Any]) -> TrainConfig:
     """Validate a dict of settings into a TrainConfig; errors name the field."""
+    try:
+        return TrainConfig.model_validate(values, context={NEW_SETTINGS: True})
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def validate_saved(values: Any) -> TrainConfig:
+    """A run's config.json as a TrainConfig, checked as new settings are but for parameters an
+    albumentations pipeline loses (the run trained with them); a ConfigError names the field."""
     try:
         return TrainConfig.model_validate(values)
     except ValidationError as error:

@@ -109,9 +109,11 @@ def state_record(metadata: dict[str, str]) -> dict[str, Any]:
     config = record.get("config")
     if isinstance(config, dict) and _whole(config.get("epochs")) and epoch > config["epochs"]:
         raise ValueError(f"its epoch {epoch} is beyond the {config['epochs']} its config trains")
-    for field in ("optimizer_param_groups", "scheduler"):
-        if not isinstance(record.get(field), list if field == "optimizer_param_groups" else dict):
-            raise ValueError(f"its {field} field is missing or malformed")
+    groups = record.get("optimizer_param_groups")
+    if not isinstance(groups, list) or not groups or not all(isinstance(group, dict) for group in groups):
+        raise ValueError("its optimizer_param_groups field is missing or malformed")
+    if not isinstance(record.get("scheduler"), dict):
+        raise ValueError("its scheduler field is missing or malformed")
     partial = record.get("partial")
     if partial is not None and not (
         isinstance(partial, dict)
@@ -123,11 +125,15 @@ def state_record(metadata: dict[str, str]) -> dict[str, Any]:
 
 
 def check_state_tensors(tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
-    """The random-number states a resumed run restores are byte tensors (ValueError if not)."""
+    """The random-number states a resumed run restores are byte tensors, and a partial epoch's
+    tensors are there (ValueError if not)."""
     import torch
 
-    names = ["rng.torch"] + (["partial.augment_rng"] if record.get("partial") is not None else [])
-    for name in names:
+    partial = record.get("partial") is not None
+    for name in ["rng.torch"] + ["partial.augment_rng"] * partial:
         tensor = tensors.get(name)
         if tensor is None or tensor.dtype != torch.uint8 or tensor.dim() != 1:
             raise ValueError(f"its tensor '{name}' is missing or not a random-number state")
+    for name in ["partial.order", "partial.loss_sum", "partial.correct", "partial.first_bad_step"] * partial:
+        if name not in tensors:
+            raise ValueError(f"its partial epoch has no tensor '{name}'")

@@ -189,7 +189,12 @@ def train_loop(
     if state is not None:
         try:
             trainer.load_state(*state)
-        except (RuntimeError, KeyError, ValueError):  # a state from before config was recorded in it
+        except (
+            RuntimeError,
+            KeyError,
+            ValueError,
+            TypeError,
+        ):  # a state from before config was recorded in it
             raise RunError(
                 f"training state '{run.state_path}' does not fit run '{run.name}' as its config.json "
                 f"describes it ({config.model}, width {config.width}, norm {config.norm})",

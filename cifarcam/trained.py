@@ -12,11 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 from torch import nn
 
 from cifarcam import viz
-from cifarcam.config import TrainConfig, data_dir_path
+from cifarcam.config import TrainConfig, data_dir_path, validate_saved
 from cifarcam.data import (
     Split,
     denormalize,
@@ -26,6 +25,7 @@ from cifarcam.data import (
 from cifarcam.engine import Tta, predict, resolve_device, score
 from cifarcam.errors import (
     CheckpointError,
+    ConfigError,
     RunError,
     UsageError,
 )
@@ -81,11 +81,9 @@ class LoadedRun:
 def read_config(run: RunDir) -> TrainConfig:
     run.require()
     try:
-        return TrainConfig.model_validate(run.read_json(run.config_path))
-    except ValidationError as error:
-        raise RunError(
-            f"'{run.config_path}' is not a valid cifarcam config ({error.error_count()} errors)"
-        ) from None
+        return validate_saved(run.read_json(run.config_path))
+    except ConfigError as error:
+        raise RunError(f"'{run.config_path}' is not a valid cifarcam config: {error.message}") from None
 
 
 def load_checkpoint(

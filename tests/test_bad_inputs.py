@@ -59,6 +59,11 @@ def edit_state(path: Path, how: str) -> None:
         record["epoch"] = 99
     elif how == "records_null":
         record["records"] = None
+    elif how == "no_partial_order":  # the state of a run stopped mid-epoch, less one tensor
+        record["partial"] = {"epoch": record["epoch"] + 1, "seen": 0, "steps": 0, "started_s": 0.0}
+        tensors["partial.augment_rng"] = tensors["rng.torch"].clone()
+    elif how == "param_group_number":
+        record["optimizer_param_groups"] = [1]
     elif how == "float_rng":
         tensors["rng.torch"] = tensors["rng.torch"].float()
     save_file(tensors, path, metadata=metadata | {"state": json.dumps(record)})
@@ -424,6 +429,20 @@ CASES = [
         "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated (its records are not a list of per-epoch records)",
     ),
     (
+        "--resume from a state edited: no_partial_order",
+        "run:state_no_partial_order",
+        "train --run tiny --resume",
+        1,
+        "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated (its partial epoch has no tensor 'partial.order')",
+    ),
+    (
+        "--resume from a state edited: param_group_number",
+        "run:state_param_group_number",
+        "train --run tiny --resume",
+        1,
+        "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated (its optimizer_param_groups field is missing or malformed)",
+    ),
+    (
         "--resume from a state edited: float_rng",
         "run:state_float_rng",
         "train --run tiny --resume",
@@ -653,7 +672,7 @@ CASES = [
         "Error: invalid value for 'albumentations': the albumentations pipeline must keep 32x32x3 uint8 images (it made (64, 64, 3) uint8)",
     ),
     (
-        "--overwrite with a pipeline that resizes one image in about ten",
+        "--overwrite with a pipeline that resizes one image in about twenty",
         "file:" + pipeline_file([A.RandomScale(scale_limit=(0, 0.035), p=0.5)]),
         "train --run tiny --overwrite --data {tree} --config {tmp}/c.json",
         2,
@@ -671,7 +690,7 @@ CASES = [
         "file:" + pipeline_file([A.HorizontalFlip()], {"flip_prob": 1}),
         "train --run new --data {tree} --config {tmp}/c.json",
         2,
-        "Error: invalid value for 'albumentations': unknown albumentations parameter(s) 'flip_prob' (albumentations would drop them)",
+        "Error: invalid value for 'albumentations': unknown albumentations parameter 'flip_prob' of HorizontalFlip (albumentations would drop it)",
     ),
     (
         "metrics.json with a null",

@@ -439,7 +439,7 @@ def test_an_immediate_stop_marks_the_run_interrupted_and_keeps_the_last_epoch(
     result = invoke(*tiny_train_args(runs, synthetic_tree, epochs=3))
     assert result.exit_code == code
     assert result.stderr.splitlines() == [
-        f"Error: stopped at once by a second {signal_name}; the last saved epoch is kept",
+        f"Error: stopped at once by a second {signal_name}; the last saved training state is kept",
         "Hint: resume with 'cifarcam train --run r --resume'",
     ]
     meta = json.loads((runs / "r" / "meta.json").read_text())

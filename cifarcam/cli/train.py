@@ -199,7 +199,7 @@ def train(
                     f"stopped at once by a second {name}; no epoch was saved", None, code
                 ) from None
             raise TrainingInterrupted(
-                f"stopped at once by a second {name}; the last saved epoch is kept",
+                f"stopped at once by a second {name}; the last saved training state is kept",
                 hint=f"resume with 'cifarcam train --run {run} --resume'",
                 exit_code=code,
             ) from None
