@@ -79,6 +79,9 @@ def damage_run(run: Path, how: str) -> None:
         config = json.loads((run / "config.json").read_text())
         config["width"] = 16
         (run / "config.json").write_text(json.dumps(config))
+    elif how == "config_width_text":
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps(config | {"width": "wide"}))
     elif how == "bad_config":
         (run / "config.json").write_text("{")
     elif how == "bad_evaluation":
@@ -358,6 +361,13 @@ CASES = [
         "Error: unknown layer 'layer4.9'; top-level layers are: conv1, bn1, relu, layer1, layer2, layer3, layer4, linear (dotted names like layer4.1.conv2 reach inside them); did you mean 'layer4.1'?",
     ),
     ("plot before train", "empty_run", "plot --run fresh", 1, "Error: run 'fresh' has no metrics.json"),
+    (
+        "a config.json field edited to a wrong type",
+        "run:config_width_text",
+        "evaluate --run tiny",
+        1,
+        "Error: '{runs}/tiny/config.json' is not a valid cifarcam config: invalid value for 'width': Input should be a valid integer, unable to parse string as an integer (got 'wide')",
+    ),
     (
         "corrupt config.json in a run",
         "run:bad_config",
