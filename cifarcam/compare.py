@@ -89,7 +89,7 @@ def compare(runs: list[RunDir], out: Path) -> tuple[Path, Path]:
         raise UsageError(f"run '{repeated[0]}' is given more than once")
     if out.suffix != ".html":
         raise UsageError(f"--out must name an .html file (got '{out}'); the PNG is written next to it")
-    inside = enclosing_run(out, [run.path.parent for run in runs])
+    inside = enclosing_run(out)
     if inside is not None:
         raise UsageError(
             f"--out '{out}' is inside run '{inside.name}'; compare never writes into a run",

@@ -323,7 +323,7 @@ def check_request(predictor: Predictor, run: RunDir, top_k: int, cam: CamRequest
     out = cam.out_dir.resolve()
     if out == run.path.resolve() or run.path.resolve() in out.parents:
         raise UsageError(f"--out '{cam.out_dir}' is inside the run directory; predictions never write there")
-    other = enclosing_run(out, [run.runs_dir])
+    other = enclosing_run(out)
     if other is not None:  # nor into another run
         raise UsageError(
             f"--out '{cam.out_dir}' is inside run '{other.name}'; predictions never write into a run"

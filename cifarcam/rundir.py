@@ -326,17 +326,13 @@ def looks_like_run(folder: Path) -> bool:
     return isinstance(meta, dict) and "cifarcam_version" in meta
 
 
-def enclosing_run(path: Path, runs_dirs: list[Path]) -> Path | None:
-    """The run folder that `path` is or lies in, if any: a folder right under one of `runs_dirs`
-    that `looks_like_run`. Commands that write elsewhere refuse such a path, since the run's
-    report would show what they wrote there as its own."""
+def enclosing_run(path: Path) -> Path | None:
+    """The run folder that `path` is or lies in, if any, in whichever runs directory: the nearest
+    of it and its parents that `looks_like_run`. Commands that write elsewhere refuse such a path,
+    since the run's report would show what they wrote there as its own (or they would replace
+    one of its files)."""
     target = path.resolve()
-    for root in (folder.resolve() for folder in runs_dirs):
-        if root in target.parents:
-            folder = root / target.relative_to(root).parts[0]
-            if looks_like_run(folder):
-                return folder
-    return None
+    return next((folder for folder in (target, *target.parents) if looks_like_run(folder)), None)
 
 
 def _record_problem(record: Any) -> str:

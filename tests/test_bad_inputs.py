@@ -633,6 +633,20 @@ CASES = [
         "Error: --out '{runs}/tiny/cams' is inside the run directory; predictions never write there",
     ),
     (
+        "compare --out inside a run of another runs directory",
+        "second_run",
+        "compare tiny other --out {tmp}/elsewhere/tiny/misclassified.html",
+        2,
+        "Error: --out '{tmp}/elsewhere/tiny/misclassified.html' is inside run 'tiny'; compare never writes into a run",
+    ),
+    (
+        "predict --out inside a run of another runs directory",
+        "second_run",
+        "predict --run tiny --cam --out {tmp}/elsewhere/tiny/gradcam {tmp}/file",
+        2,
+        "Error: --out '{tmp}/elsewhere/tiny/gradcam' is inside run 'tiny'; predictions never write into a run",
+    ),
+    (
         "predict --out inside another run",
         "second_run",
         "predict --run tiny --cam --out {runs}/other/gradcam {tmp}/file",
@@ -788,6 +802,7 @@ def test_bad_input(
     elif kind == "second_run":
         copy_tree(runs / "tiny", runs / "other")
         (scratch / "file").write_text("")
+        copy_tree(runs / "tiny", scratch / "elsewhere" / "tiny")  # a run of another runs directory
     elif kind == "png_folder":
         copy_tree(runs / "tiny", runs / "other")
         (scratch / "c.png").mkdir()
