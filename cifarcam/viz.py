@@ -3,14 +3,16 @@ and run comparisons (Agg, no pyplot)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import cv2
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -22,6 +24,19 @@ if TYPE_CHECKING:
     from cifarcam.rundir import RunDir
 
 TILE_INCHES = 1.6
+_Figure = TypeVar("_Figure", bound=Callable[..., Any])
+
+
+def _plain_text(draw: _Figure) -> _Figure:
+    """Draw with every text taken literally: a class or run name like '$x_y$' is not mathtext
+    (which would fail on '$x_y_z$')."""
+
+    @functools.wraps(draw)
+    def drawn(*args: Any, **kwargs: Any) -> Any:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return cast(_Figure, drawn)
 
 
 def to_hwc(image: np.ndarray) -> np.ndarray:
@@ -46,6 +61,7 @@ def plot_run_curves(run: RunDir) -> list[Path]:
     return list(files)
 
 
+@_plain_text
 def plot_curves(epochs: Sequence[dict[str, Any]]) -> tuple[bytes, bytes]:
     """Train/test (and validation, when present) loss on one figure, accuracy on another (PNGs)."""
     xs = [record["epoch"] for record in epochs]
@@ -69,6 +85,7 @@ def plot_curves(epochs: Sequence[dict[str, Any]]) -> tuple[bytes, bytes]:
     return figures[0], figures[1]
 
 
+@_plain_text
 def misclassified_gallery(
     images: np.ndarray,
     true: Sequence[str],
@@ -108,6 +125,7 @@ class GalleryColumn:
     tiles: np.ndarray
 
 
+@_plain_text
 def cam_gallery(
     images: np.ndarray,
     columns: Sequence[GalleryColumn],
@@ -136,6 +154,7 @@ def cam_gallery(
     return png_bytes(figure)
 
 
+@_plain_text
 def sanity_plot(rows: Sequence[dict[str, Any]], examples: Sequence[np.ndarray], title: str) -> bytes:
     """A PNG of Spearman and SSIM against the trained model's maps per randomisation step (mean +- std),
     above the maps of one example image at every step."""
@@ -174,6 +193,7 @@ def _percent(metric: str) -> float:
     return 100.0 if metric.endswith("acc") else 1.0
 
 
+@_plain_text
 def report_curves(epochs: Sequence[dict[str, Any]]) -> bytes:
     """One row of panels for a run's report: loss, accuracy and (when recorded) the learning rate."""
     xs = [record.get("epoch", index + 1) for index, record in enumerate(epochs)]
@@ -199,6 +219,7 @@ def report_curves(epochs: Sequence[dict[str, Any]]) -> bytes:
     return png_bytes(figure)
 
 
+@_plain_text
 def confusion_heatmap(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> bytes:
     """Rows = true class, columns = predicted; colour = share of the row, numbers = counts."""
     counts = np.asarray(matrix, dtype=np.float64)
@@ -231,6 +252,7 @@ def confusion_heatmap(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -
     return png_bytes(figure)
 
 
+@_plain_text
 def compare_curves(runs: Mapping[str, Sequence[dict[str, Any]]]) -> bytes:
     """Several runs on shared axes: one colour per run; test solid, train dashed; LR when recorded."""
     panels = [("loss", "loss (per-sample mean)"), ("acc", "accuracy (%)")]

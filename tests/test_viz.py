@@ -68,3 +68,19 @@ def test_attributions_are_shown_around_mid_grey() -> None:
     signed[:, 0, 0], signed[:, 3, 3] = 1.0, -1.0
     shown = attribution_image(signed)
     assert shown[0, 0, 0] > 128 > shown[3, 3, 0]
+
+
+def test_names_with_dollar_signs_are_drawn_as_text_not_mathtext() -> None:
+    """'$x_y_z$' is a valid class (folder) or run name; as mathtext it would not even parse."""
+    from cifarcam.viz import compare_curves, confusion_heatmap
+
+    names = ["$x_y_z$", "$$", "a $ b", "$}$"]
+    images = np.random.default_rng(0).random((4, 3, 32, 32))
+    epochs = [{"epoch": 1, "train_loss": 1.0, "test_loss": 1.2, "train_acc": 0.5, "test_acc": 0.4}]
+    pngs = [
+        misclassified_gallery(images, names, names[::-1], [0.9, 0.8, 0.7, 0.6], "$x_y_z$ mistakes"),
+        cam_gallery(images, [GalleryColumn("gradcam", images[:, 0])], names, "t"),
+        confusion_heatmap([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], names),
+        compare_curves({"$x_y_z$": epochs, "$$": epochs}),
+    ]
+    assert all(read_png(png).shape[0] > 150 for png in pngs)
