@@ -133,8 +133,31 @@ def _exit_code(error: BaseException) -> int:
     return interrupt_exit_code(error) if isinstance(error, KeyboardInterrupt) else EXIT_RUNTIME
 
 
+def _torchrun_variable(name: str, default: str | None = None) -> str:
+    """An environment variable torchrun sets; a UsageError when it is missing."""
+    value = os.environ.get(name, default)
+    if value is None:
+        raise UsageError(
+            f"WORLD_SIZE is set but {name} is not: start several processes with torchrun",
+            hint="or unset WORLD_SIZE to train in one process",
+        )
+    return value
+
+
+def _environment_int(name: str, default: str | None = None) -> int:
+    """An integer torchrun puts in the environment; a UsageError when it is not one."""
+    value = _torchrun_variable(name, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(
+            f"the environment variable {name}={value!r} is not a whole number (torchrun sets it)",
+            hint=f"unset {name}, or start the processes with torchrun",
+        ) from None
+
+
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return _environment_int("WORLD_SIZE", "1") > 1
 
 
 @contextlib.contextmanager
@@ -147,15 +170,19 @@ def process_group(timeout_s: float = 1800) -> Iterator[Group]:
     if not launched_by_torchrun():
         yield Group()
         return
-    try:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    except (KeyError, ValueError):
-        raise UsageError("WORLD_SIZE is set but RANK is not: start several processes with torchrun") from None
+    rank, world_size = _environment_int("RANK"), _environment_int("WORLD_SIZE")
+    local_rank = _environment_int("LOCAL_RANK", "0")
+    _torchrun_variable("MASTER_ADDR"), _environment_int("MASTER_PORT")  # the rendezvous needs both
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(
+            "cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s)
+        )
+    except (ValueError, RuntimeError) as error:  # torch's rendezvous: an address or port it cannot use
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot join the torchrun process group ({first})") from None
     group = Group(rank, world_size, local_rank)
     finished = False
     try:

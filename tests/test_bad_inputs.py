@@ -905,3 +905,37 @@ def test_a_failed_save_is_not_counted_as_a_completed_epoch(
     meta = json.loads((runs / "r" / "meta.json").read_text())
     assert (meta["status"], meta["completed_epochs"]) == ("failed", 1)
     assert [e["epoch"] for e in json.loads((runs / "r" / "metrics.json").read_text())["epochs"]] == [1]
+
+
+@pytest.mark.parametrize(
+    ("environment", "line"),
+    [
+        ({"WORLD_SIZE": "abc"}, "Error: the environment variable WORLD_SIZE='abc' is not a whole number"),
+        ({"WORLD_SIZE": ""}, "Error: the environment variable WORLD_SIZE='' is not a whole number"),
+        (
+            {"WORLD_SIZE": "2"},
+            "Error: WORLD_SIZE is set but RANK is not: start several processes with torchrun",
+        ),
+        (
+            {"WORLD_SIZE": "2", "RANK": "0"},
+            "Error: WORLD_SIZE is set but MASTER_ADDR is not: start several processes with torchrun",
+        ),
+    ],
+    ids=["text", "empty", "no rank", "no master address"],
+)
+def test_torchrun_variables_set_by_hand_are_one_error_line(
+    environment: dict[str, str],
+    line: str,
+    tmp_path: Path,
+    synthetic_tree: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    result = runner.invoke(app, tiny_train_args(tmp_path / "runs", synthetic_tree))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[0].startswith(line), result.stderr
+    assert len(result.stderr.splitlines()) == 2  # and a hint
+    assert not (tmp_path / "runs").exists()
