@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from cifarcam.errors import ConfigError
-from cifarcam.fileio import parse_json
+from cifarcam.fileio import parse_json, read_text
 
 ModelName = Literal["resnet18", "resnet34"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -282,7 +282,7 @@ def validate_saved(values: Any) -> TrainConfig:
 def read_config_file(path: Path) -> dict[str, Any]:
     """Read a JSON config file into a dict (validated later, after CLI overrides)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
     except OSError as error:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -72,6 +73,24 @@ def atomic_write_files(files: Mapping[Path, bytes]) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
         raise
+
+
+def read_file(path: Path) -> bytes:
+    """The bytes of the regular file at `path` (links followed). A FIFO, socket or device is an
+    OSError without a read: reading one waits for a writer, or never ends (/dev/zero)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without a writer
+    with os.fdopen(descriptor, "rb") as handle:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)", str(path))
+        return handle.read()
+
+
+def read_text(path: Path) -> str:
+    """`read_file` as UTF-8 text (UnicodeDecodeError when it is not)."""
+    return read_file(path).decode("utf-8")
 
 
 def written_file(filename: str) -> str:

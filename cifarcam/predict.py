@@ -20,7 +20,7 @@ from cifarcam import viz
 from cifarcam.cam import CamExtractor, check_layers, check_methods
 from cifarcam.data import normalize
 from cifarcam.errors import DataError, UsageError
-from cifarcam.fileio import atomic_write_bytes
+from cifarcam.fileio import atomic_write_bytes, read_file
 from cifarcam.formats import CheckpointInfo
 from cifarcam.rundir import RunDir, enclosing_run
 from cifarcam.trained import LoadedRun, load_checkpoint
@@ -139,7 +139,7 @@ def to_model_input(rgb: np.ndarray, mode: str = "RGB 8-bit") -> ImageInput:
 def read_image(path: Path) -> ImageInput:
     """An image file of any common format, size and mode, ready for the model."""
     try:
-        data = path.read_bytes()
+        data = read_file(path)
     except IsADirectoryError:
         raise DataError(f"'{path}' is a directory, not an image") from None
     except FileNotFoundError:

@@ -20,7 +20,7 @@ import jinja2
 import cifarcam
 from cifarcam import viz
 from cifarcam.errors import RunError
-from cifarcam.fileio import atomic_write_files, written_file
+from cifarcam.fileio import atomic_write_files, read_file, written_file
 from cifarcam.rundir import RunDir, now_iso
 from cifarcam.runlock import reads_run
 
@@ -124,7 +124,7 @@ def data_uri(png: bytes) -> str:
 
 
 def picture_file(path: Path, title: str, facts: list[tuple[str, str]] | None = None) -> Picture:
-    return Picture(title, data_uri(path.read_bytes()), facts or [])
+    return Picture(title, data_uri(read_file(path)), facts or [])
 
 
 def table_of(records: list[Any]) -> Table | None:

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from cifarcam import runlock
 from cifarcam.errors import CheckpointError, RunError, RunLocked, UsageError
-from cifarcam.fileio import atomic_write_bytes, atomic_write_json, parse_json
+from cifarcam.fileio import atomic_write_bytes, atomic_write_json, parse_json, read_file, read_text
 from cifarcam.formats import (
     CheckpointInfo,
     check_state_tensors,
@@ -139,9 +139,11 @@ class RunDir:
 
     def read_json(self, path: Path) -> Any:
         try:
-            return parse_json(path.read_text(encoding="utf-8"))
+            return parse_json(read_text(path))
         except FileNotFoundError:
             raise RunError(f"run '{self.name}' has no {path.name}") from None
+        except OSError as error:
+            raise RunError(f"cannot read '{path}': {error.strerror or error}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise RunError(f"'{path}' is not valid JSON ({error})") from None
         except ValueError as error:
@@ -215,7 +217,7 @@ class RunDir:
         from safetensors.torch import load as load_safetensors
 
         try:
-            data = self.state_path.read_bytes()
+            data = read_file(self.state_path)
             tensors = load_safetensors(data)
             meta = state_record(header_metadata(data))
             check_state_tensors(tensors, meta)
@@ -294,7 +296,7 @@ class RunDir:
         from cifarcam.models import build_model
 
         try:
-            data = path.read_bytes()
+            data = read_file(path)
             tensors = load_safetensors(data)
             info = checkpoint_info(kind, header_metadata(data))
         except (SafetensorError, ValueError, KeyError, TypeError, OSError) as error:
@@ -320,7 +322,7 @@ def looks_like_run(folder: Path) -> bool:
     if (checkpoints / "last.safetensors").is_file() or (checkpoints / "state.safetensors").is_file():
         return True
     try:
-        meta = parse_json((folder / "meta.json").read_text(encoding="utf-8"))
+        meta = parse_json(read_text(folder / "meta.json"))
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and "cifarcam_version" in meta

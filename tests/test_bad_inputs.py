@@ -514,6 +514,27 @@ CASES = [
         "Error: cannot write '{tmp}/c.png': Is a directory",
     ),
     (
+        "predict of a FIFO",
+        "special_files",
+        "predict --run tiny {tmp}/pipe.png",
+        1,
+        "Error: cannot read '{tmp}/pipe.png': not a regular file (a FIFO, socket or device)",
+    ),
+    (
+        "predict of a link to /dev/zero",
+        "special_files",
+        "predict --run tiny {tmp}/zero.png",
+        1,
+        "Error: cannot read '{tmp}/zero.png': not a regular file (a FIFO, socket or device)",
+    ),
+    (
+        "report with a FIFO for evaluation.json",
+        "special_files",
+        "report --run tiny",
+        1,
+        "Error: cannot read '{runs}/tiny/evaluation.json': not a regular file (a FIFO, socket or device)",
+    ),
+    (
         "a FIFO in the image tree",
         "tree:fifo",
         "train --run r --data {tree} --width 4 --epochs 1",
@@ -806,6 +827,11 @@ def test_bad_input(
     elif kind == "png_folder":
         copy_tree(runs / "tiny", runs / "other")
         (scratch / "c.png").mkdir()
+    elif kind == "special_files":  # would block (a FIFO) or never end (/dev/zero) if read
+        os.mkfifo(scratch / "pipe.png")
+        (scratch / "zero.png").symlink_to("/dev/zero")
+        (runs / "tiny" / "evaluation.json").unlink(missing_ok=True)
+        os.mkfifo(runs / "tiny" / "evaluation.json")
     elif kind == "undecodable_link":  # a folder whose name is not UTF-8, as Python sees it
         Path(f"{tree}\udcff").symlink_to(tree)
     before = snapshot(runs)
