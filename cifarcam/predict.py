@@ -20,7 +20,7 @@ from cifarcam import viz
 from cifarcam.cam import CamExtractor, check_layers, check_methods
 from cifarcam.data import normalize
 from cifarcam.errors import DataError, UsageError
-from cifarcam.fileio import atomic_write_bytes, read_file
+from cifarcam.fileio import atomic_write_bytes, read_file, written_file
 from cifarcam.formats import CheckpointInfo
 from cifarcam.rundir import RunDir, enclosing_run
 from cifarcam.trained import LoadedRun, load_checkpoint
@@ -296,12 +296,15 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
+STEM_CHARS = 100  # of an input's name in its overlays' names (a file name holds 255 bytes)
+
+
 def _unique_stems(paths: Sequence[Path]) -> list[str]:
-    """A distinct output name per input: repeats get -2, -3, ... past any name already taken
-    (a.png, a.jpg, a-2.png -> a, a-2, a-2-2)."""
+    """A distinct output name per input, its first STEM_CHARS characters: repeats get -2, -3,
+    ... past any name already taken (a.png, a.jpg, a-2.png -> a, a-2, a-2-2)."""
     stems: list[str] = []
     for path in paths:
-        base = _safe(path.stem) or "image"
+        base = _safe(path.stem)[:STEM_CHARS] or "image"
         stem, count = base, 1
         while stem in stems:
             count += 1
@@ -366,7 +369,14 @@ def predict_files(
             continue
         probabilities = predictor.probabilities(image.pixels)
         top = predictor.top_k(probabilities, top_k)
-        overlays = _write_overlays(predictor, image, stem, int(probabilities.argmax()), cam) if cam else []
+        pred = int(probabilities.argmax())
+        try:
+            overlays = _write_overlays(predictor, image, stem, pred, cam) if cam else []
+        except OSError as error:  # a full disk, or a folder in the overlay's way
+            where = written_file(str(error.filename)) if error.filename else "its folder"
+            message = f"cannot write a CAM overlay of '{path}' ({where}): {error.strerror or error}"
+            yield FileResult(path, error=message)
+            continue
         yield FileResult(path, image, top, overlays)
 
 

@@ -222,7 +222,7 @@ def test_a_bad_file_among_good_ones(trained_runs: Path, odd_images: dict[str, Pa
         f"Error: '{odd_images['notes.txt']}' is not a readable image",
         f"Error: '{odd_images['cut.png']}' is not a readable image",
         f"Error: '{tmp_path / 'nope.png'}' does not exist",
-        "3 of 5 files could not be read",
+        "3 of 5 files failed",
     ]
     assert (
         f"{odd_images['wide.jpg']}: 97x61" in result.stdout
@@ -358,6 +358,36 @@ def test_output_names_stay_distinct_past_names_already_taken() -> None:
 
     paths = [Path("x/a.png"), Path("y/a.jpg"), Path("a-2.png"), Path("z/a.webp")]
     assert _unique_stems(paths) == ["a", "a-2", "a-2-2", "a-3"]
+
+
+def test_an_overlay_that_cannot_be_written_fails_its_file_only(
+    trained_runs: Path, odd_images: dict[str, Path], tmp_path: Path
+) -> None:
+    """A folder where the first file's overlay goes, and a name far beyond 255 bytes: the first
+    file fails with one line, the others are still predicted, and the JSON document is printed."""
+    long_name = tmp_path / ("a" * 240 + ".png")
+    shutil.copy(odd_images["gray.png"], long_name)
+    out = tmp_path / "overlays"
+    (out / "wide_gradcam_layer4_pred-class0.png").mkdir(parents=True)
+    for index in range(1, 10):  # whichever class the model predicts for it
+        (out / f"wide_gradcam_layer4_pred-class{index}.png").mkdir()
+    files = [odd_images["wide.jpg"], long_name, odd_images["rgba.png"]]
+    result = invoke(
+        "predict", "--run", "tiny", "--runs-dir", str(trained_runs), "--device", "cpu", "--json",
+        "--cam", "--out", str(out), *map(str, files),
+    )  # fmt: skip
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(
+        f"Error: cannot write a CAM overlay of '{odd_images['wide.jpg']}' ({out}/wide_gradcam"
+    )
+    assert line.endswith("): Is a directory"), line
+    document = json.loads(result.stdout)
+    assert document["failed"] == 1
+    wide, long, rgba = document["images"]
+    assert not wide["ok"] and long["ok"] and rgba["ok"]
+    assert Path(long["overlays"][0]["path"]).name.startswith("a" * 100 + "_gradcam_layer4_pred-")
+    assert all(Path(overlay["path"]).is_file() for overlay in long["overlays"] + rgba["overlays"])
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])

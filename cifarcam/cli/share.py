@@ -106,8 +106,8 @@ def predict(
     """Classify your own images (any size and mode) with a run's model; optionally draw CAM overlays.
 
     Each image is centre-cropped to a square and resized to 32x32 (the table shows how). A file
-    that cannot be read is reported on one line and the others are still processed; the exit
-    code is then 1.
+    that cannot be read, or whose overlays cannot be written, is reported on one line and the
+    others are still processed; the exit code is then 1.
 
     Example: cifarcam predict --run r1 cat.jpg dog.png --top-k 3 --cam --layer layer3
     """
@@ -141,7 +141,7 @@ def predict(
     failed = sum(result.error is not None for result in results)
     if failed:
         if not as_json:
-            typer.echo(f"{failed} of {len(results)} files could not be read", err=True)
+            typer.echo(f"{failed} of {len(results)} files failed", err=True)
         raise typer.Exit(EXIT_RUNTIME)
 
 
