@@ -127,10 +127,29 @@ def _parse_int(text: str) -> int:
     return value
 
 
+MAX_NESTING = 64  # levels of lists and objects; cifarcam's own files (pipelines too) hold far fewer
+
+
+def _nesting(value: Any) -> int:
+    """How many levels of lists and objects `value` has (0 for a scalar), without recursion."""
+    deepest, level = 0, [(value, 1)]
+    while level:
+        item, depth = level.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            level.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def parse_json(text: str) -> Any:
     """json.loads for files a user may have edited: a ValueError (json.JSONDecodeError for bad
-    syntax) also for integers beyond a float's range and for nesting too deep to parse."""
+    syntax) also for integers beyond a float's range and for nesting deeper than MAX_NESTING
+    (which the code reading it would recurse into)."""
     try:
-        return json.loads(text, parse_int=_parse_int)
+        value = json.loads(text, parse_int=_parse_int)
     except RecursionError:
         raise ValueError("it is nested too deeply") from None
+    if _nesting(value) > MAX_NESTING:
+        raise ValueError(f"it is nested more than {MAX_NESTING} levels deep")
+    return value

@@ -230,7 +230,8 @@ def _epochs_table(epochs: list[dict[str, Any]]) -> Table:
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A count of test images (at most 2**53, beyond which a float loses whole numbers)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2**53
 
 
 def _add_evaluation(report: RunReport, evaluation: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -242,7 +243,9 @@ def _add_evaluation(report: RunReport, evaluation: dict[str, Any], meta: dict[st
         ("checkpoint", f"{fmt(evaluation.get('checkpoint'))} (epoch {fmt(evaluation.get('epoch'))})"),
     ]
     per_class = as_dict(evaluation.get("per_class_accuracy"))
-    report.per_class = [(str(k), float(v)) for k, v in per_class.items() if isinstance(v, int | float)]
+    report.per_class = [  # accuracies: a value outside [0, 1] (or NaN) is not one
+        (str(k), float(v)) for k, v in per_class.items() if isinstance(v, int | float) and 0 <= v <= 1
+    ]
     classes = next(
         (
             c

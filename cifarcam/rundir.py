@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import shutil
 import uuid
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are read or written: `plot`
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 CHECKPOINT_KINDS = ("last", "best")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def now_iso() -> str:
@@ -347,4 +349,6 @@ def _record_problem(record: Any) -> str:
     for key, value in record.items():
         if not isinstance(value, int | float) or isinstance(value, bool):
             return f"has {json.dumps(value)} for '{key}', not a number"
+        if math.isfinite(value) and abs(value) > FLOAT32_MAX:  # losses are float32: inf at most
+            return f"has {value:g} for '{key}', beyond any value training records"
     return ""

@@ -90,6 +90,13 @@ def damage_run(run: Path, how: str) -> None:
         metrics = json.loads((run / "metrics.json").read_text())
         metrics["epochs"][0]["test_acc"] = None
         (run / "metrics.json").write_text(json.dumps(metrics))
+    elif how == "huge_losses":  # finite, but their range overflows a float
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["epochs"][0]["test_loss"], metrics["epochs"][1]["test_loss"] = 1e308, -1e308
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    elif how == "deep_sanity":  # parses, but reading it would recurse 450 levels
+        (run / "sanity").mkdir(exist_ok=True)
+        (run / "sanity" / "x.json").write_text('{"method": ' + "[" * 450 + "1" + "]" * 450 + "}")
     elif how == "bad_faithfulness":
         (run / "gradcam").mkdir(exist_ok=True)
         (run / "gradcam" / "metrics.json").write_text("[1, 2]")
@@ -736,6 +743,20 @@ CASES = [
         "train --run new --data {tree} --config {tmp}/c.json",
         2,
         "Error: invalid value for 'albumentations': unknown albumentations parameter 'flip_prob' of HorizontalFlip (albumentations would drop it)",
+    ),
+    (
+        "metrics.json with losses whose range overflows",
+        "run:huge_losses",
+        "plot --run tiny",
+        1,
+        "Error: '{runs}/tiny/metrics.json' is malformed: its epoch record 1 has 1e+308 for 'test_loss', beyond any value training records",
+    ),
+    (
+        "a sanity JSON nested 450 levels deep",
+        "run:deep_sanity",
+        "report --run tiny",
+        1,
+        "Error: '{runs}/tiny/sanity/x.json' is not a file cifarcam wrote: it is nested more than 64 levels deep",
     ),
     (
         "metrics.json with a null",

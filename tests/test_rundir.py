@@ -116,6 +116,14 @@ def test_integers_beyond_a_float_are_refused_when_read(tmp_path: Path) -> None:
             parse_json(text)
 
 
+def test_json_nested_beyond_64_levels_is_refused_when_read() -> None:
+    assert parse_json("[" * 64 + "]" * 64) is not None
+    assert parse_json('{"a": ' * 64 + "1" + "}" * 64) is not None
+    for text in ("[" * 65 + "]" * 65, '{"a": ' * 65 + "1" + "}" * 65):
+        with pytest.raises(ValueError, match="it is nested more than 64 levels deep"):
+            parse_json(text)
+
+
 def test_a_failed_rename_leaves_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import cifarcam.fileio as fileio
 
