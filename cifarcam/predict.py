@@ -4,8 +4,13 @@ model's 32x32 input, top-k classes and CAM overlays. Shared by `cifarcam predict
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import re
+import sys
+import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,25 +92,44 @@ def _on_white(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return (colour.astype(np.float32) * weight + 255.0 * (1.0 - weight)).round().astype(np.uint8)
 
 
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _decoders_silenced() -> Iterator[None]:
+    """OpenCV's log lines, Pillow's warnings (corrupt EXIF, a decompression-bomb size) and what
+    libpng and libtiff print to the process's stderr themselves are dropped while decoding."""
+    level = cv2.utils.logging.getLogLevel()
+    with _STDERR_LOCK, warnings.catch_warnings(), open(os.devnull, "wb") as devnull:
+        warnings.simplefilter("ignore")
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            cv2.utils.logging.setLogLevel(level)
+
+
 def decode_image(data: bytes, name: str) -> tuple[np.ndarray, str]:
     """Bytes of an image file -> (H, W, 3) uint8 RGB and a description of what the file held."""
     array = None
     if data:
         buffer = np.frombuffer(data, np.uint8)
-        level = cv2.utils.logging.getLogLevel()
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # no WARN lines for broken files
-        try:
-            array = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
-            if data[:3] == b"\xff\xd8\xff" and array is not None and array.dtype == np.uint8:
-                # The same pixels again, with the EXIF orientation applied (UNCHANGED ignores it)
-                flag = cv2.IMREAD_GRAYSCALE if array.ndim == 2 else cv2.IMREAD_COLOR
-                array = cv2.imdecode(buffer, flag)
-        except cv2.error:
-            array = None
-        finally:
-            cv2.utils.logging.setLogLevel(level)
-        if array is None:
-            array = _decode_with_pillow(data)
+        with _decoders_silenced():  # a broken file gets our one line, not the decoders' own
+            try:
+                array = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+                if data[:3] == b"\xff\xd8\xff" and array is not None and array.dtype == np.uint8:
+                    # The same pixels again, with the EXIF orientation applied (UNCHANGED ignores it)
+                    flag = cv2.IMREAD_GRAYSCALE if array.ndim == 2 else cv2.IMREAD_COLOR
+                    array = cv2.imdecode(buffer, flag)
+            except cv2.error:
+                array = None
+            if array is None:
+                array = _decode_with_pillow(data)
     if array is None or array.size == 0:
         raise DataError(f"'{name}' is not a readable image")
     pixels, depth = _to_uint8(array, name)

@@ -40,6 +40,9 @@ def a_photo(seed: int = 0) -> np.ndarray:
     return synthetic_dataset(1, 1, seed=seed).test.images[0].numpy().transpose(1, 2, 0).copy()
 
 
+UNREADABLE = ("notes.txt", "cut.png", "half.png", "half.tif")
+
+
 @pytest.fixture(scope="module")
 def odd_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One file per case: odd sizes, grayscale, RGBA, 16-bit, a palette PCX (which only Pillow reads), tiny, and bad files."""
@@ -65,6 +68,10 @@ def odd_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["notes.txt"].write_text("not an image\n")
     paths["cut.png"] = folder / "cut.png"
     paths["cut.png"].write_bytes(paths["gray.png"].read_bytes()[:40])
+    save("whole.tif", cv2.resize(bgr, (64, 64)))
+    for name, whole in (("half.png", "rgba.png"), ("half.tif", "whole.tif")):  # cut in their pixel data
+        paths[name] = folder / name
+        paths[name].write_bytes(paths[whole].read_bytes()[: paths[whole].stat().st_size // 2])
     return paths
 
 
@@ -148,17 +155,14 @@ def test_files_only_pillow_reads_name_their_own_channels(
 
 
 def test_every_odd_file_reads(odd_images: dict[str, Path]) -> None:
-    modes = {
-        name: read_image(path).mode
-        for name, path in odd_images.items()
-        if name not in ("notes.txt", "cut.png")
-    }
+    modes = {name: read_image(path).mode for name, path in odd_images.items() if name not in UNREADABLE}
     assert modes == {
         "wide.jpg": "RGB 8-bit",
         "gray.png": "grayscale 8-bit",
         "rgba.png": "RGBA 8-bit",
         "deep.png": "RGB 16-bit",
         "tiny.bmp": "RGB 8-bit",
+        "whole.tif": "RGB 8-bit",
         "palette.pcx": "RGB 8-bit",
     }
     rgba = read_image(odd_images["rgba.png"])
@@ -187,7 +191,7 @@ def test_predictions_match_the_test_set_inference(trained_runs: Path) -> None:
 
 
 def test_predict_table_for_odd_sizes_and_modes(trained_runs: Path, odd_images: dict[str, Path]) -> None:
-    good = [str(path) for name, path in odd_images.items() if name not in ("notes.txt", "cut.png")]
+    good = [str(path) for name, path in odd_images.items() if name not in UNREADABLE]
     result = predict_tiny(trained_runs, *good)
     assert result.exit_code == 0, result.output
     out = result.stdout
@@ -208,6 +212,8 @@ def test_a_bad_file_among_good_ones(trained_runs: Path, odd_images: dict[str, Pa
         odd_images["cut.png"],
         tmp_path / "nope.png",
         odd_images["gray.png"],
+        odd_images["half.png"],  # libpng and libtiff print their own errors on these
+        odd_images["half.tif"],
     ]
     command = [sys.executable, "-m", "cifarcam", "predict", "--run", "tiny", "--runs-dir", str(trained_runs)]
     result = subprocess.run(
@@ -222,7 +228,9 @@ def test_a_bad_file_among_good_ones(trained_runs: Path, odd_images: dict[str, Pa
         f"Error: '{odd_images['notes.txt']}' is not a readable image",
         f"Error: '{odd_images['cut.png']}' is not a readable image",
         f"Error: '{tmp_path / 'nope.png'}' does not exist",
-        "3 of 5 files failed",
+        f"Error: '{odd_images['half.png']}' is not a readable image",
+        f"Error: '{odd_images['half.tif']}' is not a readable image",
+        "5 of 7 files failed",
     ]
     assert (
         f"{odd_images['wide.jpg']}: 97x61" in result.stdout
