@@ -172,7 +172,8 @@ def process_group(timeout_s: float = 1800) -> Iterator[Group]:
         return
     rank, world_size = _environment_int("RANK"), _environment_int("WORLD_SIZE")
     local_rank = _environment_int("LOCAL_RANK", "0")
-    _torchrun_variable("MASTER_ADDR"), _environment_int("MASTER_PORT")  # the rendezvous needs both
+    _torchrun_variable("MASTER_ADDR")  # the rendezvous needs both
+    _environment_int("MASTER_PORT")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())

@@ -321,7 +321,7 @@ def looks_like_run(folder: Path) -> bool:
     cifarcam version), or a checkpoint or training state. A project folder with a meta.json and
     a config.json of its own is not one."""
     checkpoints = folder / "checkpoints"
-    if (checkpoints / "last.safetensors").is_file() or (checkpoints / "state.safetensors").is_file():
+    if any((checkpoints / f"{kind}.safetensors").is_file() for kind in (*CHECKPOINT_KINDS, "state")):
         return True
     try:
         meta = parse_json(read_text(folder / "meta.json"))
