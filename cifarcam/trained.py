@@ -112,9 +112,26 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
             f"the data at '{config.data}' has classes {dataset.classes}, "
             f"but the checkpoint was trained on {info.classes}"
         )
+    trained_on = _recorded_test_fingerprint(run)
+    if trained_on is not None and trained_on != dataset.test.fingerprint():
+        raise RunError(
+            f"the test images at '{config.data}' have changed since run '{run.name}' was trained "
+            "(same classes, other pixels or labels): its results would not be comparable",
+            hint="put the data back as it was, or train a new run on the new data",
+        )
     amp_dtype = training_dtype(device, config.precision)
     model = model.to(device).to(memory_format=memory_format(config.channels_last)).eval()
     return LoadedRun(run, model, info, dataset.test.to(device), device, amp_dtype, config.channels_last)
+
+
+def _recorded_test_fingerprint(run: RunDir) -> str | None:
+    """The digest of the test set `train` recorded in meta.json (None for runs from before it did,
+    or when meta.json cannot be read)."""
+    try:
+        recorded = run.read_meta().get("test_fingerprint")
+    except RunError:
+        return None
+    return recorded if isinstance(recorded, str) else None
 
 
 def test_logits(loaded: LoadedRun, write: bool = True) -> torch.Tensor:

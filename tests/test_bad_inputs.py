@@ -79,6 +79,10 @@ def damage_run(run: Path, how: str) -> None:
         config = json.loads((run / "config.json").read_text())
         config["width"] = 16
         (run / "config.json").write_text(json.dumps(config))
+    elif how == "other_test_images":  # as if the test images were replaced after training
+        meta = json.loads((run / "meta.json").read_text())
+        assert len(meta["test_fingerprint"]) > 8
+        (run / "meta.json").write_text(json.dumps(meta | {"test_fingerprint": "0" * 16}))
     elif how == "config_width_text":
         config = json.loads((run / "config.json").read_text())
         (run / "config.json").write_text(json.dumps(config | {"width": "wide"}))
@@ -368,6 +372,16 @@ CASES = [
         "Error: unknown layer 'layer4.9'; top-level layers are: conv1, bn1, relu, layer1, layer2, layer3, layer4, linear (dotted names like layer4.1.conv2 reach inside them); did you mean 'layer4.1'?",
     ),
     ("plot before train", "empty_run", "plot --run fresh", 1, "Error: run 'fresh' has no metrics.json"),
+    *(
+        (
+            f"{command} after the test images changed",
+            "run:other_test_images",
+            f"{command} --run tiny",
+            1,
+            "Error: the test images at '{tree0}' have changed since run 'tiny' was trained (same classes, other pixels or labels): its results would not be comparable",
+        )
+        for command in ("evaluate", "misclassified", "gradcam")
+    ),
     (
         "a config.json field edited to a wrong type",
         "run:config_width_text",
@@ -856,7 +870,7 @@ def test_bad_input(
     elif kind == "undecodable_link":  # a folder whose name is not UTF-8, as Python sees it
         Path(f"{tree}\udcff").symlink_to(tree)
     before = snapshot(runs)
-    values = {"runs": runs, "tree": tree, "tmp": scratch}
+    values = {"runs": runs, "tree": tree, "tmp": scratch, "tree0": synthetic_tree}
     argv = [part.format(**values) for part in args.split()]
     if "--runs-dir" not in argv:
         argv += ["--runs-dir", str(runs)]

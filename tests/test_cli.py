@@ -467,6 +467,28 @@ def test_a_stop_at_once_before_the_first_epoch_does_not_suggest_resuming(
     assert result.stderr.splitlines() == ["Error: stopped at once by a second SIGINT; no epoch was saved"]
 
 
+def test_a_run_whose_test_images_were_replaced_is_not_scored_on_them(
+    synthetic_tree: Path, tmp_path: Path
+) -> None:
+    """Same classes, same file names, other pixels: evaluate refuses instead of overwriting the
+    run's results with scores on other data."""
+    import cv2
+
+    tree = copy_tree(synthetic_tree, tmp_path / "tree")
+    runs = tmp_path / "runs"
+    assert invoke(*tiny_train_args(runs, tree, epochs=1)).exit_code == 0
+    assert invoke("evaluate", "--run", "r", "--runs-dir", str(runs)).exit_code == 0
+    evaluation = (runs / "r" / "evaluation.json").read_bytes()
+    image = sorted((tree / "test" / "class0").iterdir())[0]
+    cv2.imwrite(str(image), 255 - cv2.imread(str(image)))
+    result = invoke("evaluate", "--run", "r", "--runs-dir", str(runs))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        f"Error: the test images at '{tree}' have changed since run 'r' was trained"
+    )
+    assert (runs / "r" / "evaluation.json").read_bytes() == evaluation
+
+
 def test_label_smoothing_and_compile_options_reach_the_saved_config(
     synthetic_tree: Path, tmp_path: Path
 ) -> None:
