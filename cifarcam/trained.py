@@ -112,7 +112,7 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
             f"the data at '{config.data}' has classes {dataset.classes}, "
             f"but the checkpoint was trained on {info.classes}"
         )
-    trained_on = _recorded_test_fingerprint(run)
+    trained_on = _recorded_test_fingerprint(run, dataset.source)
     if trained_on is not None and trained_on != dataset.test.fingerprint():
         raise RunError(
             f"the test images at '{config.data}' have changed since run '{run.name}' was trained "
@@ -124,14 +124,16 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
     return LoadedRun(run, model, info, dataset.test.to(device), device, amp_dtype, config.channels_last)
 
 
-def _recorded_test_fingerprint(run: RunDir) -> str | None:
-    """The digest of the test set `train` recorded in meta.json (None for runs from before it did,
-    or when meta.json cannot be read)."""
+def _recorded_test_fingerprint(run: RunDir, source: str) -> str | None:
+    """The digest of the test set `train` recorded in meta.json, when it trained on the data at
+    `source` too (a config.json pointed at other data on purpose is scored on it); None for runs
+    from before it was recorded, or when meta.json cannot be read."""
     try:
-        recorded = run.read_meta().get("test_fingerprint")
+        meta = run.read_meta()
     except RunError:
         return None
-    return recorded if isinstance(recorded, str) else None
+    recorded = meta.get("test_fingerprint")
+    return recorded if isinstance(recorded, str) and meta.get("data") == source else None
 
 
 def test_logits(loaded: LoadedRun, write: bool = True) -> torch.Tensor:
