@@ -198,7 +198,8 @@ def gradcam(
         )
     if precision not in ("fp32", "bf16", "auto"):
         raise UsageError(f"--precision '{precision}' is not one of: fp32, bf16, auto")
-    earlier_rows = camfiles.earlier_faithfulness_rows(run) if metrics else []
+    if metrics:  # a table that cannot be merged into fails before the work (read again to merge)
+        camfiles.earlier_faithfulness_rows(run)
     loaded = load_run(run, checkpoint, device_name)
     amp_dtype = autocast_dtype(loaded.device, precision)
     targets = resolve_target(target, loaded.info.classes)
@@ -216,20 +217,30 @@ def gradcam(
     rows = (mistakes if all_images else torch.arange(len(mistakes)))[:GALLERY_ROWS]
     groups = _groups(methods, layers)
     stem = camfiles.gallery_stem(methods, layers)
-    # Written together at the end: a failed write leaves every earlier file as it was
-    files = camfiles.maps_files(run, explained, targets, groups, all_images, loaded, amp_dtype)
-    if len(rows):
-        files |= camfiles.gallery_files(
-            run, loaded, explained, rows, targets, groups, confidence_all[indices], stem, checkpoint
-        )
     scores: list[dict[str, Any]] = []
     if metrics:
         scores = _faithfulness_rows(loaded, explained, targets[0], methods, layers, steps, batch_size)
-        selection = "all test images" if all_images else f"{count} most confident mistakes"
-        files |= camfiles.faithfulness_file(
-            run, earlier_rows, scores, selection, steps, checkpoint, precision_name(amp_dtype)
-        )
-    atomic_write_files(files)
+    # Written together at the end: a failed write leaves every earlier file as it was. The maps
+    # and rows already there are read again in turn with any other gradcam, so that the results
+    # another one wrote meanwhile are merged in too.
+    with run.merging():
+        files = camfiles.maps_files(run, explained, targets, groups, all_images, loaded, amp_dtype)
+        if len(rows):
+            files |= camfiles.gallery_files(
+                run, loaded, explained, rows, targets, groups, confidence_all[indices], stem, checkpoint
+            )
+        if metrics:
+            selection = "all test images" if all_images else f"{count} most confident mistakes"
+            files |= camfiles.faithfulness_file(
+                run,
+                camfiles.earlier_faithfulness_rows(run),
+                scores,
+                selection,
+                steps,
+                checkpoint,
+                precision_name(amp_dtype),
+            )
+        atomic_write_files(files)
     return GradcamOutcome(list(files), scores, len(rows))
 
 

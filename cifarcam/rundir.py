@@ -187,6 +187,11 @@ class RunDir:
         """Keep this run from being deleted by `train --overwrite` for the block."""
         return runlock.reading(self.path, self._readers_lock_path)
 
+    def merging(self) -> contextlib.AbstractContextManager[None]:
+        """One command at a time merges its results into this run's files (gradcam's maps and
+        faithfulness table), so concurrent ones all keep theirs."""
+        return runlock.merging(self.runs_dir / f".{self.name}.results.lock")
+
     @property
     def _readers_lock_path(self) -> Path:
         return self.runs_dir / f".{self.name}.readers.lock"

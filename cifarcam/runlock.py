@@ -2,7 +2,8 @@
 
 One `train` per run (`training`, exclusive). Commands that read a run and write their results
 into it hold a shared lock (`reading`, `reads_run`), which `train --overwrite` must take
-exclusively before it deletes the run (`readers_shut_out`). The kernel drops a lock when its
+exclusively before it deletes the run (`readers_shut_out`); those that merge their results
+into a file already there take turns for the merge (`merging`). The kernel drops a lock when its
 process dies, so a lock left by a killed process is simply taken over.
 """
 
@@ -73,6 +74,25 @@ def reading(run_path: Path, lock_path: Path) -> Iterator[None]:
         return
     with handle:
         fcntl.flock(handle, fcntl.LOCK_SH)  # waits only while a run is being deleted
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def merging(lock_path: Path) -> Iterator[None]:
+    """Hold `lock_path` exclusively for the block, waiting for another holder: one command at a
+    time reads a results file, merges its own results in and writes it back, so two at once
+    both keep theirs. Without it where the lock file cannot be created (a read-only runs
+    directory, where nothing can be written either)."""
+    try:
+        handle = open(lock_path, "a")  # noqa: SIM115
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:

@@ -263,3 +263,31 @@ def test_a_failed_write_leaves_every_earlier_gradcam_file_as_it_was(
     assert result.stderr.splitlines()[0] == "Error: No space left on device"
     assert snapshot(runs / "tiny" / "gradcam") == before
     assert not list((runs / "tiny").rglob("*.tmp"))
+
+
+def test_two_gradcams_at_once_both_keep_their_maps_and_rows(runs: Path) -> None:
+    """Each merges into the maps file and the faithfulness table in turn: neither call's results
+    are lost to the other's write (without the turn, the later writer dropped the earlier one's)."""
+    import os
+    import subprocess
+    import sys
+
+    def start(target: str) -> subprocess.Popen[str]:
+        args = ["gradcam", "--run", "tiny", "--runs-dir", str(runs), "--count", "4", "--device", "cpu"]
+        args += ["--target", target, "--metrics", "--steps", "4"]
+        return subprocess.Popen(
+            [sys.executable, "-m", "cifarcam", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ | {"OMP_NUM_THREADS": "1"},
+        )
+
+    both = [start("class3"), start("class4")]
+    for process in both:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+    maps = load_file(runs / "tiny" / "gradcam" / "gradcam_layer4.safetensors")
+    assert {"maps_class_class3", "maps_class_class4"} <= set(maps)
+    table = json.loads((runs / "tiny" / "gradcam" / "metrics.json").read_text())
+    assert {row["target"] for row in table["results"]} == {"class:class3", "class:class4"}
