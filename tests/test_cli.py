@@ -525,6 +525,31 @@ def test_training_start_line_names_the_epoch_length(synthetic_tree: Path, tmp_pa
     assert "400 training images (250 per epoch)" in result.stdout
 
 
+def test_repeated_presets_and_config_files_apply_in_order(runs_dir: Path, synthetic_tree: Path) -> None:
+    first, second = runs_dir.parent / "first.json", runs_dir.parent / "second.json"
+    first.write_text(json.dumps({"batch_size": 16, "epochs": 1, "augment": {"cutout": 4}}))
+    second.write_text(json.dumps({"epochs": 2, "workers": 0, "augment": {"translate": 1}}))
+    args = [
+        "train",
+        "--run",
+        "q",
+        "--runs-dir",
+        str(runs_dir),
+        "--data",
+        str(synthetic_tree),
+        "--epochs",
+        "1",
+    ]
+    args += ["--preset", "quick", "--preset", "seed-albumentations", "--config", str(first)]
+    result = invoke(*args, "--config", str(second), "--width", "4", "--device", "cpu", "--subset", "40")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((runs_dir / "q" / "config.json").read_text())
+    assert saved["decay_norm_and_bias"] is False and saved["albumentations"] is not None  # both presets
+    assert saved["batch_size"] == 16 and saved["workers"] == 0  # both files
+    assert saved["augment"] == {"flip": True, "translate": 1, "cutout": 4}  # the second file last
+    assert saved["epochs"] == 1  # the option over everything
+
+
 def test_a_null_in_the_config_file_unsets_the_presets_value(runs_dir: Path, synthetic_tree: Path) -> None:
     config = runs_dir.parent / "c.json"
     config.write_text(json.dumps({"epoch_images": None, "epochs": 1, "augment": {"cutout": 4}}))

@@ -137,15 +137,19 @@ def train(
         typer.Option(help="Random seed (init, data order, augmentation, subsets).", show_default="0"),
     ] = None,
     preset: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
-            help="Start from a named preset: quick (CPU-sized) or seed-albumentations.", show_default=False
+            help="Start from a named preset: quick (CPU-sized) or seed-albumentations (repeatable: "
+            "later ones override earlier ones).",
+            show_default=False,
         ),
     ] = None,
     config: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option(
-            "--config", help="JSON config file; it overrides --preset, command-line options override it."
+            "--config",
+            help="JSON config file; it overrides --preset, command-line options override it "
+            "(repeatable: later files override earlier ones).",
         ),
     ] = None,
     overwrite: Annotated[
@@ -220,11 +224,11 @@ def train(
             with _stop_on_signals(group) as stop, _training_progress(group.is_main) as callbacks:
                 records = pipeline.resume(rundir, command, callbacks, stop, group)
         else:
-            base = merge_overrides(
-                preset_values(preset) if preset else {},
-                read_config_file(config) if config else {},
-                given_none=True,
-            )
+            base: dict[str, Any] = {}  # presets, then config files, each in the order given
+            for layer in [preset_values(name) for name in preset or []]:
+                base = merge_overrides(base, layer, given_none=True)
+            for path in config or []:
+                base = merge_overrides(base, read_config_file(path), given_none=True)
             resolved = build_config(merge_overrides(base, overrides))
             with _stop_on_signals(group) as stop, _training_progress(group.is_main) as callbacks:
                 records = pipeline.train(resolved, rundir, overwrite, command, callbacks, stop, group)
