@@ -603,3 +603,35 @@ def test_train_notes_emulated_bf16_on_a_cpu_without_it(
     assert result.exit_code == 0, result.output
     noted = "bf16 is emulated and slower than fp32" in result.output
     assert noted == (precision == "bf16" and not cpu_supports_bf16())
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["train", "--run", "x", "--epochs", "abc"], "Error: Invalid value for '--epochs': "),
+        (["train", "--bogus"], "Error: No such option: --bogus"),
+        (["evaluate"], "Error: Missing option '--run'."),
+    ],
+    ids=["not a number", "unknown option", "missing option"],
+)
+def test_a_mistyped_option_is_one_line_and_exit_2(args: list[str], line: str) -> None:
+    """Through the installed entry point (CliRunner would bypass it): not the boxed usage text."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "cifarcam", *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    first, hint = result.stderr.splitlines()
+    assert first.startswith(line), result.stderr
+    assert hint == f"Hint: see 'cifarcam {args[0]} --help'"
+
+
+def test_cifarcam_alone_prints_its_help() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "cifarcam"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "Usage: cifarcam [OPTIONS] COMMAND" in result.stdout and result.stdout.count("Usage:") == 1

@@ -52,4 +52,29 @@ def root(
 
 
 def main() -> None:
-    app()
+    """The `cifarcam` command. A mistyped option (an unknown name, `--epochs abc`) is one line
+    and exit 2 like every other bad input, not the boxed usage message. (Typer may ship its own
+    copy of click, so its exceptions are told by name.)"""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="cifarcam", standalone_mode=False)
+    except Exception as error:
+        kinds = {kind.__name__ for kind in type(error).__mro__}
+        context = getattr(error, "ctx", None)
+        if "NoArgsIsHelpError" in kinds:  # `cifarcam` alone: the help
+            error.show()  # type: ignore[attr-defined]
+            code = 2
+        elif "UsageError" in kinds:
+            name = context.command_path if context else "cifarcam"
+            typer.echo(f"Error: {error.format_message()}", err=True)  # type: ignore[attr-defined]
+            typer.echo(f"Hint: see '{name} --help'", err=True)
+            code = 2
+        elif "Abort" in kinds:  # a Ctrl-C outside any command's own handling
+            typer.echo("Error: interrupted", err=True)
+            code = 130
+        elif "ClickException" in kinds:
+            typer.echo(f"Error: {error.format_message()}", err=True)  # type: ignore[attr-defined]
+            code = getattr(error, "exit_code", 1)
+        else:
+            raise
+    raise SystemExit(code if isinstance(code, int) else 0)
