@@ -8,15 +8,17 @@ over processes is augmented exactly as the unsplit batch.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch.utils.data import DataLoader, get_worker_info
 
-from cifarcam.config import AugmentConfig, load_pipeline, one_line, pipeline_problem
+from cifarcam.config import AugmentConfig
 from cifarcam.data import Split
 from cifarcam.errors import ConfigError
 
@@ -111,6 +113,100 @@ def seed_project_pipeline() -> dict[str, Any]:
         ]
     )
     return dict(A.to_dict(pipeline))
+
+
+def _always(node: Any) -> Any:
+    """A serialised pipeline with every probability set to 1, so that each transform runs."""
+    if isinstance(node, dict):
+        return {key: 1.0 if key == "p" else _always(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_always(item) for item in node]
+    return node
+
+
+def one_line(error: Exception) -> str:
+    """An albumentations error in one line: the first of pydantic's errors about a parameter, or
+    the message's lines joined."""
+    cause = error.__cause__
+    if isinstance(cause, ValidationError) and cause.errors():
+        first = cause.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"parameter '{where}': {first['msg']} (got {first.get('input')!r})"
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"{type(error).__name__}: {text}"
+
+
+def _dropped(given: Any, kept: Any) -> list[str]:
+    """The parameters of a serialised pipeline's transforms (`given`) that its round trip through
+    albumentations (`kept`) lost, as 'name of Transform'."""
+    if isinstance(given, list) and isinstance(kept, list) and len(given) == len(kept):
+        return [name for one, other in zip(given, kept, strict=True) for name in _dropped(one, other)]
+    if not isinstance(given, dict) or not isinstance(kept, dict):
+        return []
+    transform = given.get("__class_fullname__")
+    lost = [f"'{key}' of {transform}" for key in given if key not in kept] if transform else []
+    for key in ("transform", "transforms"):  # the pipeline's root, and a Compose's members
+        lost += _dropped(given.get(key), kept.get(key))
+    return lost
+
+
+def load_pipeline(value: dict[str, Any], refuse_dropped: bool = False) -> Any:
+    """The albumentations Compose of a serialised pipeline, with albumentations' notices
+    silenced. With `refuse_dropped`, a parameter albumentations does not know (it only warns and
+    drops it: a misspelt name, or `always_apply` of albumentations 1.x) is an error."""
+    import albumentations as A
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            pipeline = A.from_dict(value)
+        except Exception as error:
+            raise ValueError(f"not an albumentations pipeline ({one_line(error)})") from None
+        lost = _dropped(value, A.to_dict(pipeline)) if refuse_dropped else []
+    if lost:
+        several = len(lost) > 1
+        raise ValueError(
+            f"unknown albumentations parameter{'s' * several} {', '.join(lost)} "
+            f"(albumentations would drop {'them' if several else 'it'})"
+        )
+    return pipeline
+
+
+def pipeline_problem(image: Any) -> str | None:
+    """What is wrong with an albumentations pipeline's output, or None for a 32x32x3 uint8 image
+    (cifarcam converts images to tensors itself; a resize or crop would train on images unlike
+    the test set)."""
+    if isinstance(image, np.ndarray) and image.shape == (32, 32, 3) and image.dtype == np.uint8:
+        return None
+    got = f"{tuple(image.shape)} {image.dtype}" if hasattr(image, "shape") else type(image).__name__
+    return (
+        f"the albumentations pipeline must keep 32x32x3 uint8 images (it made {got}); "
+        "cifarcam converts them to tensors itself"
+    )
+
+
+PIPELINE_PROBES = 64  # seeded draws of the pipeline as given, and of it with every p set to 1
+
+
+def check_pipeline(value: dict[str, Any], refuse_dropped: bool) -> None:
+    """The pipeline loads, and turns 32x32 RGB uint8 images into others of that size and type,
+    checked before training starts, so a bad pipeline never replaces a run. Enough draws that a
+    transform changing the size one time in ten is caught; the training loader checks every image
+    as well."""
+    pipelines = [load_pipeline(value, refuse_dropped), load_pipeline(_always(value))]
+    probe = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    for pipeline in pipelines:
+        pipeline.set_random_seed(0)
+        for _ in range(PIPELINE_PROBES):
+            try:
+                image = pipeline(image=probe)["image"]
+            except Exception as error:
+                raise ValueError(
+                    f"the albumentations pipeline fails on a 32x32 RGB image ({one_line(error)})"
+                ) from None
+            problem = pipeline_problem(image)
+            if problem is not None:
+                raise ValueError(problem)
 
 
 class AlbumentationsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, str]]):

@@ -76,7 +76,7 @@ def _environment(prepared: Prepared, command: str, group: Group) -> dict[str, An
         "data": prepared.dataset.source,
         **prepared.data_facts,
         "test_images": len(prepared.dataset.test),
-        "test_fingerprint": prepared.dataset.test.fingerprint(),  # later commands score this test set
+        "test_fingerprint": prepared.test_fingerprint,  # later commands score this test set
         "world_size": group.world_size,
     }
 

@@ -58,22 +58,17 @@ def training(runs_dir: Path, name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def reading(run_path: Path, lock_path: Path) -> Iterator[None]:
-    """Keep the run at `run_path` from being deleted for the block (a shared lock on
-    `lock_path`), so results computed from its old training never land in a new run.
-
-    Without it where the lock file cannot be created: such a runs directory is read-only,
-    so the run can neither be deleted nor written to.
-    """
+def _held(lock_path: Path, operation: int) -> Iterator[None]:
+    """Hold `lock_path` with flock `operation` (waiting for it) for the block; without a lock
+    where the lock file cannot be created: such a runs directory is read-only, so the run can
+    neither be deleted nor written to."""
     try:
-        if not run_path.is_dir():  # nothing to protect, and no lock file for a mistyped name
-            raise FileNotFoundError(run_path)
         handle = open(lock_path, "a")  # noqa: SIM115
     except OSError:
         yield
         return
     with handle:
-        fcntl.flock(handle, fcntl.LOCK_SH)  # waits only while a run is being deleted
+        fcntl.flock(handle, operation)
         try:
             yield
         finally:
@@ -81,22 +76,22 @@ def reading(run_path: Path, lock_path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def merging(lock_path: Path) -> Iterator[None]:
-    """Hold `lock_path` exclusively for the block, waiting for another holder: one command at a
-    time reads a results file, merges its own results in and writes it back, so two at once
-    both keep theirs. Without it where the lock file cannot be created (a read-only runs
-    directory, where nothing can be written either)."""
-    try:
-        handle = open(lock_path, "a")  # noqa: SIM115
-    except OSError:
+def reading(run_path: Path, lock_path: Path) -> Iterator[None]:
+    """Keep the run at `run_path` from being deleted for the block (a shared lock on
+    `lock_path`, which waits only while a run is being deleted), so results computed from its
+    old training never land in a new run."""
+    if not run_path.is_dir():  # nothing to protect, and no lock file for a mistyped name
         yield
         return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with _held(lock_path, fcntl.LOCK_SH):
+        yield
+
+
+def merging(lock_path: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold `lock_path` exclusively for the block, waiting for another holder: one command at a
+    time reads a results file, merges its own results in and writes it back, so two at once
+    both keep theirs."""
+    return _held(lock_path, fcntl.LOCK_EX)
 
 
 @contextlib.contextmanager

@@ -69,6 +69,12 @@ class Prepared:
             "train_fingerprint": self.train.fingerprint(),
         }
 
+    @cached_property
+    def test_fingerprint(self) -> str:
+        """The test set's digest: meta.json keeps it for the commands after `train`, and the
+        logits cache names the test set it scored."""
+        return self.dataset.test.fingerprint()
+
 
 def interrupted(number: int, what: str, hint: str | None = None) -> TrainingInterrupted:
     """The error of a stop asked by signal `number`: 'interrupted by SIGNAME <what>', exit 128 + it."""
@@ -151,7 +157,7 @@ def train_loop(
     )
     # Saved with the state: what resume must continue under (`resumption`)
     resume_facts = {"config": config.model_dump(mode="json"), "data": prepared.data_facts}
-    test_fingerprint = dataset.test.fingerprint()  # the logits cache names the test set it scored
+    test_fingerprint = prepared.test_fingerprint
     header = {
         "model": config.model,
         "width": config.width,

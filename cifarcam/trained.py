@@ -7,7 +7,6 @@ Nothing here prints: results come back as values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -45,11 +44,7 @@ class LoadedRun:
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
-
-    @cached_property
-    def test_fingerprint(self) -> str:
-        """`Split.fingerprint` of the test set, which the logits cache and the maps files name."""
-        return self.test.fingerprint()
+    test_fingerprint: str  # `Split.fingerprint` of the test set: the logits cache and maps files name it
 
     def predict_test(self, tta: Tta = "none", plain_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits (N, C) on the CPU for the whole test set (`engine.predict`)."""
@@ -112,8 +107,9 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
             f"the data at '{config.data}' has classes {dataset.classes}, "
             f"but the checkpoint was trained on {info.classes}"
         )
+    fingerprint = dataset.test.fingerprint()
     trained_on = _recorded_test_fingerprint(run, dataset.source)
-    if trained_on is not None and trained_on != dataset.test.fingerprint():
+    if trained_on is not None and trained_on != fingerprint:
         raise RunError(
             f"the test images at '{config.data}' have changed since run '{run.name}' was trained "
             "(same classes, other pixels or labels): its results would not be comparable",
@@ -121,7 +117,9 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
         )
     amp_dtype = training_dtype(device, config.precision)
     model = model.to(device).to(memory_format=memory_format(config.channels_last)).eval()
-    return LoadedRun(run, model, info, dataset.test.to(device), device, amp_dtype, config.channels_last)
+    return LoadedRun(
+        run, model, info, dataset.test.to(device), device, amp_dtype, config.channels_last, fingerprint
+    )
 
 
 def _recorded_test_fingerprint(run: RunDir, source: str) -> str | None:

@@ -150,7 +150,7 @@ def test_every_albumentations_transform_round_trips_as_to_dict_writes_it() -> No
 
     import albumentations as A
 
-    from cifarcam.config import load_pipeline
+    from cifarcam.augment import load_pipeline
 
     loaded = 0
     for name in dir(A):
