@@ -1,8 +1,8 @@
 """Grad-CAM over a whole test set: cifarcam vs pytorch-grad-cam vs a plain forward pass, one run.
 
-For each layer, the same model (float32, channels_last, as `cifarcam gradcam` loads it; NCHW
-before the thirteenth session), images (batches of --batch-size, float32, NCHW) and target
-classes (the model's predictions, computed beforehand and not timed) go through:
+For each layer, the same model (float32, channels_last, as `cifarcam gradcam` loads it), images
+(batches of --batch-size, float32, NCHW) and target classes (the model's predictions, computed
+beforehand and not timed) go through:
 (a) a plain forward pass under torch.inference_mode (the floor),
 (b) cifarcam's CamExtractor as `cifarcam gradcam --all` runs it (fast=True, compiled=True:
     below the layer a copy with BatchNorm folded into the convolutions, channels_last, compiled
@@ -36,11 +36,11 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from cifarcam.cam import CamExtractor, normalize_maps
-from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, load_dataset, normalize, synthetic_dataset
-from cifarcam.models import build_model
-from cifarcam.precision import autocast_dtype
-from cifarcam.rundir import RunDir
+from cifarcam.data.datasets import CIFAR10_MEAN, CIFAR10_STD, load_dataset, normalize, synthetic_dataset
+from cifarcam.devices import autocast_dtype
+from cifarcam.explain.extractor import CamExtractor, normalize_maps
+from cifarcam.models.resnet import build_model
+from cifarcam.runs.rundir import RunDir
 
 
 def load_inputs(data: str | None, limit: int) -> tuple[torch.Tensor, str]:

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from throughput import gemm_gflops
 from workload import machine, training_flops_per_image
 
-from cifarcam.models import build_model
-from cifarcam.precision import autocast_dtype, memory_format, precision_name
+from cifarcam.devices import autocast_dtype, memory_format, precision_name
+from cifarcam.models.resnet import build_model
 
 ConvShape = tuple[tuple[int, ...], int, tuple[int, int], tuple[int, int], tuple[int, int]]
 

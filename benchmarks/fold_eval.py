@@ -18,10 +18,10 @@ import time
 import torch
 from workload import fake_cifar, machine
 
-from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, normalize
-from cifarcam.engine import predict
-from cifarcam.models import build_model
-from cifarcam.precision import autocast_dtype
+from cifarcam.data.datasets import CIFAR10_MEAN, CIFAR10_STD, normalize
+from cifarcam.devices import autocast_dtype
+from cifarcam.evaluation.inference import predict
+from cifarcam.models.resnet import build_model
 
 
 def with_statistics(width: int) -> torch.nn.Module:

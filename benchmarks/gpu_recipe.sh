@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 4 (sixth session: CUDA graphs; seventh: the first epoch's
-# cost), run once on a lent CUDA machine with no internet. Expects .gpudata/cifar10-jpeg.tar.gz,
-# optionally .whl/*.whl (what the machine lacks) and .baseline/cifarcam (an earlier commit's
-# package, `git archive REV cifarcam | tar -x -C .baseline`, to time against on the same
-# machine); writes log.txt, warmup.txt (benchmarks/gpu_warmup.py), runs.json and runs.tar.gz
-# (every run's JSON files) into $OUT.
+# The GPU check of the 20-epoch recipe, for a CUDA machine with no internet. Expects
+# .gpudata/cifar10-jpeg.tar.gz, optionally .whl/*.whl (what the machine lacks) and
+# .baseline/cifarcam (another commit's package, `git archive REV cifarcam | tar -x -C .baseline`,
+# to time against on the same machine); writes log.txt, warmup.txt (benchmarks/gpu_warmup.py),
+# runs.json and runs.tar.gz (every run's JSON files) into $OUT.
 #
 # 1. benchmarks/gpu_warmup.py: what the first steps cost beyond the steady one, cuDNN's
 #    benchmark mode on and off. Then the CUDA-graph tests.
 # 2. Timed whole runs (TIMED), one at a time, each evaluated. By default: the defaults; the
 #    baseline package's defaults (when carried); cudnn_benchmark off; the defaults again; then,
-#    while BUDGET_S allows, the baseline and cudnn_benchmark off again. The seventh session's
-#    second call: TIMED="f16a|--precision fp16;bf16|;f16b|--precision fp16 --seed 1;f16off|--precision fp16 --config OFF"
+#    while BUDGET_S allows, the baseline and cudnn_benchmark off again. Other runs, for example:
+#    TIMED="f16a|--precision fp16;bf16|;f16b|--precision fp16 --seed 1"
 # 3. Recipe variants, PARALLEL at a time on the one GPU (their times are not comparable; their
 #    accuracies are), each evaluated, while time is left.
 # 4. benchmarks/gpu_summary.py's table of every run.

@@ -1,4 +1,4 @@
-# Sourced by the GPU session scripts (gpu_session.sh, gpu_recipe.sh), with OUT and WORK set:
+# Sourced by benchmarks/gpu_recipe.sh, with OUT and WORK set:
 # logs everything to $OUT/log.txt, installs the carried wheels (.whl/*.whl, unless NO_WHEELS is
 # set) into $WORK/site, unpacks the carried CIFAR-10 copy (.gpudata/cifar10-jpeg.tar.gz) into
 # $DATA, points cifarcam's caches and runs into $WORK, defines elapsed/left (seconds since

@@ -1,10 +1,10 @@
 """Where a CUDA training step's time goes, measured in one run on one GPU.
 
-For each batch size: cifarcam's own training loop (engine.train_one_epoch over device_batches,
+For each batch size: cifarcam's own training loop (`train_one_epoch` over `device_batches`,
 on-device flip + translate, channels_last, cuDNN benchmark mode, autocast as `cifarcam train
---precision P` sets it: auto is fp16 on CUDA; the sixth session's figures were bf16, the CUDA
-default then) run eagerly and with the forward/backward replayed from CUDA graphs
-(cifarcam.graphs.GraphedTraining), in alternating rounds; images/s and ms per step, medians.
+--precision P` sets it: auto is fp16 on CUDA) run eagerly and with the forward/backward
+replayed from CUDA graphs (`GraphedTraining`), in alternating rounds; images/s and ms per step,
+medians.
 Then a profile of eager steps at the default batch (host time against the GPU's kernel time: a
 step whose kernels take much less than its wall time waits on the host's launches), and the
 ceiling: a large bf16 matrix product's TFLOP/s over the model's training FLOPs per image
@@ -24,11 +24,11 @@ import torch
 from workload import fake_cifar, training_flops_per_image
 
 from cifarcam.config import AugmentConfig
-from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD
-from cifarcam.engine import device_batches, one_cycle, train_one_epoch
-from cifarcam.graphs import GraphedTraining
-from cifarcam.models import build_model
-from cifarcam.precision import memory_format, training_dtype
+from cifarcam.data.datasets import CIFAR10_MEAN, CIFAR10_STD
+from cifarcam.devices import memory_format, training_dtype
+from cifarcam.models.resnet import build_model
+from cifarcam.training.cuda_graphs import GraphedTraining
+from cifarcam.training.steps import device_batches, one_cycle, train_one_epoch
 
 
 def sync(device: torch.device) -> None:

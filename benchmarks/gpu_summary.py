@@ -1,4 +1,4 @@
-"""One table of the runs under a runs directory (the GPU session scripts print it last).
+"""One table of the runs under a runs directory (benchmarks/gpu_recipe.sh prints it last).
 
 For each run: the options that differ from the defaults, final test accuracy, `evaluate`'s
 accuracy with TTA (where it ran), training seconds (the sum of metrics.json's epoch_time_s:

@@ -1,16 +1,15 @@
 """What a CUDA training run's first steps cost beyond the steady step, measured on one GPU.
 
-One fresh process per cuDNN setting (benchmark mode on, as `cifarcam train` sets it by
-default, and off), since cuDNN keeps what it timed for the rest of a process. Autocast is what
-`cifarcam train --precision P` uses (auto: fp16 on CUDA; the seventh session's figures were
-bf16, the default before). Each process times, with the device synchronised around every step
-(on-device augmentation, channels_last):
+One fresh process per cuDNN setting (benchmark mode on, as `cifarcam train` sets it by default,
+and off), since cuDNN keeps what it timed for the rest of a process. Autocast is what `cifarcam
+train --precision P` uses (auto: fp16 on CUDA). Each process times, with the device synchronised
+around every step (on-device augmentation, channels_last):
 - the first eager training step at the full batch (cuDNN's kernel timing when on, and the
   loading of every kernel it uses) and a second one;
 - the first call of the CUDA-graph wrapper (its warm-up passes, the capture, one replay) and a
   second replay;
 - the first step at a short batch of a shape not seen before with benchmark mode allowed, and
-  one at another new shape with it off (cifarcam.precision.cudnn_autotune; what `train` does for
+  one at another new shape with it off (cifarcam.devices.cudnn_autotune; what `train` does for
   a short last batch), with each shape's second step;
 - the steady graphed step (median over rounds).
 
@@ -31,8 +30,8 @@ import time
 import torch
 from gpu_step import Setup, sync
 
-from cifarcam.graphs import GraphedTraining
-from cifarcam.precision import cudnn_autotune
+from cifarcam.devices import cudnn_autotune
+from cifarcam.training.cuda_graphs import GraphedTraining
 
 MODES = {"on": True, "off": False}
 

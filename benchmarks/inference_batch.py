@@ -15,10 +15,10 @@ import time
 import torch
 from workload import machine
 
-from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD
-from cifarcam.engine import predict
-from cifarcam.models import build_model
-from cifarcam.precision import autocast_dtype
+from cifarcam.data.datasets import CIFAR10_MEAN, CIFAR10_STD
+from cifarcam.devices import autocast_dtype
+from cifarcam.evaluation.inference import predict
+from cifarcam.models.resnet import build_model
 
 SIZES = (64, 128, 256, 512, 1024)
 

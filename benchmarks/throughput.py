@@ -30,10 +30,10 @@ from torch.utils.data import DataLoader, Dataset
 from workload import fake_cifar, machine, training_flops_per_image
 
 from cifarcam.config import AugmentConfig
-from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, Split
-from cifarcam.engine import device_batches, one_cycle, train_one_epoch
-from cifarcam.models import build_model
-from cifarcam.precision import autocast_dtype, memory_format, precision_name
+from cifarcam.data.datasets import CIFAR10_MEAN, CIFAR10_STD, Split
+from cifarcam.devices import autocast_dtype, memory_format, precision_name
+from cifarcam.models.resnet import build_model
+from cifarcam.training.steps import device_batches, one_cycle, train_one_epoch
 
 
 def gemm_gflops(dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
@@ -52,7 +52,7 @@ def cifarcam_images_per_s(
     width: int, batch_size: int, steps: int, rounds: int
 ) -> tuple[dict[bool, float], list[float], torch.dtype | None]:
     """Median images/s over `rounds` of `steps` steps, with (True) and, under bf16, without
-    (False) the GEMM weight gradients of cifarcam.convgrad (the two alternate, so machine noise
+    (False) the GEMM weight gradients of `conv_weight_grad` (the two alternate, so machine noise
     hits both alike); the GEMM GFLOP/s of the training dtype after each round; that dtype."""
     device = torch.device("cpu")
     amp = autocast_dtype(device, "auto")
@@ -161,7 +161,7 @@ def main() -> None:
     print(f"cifarcam ({precision}, channels_last, on-device augmentation): {ours:.1f} img/s")
     if False in speeds:
         print(
-            f"cifarcam without the GEMM weight gradients (cifarcam.convgrad): {speeds[False]:.1f} img/s "
+            f"cifarcam without the GEMM weight gradients: {speeds[False]:.1f} img/s "
             f"-> the GEMM gradients give {ours / speeds[False]:.2f}x"
         )
     naive = baseline_images_per_s(args.width, args.baseline_batch_size, args.baseline_steps)

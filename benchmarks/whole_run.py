@@ -3,7 +3,7 @@
 Each step is a separate `python -m cifarcam` process, so start-up and data loading count.
 Usage: python benchmarks/whole_run.py --data PATH [--runs-dir DIR] [-- TRAIN OPTIONS...]
 (default train options: --preset quick). Prints each step's seconds, the total and the
-accuracies, which go into benchmarks/RESULTS.md with the hardware.
+accuracies, which go into docs/performance.md with the hardware.
 """
 
 from __future__ import annotations

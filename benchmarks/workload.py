@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from cifarcam.data import Split
-from cifarcam.models import build_model
-from cifarcam.precision import cpu_supports_bf16
+from cifarcam.data.datasets import Split
+from cifarcam.devices import cpu_supports_bf16
+from cifarcam.models.resnet import build_model
 
 
 def machine() -> str:

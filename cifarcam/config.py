@@ -11,7 +11,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from cifarcam.errors import ConfigError
-from cifarcam.fileio import parse_json, read_text
 
 ModelName = Literal["resnet18", "resnet34"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -20,7 +19,6 @@ NormName = Literal["batch", "group"]
 
 
 MAX_WIDTH = 1024  # channels of layer1 (layer4 has 8x as many)
-NEW_SETTINGS = "new settings"  # validation context of `build_config`
 
 
 class _Settings(BaseModel):
@@ -49,51 +47,93 @@ class AugmentConfig(_Settings):
 class TrainConfig(_Settings):
     """Everything that decides what `cifarcam train` does. Saved as the run's config.json."""
 
-    data: str = "cifar10"  # "cifar10" (torchvision) or a path to an image-folder tree
-    data_dir: str | None = None  # where downloads and decode caches go; None = user cache
-    model: ModelName = "resnet18"
-    width: int = Field(64, ge=1, le=MAX_WIDTH)  # channels of layer1; 64 = the standard ResNet
-    # "group": GroupNorm, no statistics across images, so a batch split over processes
-    # trains exactly as the whole batch does (BatchNorm normalises each process's share)
-    norm: NormName = "batch"
-    epochs: int = Field(20, ge=1, le=10_000)
-    batch_size: int = Field(512, ge=1, le=65_536)
-    lr: float = Field(0.4, gt=0, le=100)  # peak learning rate of the one-cycle schedule
-    warmup: float = Field(0.2, ge=0, le=1)  # fraction of all steps spent rising to the peak
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0, le=1)
-    decay_norm_and_bias: bool = True  # False: BatchNorm weights and biases skip weight decay
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    # Weight EMA: per-step decay of an average of the weights (0 = off), which evaluation and
-    # the checkpoints use from the step a fraction `ema_start` of the way through training.
-    ema_decay: float = Field(0.0, ge=0, lt=1)
-    ema_start: float = Field(0.5, ge=0, le=1)
-    subset: int | None = Field(None, ge=10)  # class-balanced training subset size
-    # At most this many images per epoch, taken in turn from a seeded shuffle of the training
-    # images that is drawn afresh each time it runs out, so successive epochs see different
-    # images and every image is seen about equally often; None = every training image, each epoch.
-    epoch_images: int | None = Field(None, ge=1)
-    val_split: int = Field(0, ge=0)  # class-balanced validation images held out of training
-    device: DeviceName = "auto"
-    # auto: fp16 autocast on CUDA, bf16 on CPUs that support it, else fp32; fp16 is CUDA only
-    # and trains with a static loss scale (precision.FP16_LOSS_SCALE)
-    precision: Precision = "auto"
-    channels_last: bool = True
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    compile: bool = False  # torch.compile the training forward pass
-    # CUDA only: replay the training forward and backward of full batches from CUDA graphs
-    # (ignored on the CPU, with --compile and under torchrun)
-    cuda_graphs: bool = True
-    # CUDA only: cuDNN's benchmark mode, which times its kernels for the full-batch shape in the
-    # first steps and keeps the fastest; off: its heuristics choose. Short batches never time.
-    cudnn_benchmark: bool = True
-    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
+    data: str = Field(
+        "cifar10",
+        description="'cifar10' (torchvision download) or PATH of an image-folder tree "
+        "(PATH/train/<class>/*, PATH/test/<class>/*).",
+    )
+    data_dir: str | None = Field(
+        None, description="Where CIFAR-10 is downloaded and decoded images are cached."
+    )
+    model: ModelName = Field("resnet18", description="resnet18 or resnet34.")
+    width: int = Field(
+        64,
+        ge=1,
+        le=MAX_WIDTH,
+        description="Channels of layer1 (64 = standard ResNet; 16 trains ~10x faster).",
+    )
+    norm: NormName = Field(
+        "batch",
+        description="batch (BatchNorm) or group (GroupNorm: no statistics across images, so a batch "
+        "split over processes trains exactly as the whole batch).",
+    )
+    epochs: int = Field(20, ge=1, le=10_000, description="Training epochs.")
+    batch_size: int = Field(512, ge=1, le=65_536, description="Images per training step.")
+    lr: float = Field(0.4, gt=0, le=100, description="Peak learning rate of the one-cycle schedule.")
+    warmup: float = Field(0.2, ge=0, le=1, description="Fraction of all steps spent rising to the peak lr.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = Field(True, description="Nesterov momentum.")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="L2 weight decay.")
+    decay_norm_and_bias: bool = Field(
+        True, description="Apply weight decay to BatchNorm weights and biases too."
+    )
+    label_smoothing: float = Field(
+        0.1, ge=0, lt=1, description="Label smoothing of the training loss (0 = off)."
+    )
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Per-step decay of a weight average (EMA) that evaluation and checkpoints use "
+        "from --ema-start of the way through training (0 = off).",
+    )
+    ema_start: float = Field(0.5, ge=0, le=1, description="Fraction of training after which the EMA starts.")
+    subset: int | None = Field(
+        None,
+        ge=10,
+        description="Train on a class-balanced, seeded subset of N training images.",
+    )
+    epoch_images: int | None = Field(
+        None,
+        ge=1,
+        description="At most N images per epoch, taken in turn from a fresh shuffle of the training "
+        "images, so shorter epochs go through all of them in turn.",
+    )
+    val_split: int = Field(
+        0,
+        ge=0,
+        description="Hold out N class-balanced training images for validation; keeps best.safetensors.",
+    )
+    device: DeviceName = Field("auto", description="auto, cpu or cuda.")
+    precision: Precision = Field(
+        "auto",
+        description="auto (fp16 autocast on CUDA, bf16 on CPUs with native bf16, else fp32), bf16, "
+        "fp16 (CUDA only, static loss scale) or fp32.",
+    )
+    channels_last: bool = Field(True, description="Train in channels_last memory order.")
+    seed: int = Field(
+        0, ge=0, le=2**63 - 1, description="Random seed (init, data order, augmentation, subsets)."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the training forward pass (costs a compile at the start)."
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="CUDA only: replay the training forward and backward of full batches from CUDA "
+        "graphs (not with --compile or under torchrun).",
+    )
+    cudnn_benchmark: bool = Field(
+        True,
+        description="CUDA only: let cuDNN time its kernels for the full-batch shape and keep the fastest.",
+    )
+    sync_bn: bool = Field(
+        False, description="Under torchrun on CUDA: BatchNorm statistics over the global batch."
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     # An albumentations pipeline (A.to_dict form) run per sample in DataLoader workers;
     # when set it replaces `augment`. The "seed-albumentations" preset ships one.
     albumentations: dict[str, Any] | None = None
-    workers: int = Field(2, ge=0, le=64)  # DataLoader workers for the albumentations path
+    workers: int = Field(2, ge=0, le=64, description="DataLoader workers for an albumentations pipeline.")
 
     @field_validator("data", "data_dir")
     @classmethod
@@ -103,8 +143,6 @@ class TrainConfig(_Settings):
             return value
         if not value.strip():
             raise ValueError("an empty path; give a folder (or, for data, 'cifar10')")
-        if "\x00" in value:
-            raise ValueError("a path with a NUL character")
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:  # undecodable bytes of the file system, kept as surrogates
@@ -115,24 +153,20 @@ class TrainConfig(_Settings):
 
     @field_validator("albumentations")
     @classmethod
-    def _loads_in_albumentations(
-        cls, value: dict[str, Any] | None, info: ValidationInfo
-    ) -> dict[str, Any] | None:
+    def _loads_in_albumentations(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
-            # Parameters albumentations would drop are refused in new settings (`build_config`),
-            # not in the config.json of a run already trained with them.
-            from cifarcam.augment import check_pipeline  # augment imports this module
+            from cifarcam.data.albumentations import check_pipeline  # imports torch: only when needed
 
-            check_pipeline(value, refuse_dropped=bool(info.context and info.context.get(NEW_SETTINGS)))
+            check_pipeline(value)
         return value
 
 
 # CPU-sized: the whole chain (20 epochs, evaluate, misclassified, gradcam, plot) in about
-# 10 minutes on 2 cores; see benchmarks/RESULTS.md for its measured times and accuracy.
+# 10 minutes on 2 cores; docs/performance.md has its measured times and accuracy.
 QUICK_PRESET: dict[str, Any] = {
     "width": 16,
     # Epochs of 25,000 images that go through all the training images in turn: the cost of a
-    # fixed 25,000-image subset, 85.1-85.4% against its 83.9-84.6% (3 seeds; benchmarks/RESULTS.md)
+    # fixed 25,000-image subset, 85.1-85.4% against its 83.9-84.6% (3 seeds; docs/performance.md)
     "epoch_images": 25_000,
     "batch_size": 256,
     "lr": 0.4,
@@ -147,7 +181,7 @@ def preset_values(name: str) -> dict[str, Any]:
     if name == "quick":
         return copy.deepcopy(QUICK_PRESET)
     if name == "seed-albumentations":
-        from cifarcam.augment import seed_project_pipeline
+        from cifarcam.data.albumentations import seed_project_pipeline
 
         return {"albumentations": seed_project_pipeline()}
     raise ConfigError(f"unknown preset '{name}'; choose one of: {', '.join(PRESET_NAMES)}")
@@ -165,17 +199,8 @@ def _describe(error: ValidationError) -> str:
     return f"invalid value for '{field}': {message} (got {given!r})"
 
 
-def build_config(values: dict[str, Any]) -> TrainConfig:
+def build_config(values: Any) -> TrainConfig:
     """Validate a dict of settings into a TrainConfig; errors name the field."""
-    try:
-        return TrainConfig.model_validate(values, context={NEW_SETTINGS: True})
-    except ValidationError as error:
-        raise ConfigError(_describe(error)) from None
-
-
-def validate_saved(values: Any) -> TrainConfig:
-    """A run's config.json as a TrainConfig, checked as new settings are but for parameters an
-    albumentations pipeline loses (the run trained with them); a ConfigError names the field."""
     try:
         return TrainConfig.model_validate(values)
     except ValidationError as error:
@@ -185,7 +210,7 @@ def validate_saved(values: Any) -> TrainConfig:
 def read_config_file(path: Path) -> dict[str, Any]:
     """Read a JSON config file into a dict (validated later, after CLI overrides)."""
     try:
-        text = read_text(path)
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
     except OSError as error:
@@ -193,13 +218,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"config file '{path}' is not UTF-8 text (a JSON object is expected)") from None
     try:
-        values = parse_json(text)
+        values = json.loads(text)
     except json.JSONDecodeError as error:
         raise ConfigError(
             f"config file '{path}' is not valid JSON: {error.msg} at line {error.lineno}"
         ) from None
-    except ValueError as error:
-        raise ConfigError(f"config file '{path}' is not a cifarcam config: {error}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file '{path}' must hold a JSON object")
     return values

@@ -2,7 +2,7 @@
 Chromium (Debian's chromium + chromedriver), pick a layer, save a PNG.
 
     .venv/bin/python scripts/app_screenshot.py --runs-dir /tmp/app-runs --run quick \
-        --image photo.jpg --layer layer3 --out docs/app-screenshot.png
+        --image photo.jpg --layer layer3 --out docs/images/app-screenshot.png
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--run", required=True)
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--layer", default="layer4")
-    parser.add_argument("--out", type=Path, default=Path("docs/app-screenshot.png"))
+    parser.add_argument("--out", type=Path, default=Path("docs/images/app-screenshot.png"))
     args = parser.parse_args()
 
     from selenium import webdriver

@@ -13,7 +13,7 @@ import cv2
 import pytest
 from hypothesis import HealthCheck, settings
 
-from cifarcam.data import Dataset, synthetic_dataset
+from cifarcam.data.datasets import Dataset, synthetic_dataset
 
 # Reproducible property tests on a shared, noisy 2-core machine: fixed examples, no deadline.
 settings.register_profile(
@@ -92,8 +92,8 @@ def trained_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_tree: Path)
     Tests must not modify it; copy it with `copy_tree` first.
     """
     from cifarcam.config import build_config
-    from cifarcam.pipeline import train
-    from cifarcam.rundir import RunDir
+    from cifarcam.runs.rundir import RunDir
+    from cifarcam.training.run import train
 
     root = tmp_path_factory.mktemp("trained")
     config = build_config(
@@ -136,14 +136,15 @@ def tiny_train_args(runs: Path, tree: Path, run: str = "r", epochs: int = 3) -> 
 @pytest.fixture(scope="session")
 def reported_runs(tmp_path_factory: pytest.TempPathFactory, trained_runs: Path) -> Path:
     """A copy of 'tiny' with everything a report shows: evaluation, mistakes, Grad-CAM, CAM checks, the report."""
-    from cifarcam import explain, trained
-    from cifarcam.report import write_report
-    from cifarcam.rundir import RunDir
+    from cifarcam.evaluation import commands as evaluation
+    from cifarcam.explain import commands as explain
+    from cifarcam.report.page import write_report
+    from cifarcam.runs.rundir import RunDir
 
     runs = copy_tree(trained_runs, tmp_path_factory.mktemp("reported") / "runs")
     run = RunDir(runs, "tiny")
-    trained.evaluate(run, device_name="cpu")
-    trained.misclassified(run, count=5, device_name="cpu")
+    evaluation.evaluate(run, device_name="cpu")
+    evaluation.misclassified(run, count=5, device_name="cpu")
     explain.gradcam(
         run, ["gradcam", "gradcam++"], ["layer4"], count=5, metrics=True, steps=4, device_name="cpu"
     )
@@ -162,10 +163,12 @@ def hostile_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_tree: Path)
 
     Its Grad-CAM gallery's title holds a '<script>' too; the report is written.
     """
-    from cifarcam import explain, pipeline, trained
     from cifarcam.config import build_config
-    from cifarcam.report import write_report
-    from cifarcam.rundir import RunDir
+    from cifarcam.evaluation import commands as evaluation
+    from cifarcam.explain import commands as explain
+    from cifarcam.report.page import write_report
+    from cifarcam.runs.rundir import RunDir
+    from cifarcam.training import run as pipeline
 
     base = tmp_path_factory.mktemp("hostile")
     tree = base.joinpath(*HOSTILE_FOLDER, "data")
@@ -177,7 +180,7 @@ def hostile_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_tree: Path)
     )
     run = RunDir(base / "runs", "hostile")
     pipeline.train(config, run, command="cifarcam train --run hostile --data '<script>alert(2)</script>'")
-    trained.evaluate(run, device_name="cpu", tta=False)
+    evaluation.evaluate(run, device_name="cpu", tta=False)
     explain.gradcam(run, ["gradcam"], ["layer4"], count=2, device_name="cpu")
     gallery = run.gradcam_dir / "gradcam_layer4.json"
     gallery.write_text(json.dumps(json.loads(gallery.read_text()) | {"title": "<script>alert(3)</script>"}))
@@ -188,7 +191,7 @@ def hostile_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_tree: Path)
 def disk_full_at_fsync(call: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """From now on, the `call`-th fsync of cifarcam's file writes fails as on a full disk (the
     count is of every os.fsync in this process: keep other writers out of the block)."""
-    import cifarcam.fileio as fileio
+    import cifarcam.runs.files as fileio
 
     real_fsync = fileio.os.fsync
     calls = {"n": 0}

@@ -29,9 +29,9 @@ from browser import chrome, leaves_loopback, needs_browser, requested_urls
 from conftest import copy_tree, snapshot
 from typer.testing import CliRunner
 
-import cifarcam
+import cifarcam.app
 from cifarcam.cli import app
-from cifarcam.data import synthetic_dataset
+from cifarcam.data.datasets import synthetic_dataset
 
 CLASSES = [f"class{i}" for i in range(10)]
 START_TIMEOUT_S = 90  # importing torch and gradio on a busy 2-core machine
@@ -175,8 +175,8 @@ def test_without_gradio_the_app_says_how_to_install_it(
     trained_runs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "gradio", None)  # what `import gradio` meets when it is not installed
-    monkeypatch.delitem(sys.modules, "cifarcam.app", raising=False)
-    monkeypatch.delattr(cifarcam, "app", raising=False)
+    monkeypatch.delitem(sys.modules, "cifarcam.app.web", raising=False)
+    monkeypatch.delattr(cifarcam.app, "web", raising=False)
     result = runner.invoke(app, ["app", "--run", "tiny", "--runs-dir", str(trained_runs)])
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [

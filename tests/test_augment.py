@@ -1,7 +1,7 @@
 import torch
 
-from cifarcam.augment import augment_batch, cutout, random_flip, random_translate
 from cifarcam.config import AugmentConfig
+from cifarcam.data.augment import augment_batch, cutout, random_flip, random_translate
 
 
 def batch(n: int = 16) -> torch.Tensor:

@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 from test_cli import invoke
 from torch import nn
 
-from cifarcam.averaging import WeightAverage
 from cifarcam.config import build_config
-from cifarcam.data import CIFAR10_MEAN, CIFAR10_STD, synthetic_dataset
-from cifarcam.engine import predict, score
-from cifarcam.models import build_model
-from cifarcam.precision import memory_format
-from cifarcam.trainer import StopRequested, Trainer
+from cifarcam.data.datasets import CIFAR10_MEAN, CIFAR10_STD, synthetic_dataset
+from cifarcam.devices import memory_format
+from cifarcam.evaluation.inference import predict, score
+from cifarcam.models.resnet import build_model
+from cifarcam.training.ema import WeightAverage
+from cifarcam.training.trainer import StopRequested, Trainer
 
 
 def small_net() -> nn.Module:

@@ -1,13 +1,12 @@
 """Every bad input gets one clear line and a documented exit code; nothing earlier is lost.
 
-The table below is the one in the README ("Bad inputs"). Each case runs the real CLI on real
+The table below is the one in docs/reliability.md ("Bad inputs"). Each case runs the real CLI on real
 files: a trained run (copied per case), the synthetic image tree, damaged copies of them.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import copy_tree, tiny_train_args
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cifarcam.cli import app
-from cifarcam.rundir import RunDir
+from cifarcam.runs.rundir import RunDir
 
 runner = CliRunner()
 
@@ -38,35 +35,10 @@ def damage_tree(tree: Path, how: str) -> None:
         (cls / "notes.txt").write_text("not an image")
     elif how == "wrong_size":
         cv2.imwrite(str(cls / "big.png"), np.zeros((64, 48, 3), np.uint8))
-    elif how == "fifo":
-        os.mkfifo(cls / "pipe.png")
     elif how == "empty":
         for folder in (tree / "train").iterdir():
             shutil.rmtree(folder)
             folder.mkdir()
-
-
-def edit_state(path: Path, how: str) -> None:
-    tensors = load_file(path)
-    with safe_open(str(path), framework="pt") as opened:
-        metadata = opened.metadata()
-    record = json.loads(metadata["state"])
-    if how == "no_epoch":
-        del record["epoch"]
-    elif how == "epoch_text":
-        record["epoch"] = "2"
-    elif how == "epoch_99":
-        record["epoch"] = 99
-    elif how == "records_null":
-        record["records"] = None
-    elif how == "no_partial_order":  # the state of a run stopped mid-epoch, less one tensor
-        record["partial"] = {"epoch": record["epoch"] + 1, "seen": 0, "steps": 0, "started_s": 0.0}
-        tensors["partial.augment_rng"] = tensors["rng.torch"].clone()
-    elif how == "param_group_number":
-        record["optimizer_param_groups"] = [1]
-    elif how == "float_rng":
-        tensors["rng.torch"] = tensors["rng.torch"].float()
-    save_file(tensors, path, metadata=metadata | {"state": json.dumps(record)})
 
 
 def damage_run(run: Path, how: str) -> None:
@@ -94,13 +66,6 @@ def damage_run(run: Path, how: str) -> None:
         metrics = json.loads((run / "metrics.json").read_text())
         metrics["epochs"][0]["test_acc"] = None
         (run / "metrics.json").write_text(json.dumps(metrics))
-    elif how == "huge_losses":  # finite, but their range overflows a float
-        metrics = json.loads((run / "metrics.json").read_text())
-        metrics["epochs"][0]["test_loss"], metrics["epochs"][1]["test_loss"] = 1e308, -1e308
-        (run / "metrics.json").write_text(json.dumps(metrics))
-    elif how == "deep_sanity":  # parses, but reading it would recurse 450 levels
-        (run / "sanity").mkdir(exist_ok=True)
-        (run / "sanity" / "x.json").write_text('{"method": ' + "[" * 450 + "1" + "]" * 450 + "}")
     elif how == "bad_faithfulness":
         (run / "gradcam").mkdir(exist_ok=True)
         (run / "gradcam" / "metrics.json").write_text("[1, 2]")
@@ -110,18 +75,9 @@ def damage_run(run: Path, how: str) -> None:
         (run / "checkpoints" / "state.safetensors").unlink()
         meta = json.loads((run / "meta.json").read_text())
         (run / "meta.json").write_text(json.dumps(meta | {"status": "interrupted"}))
-    elif how == "huge_evaluation":
-        (run / "evaluation.json").write_text('{"accuracy": 1' + "0" * 400 + "}")
-    elif how == "negative_width":
-        tensors = load_file(checkpoint)
-        with safe_open(str(checkpoint), "pt") as opened:
-            metadata = opened.metadata()
-        save_file(tensors, checkpoint, metadata=metadata | {"width": "-4"})
     elif how == "lost_meta_and_checkpoint":
         (run / "meta.json").unlink()
         checkpoint.unlink()
-    elif how.startswith("state_"):  # a hand-edited training state: its header, or a tensor
-        edit_state(run / "checkpoints" / "state.safetensors", how.removeprefix("state_"))
     elif how == "corrupt_state":
         (run / "checkpoints" / "state.safetensors").write_bytes(b"junk")
         meta = json.loads((run / "meta.json").read_text())
@@ -432,55 +388,6 @@ CASES = [
         "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated",
     ),
     (
-        "--resume from a state edited: no_epoch",
-        "run:state_no_epoch",
-        "train --run tiny --resume",
-        1,
-        "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated (its epoch is null, not a whole number)",
-    ),
-    (
-        "--resume from a state edited: epoch_text",
-        "run:state_epoch_text",
-        "train --run tiny --resume",
-        1,
-        "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated (its epoch is \"2\", not a whole number)",
-    ),
-    (
-        "--resume from a state edited: epoch_99",
-        "run:state_epoch_99",
-        "train --run tiny --resume",
-        1,
-        "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated (its records are not those of epochs 1 to 99)",
-    ),
-    (
-        "--resume from a state edited: records_null",
-        "run:state_records_null",
-        "train --run tiny --resume",
-        1,
-        "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated (its records are not a list of per-epoch records)",
-    ),
-    (
-        "--resume from a state edited: no_partial_order",
-        "run:state_no_partial_order",
-        "train --run tiny --resume",
-        1,
-        "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated (its partial epoch has no tensor 'partial.order')",
-    ),
-    (
-        "--resume from a state edited: param_group_number",
-        "run:state_param_group_number",
-        "train --run tiny --resume",
-        1,
-        "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated (its optimizer_param_groups field is missing or malformed)",
-    ),
-    (
-        "--resume from a state edited: float_rng",
-        "run:state_float_rng",
-        "train --run tiny --resume",
-        1,
-        "Error: training state '{runs}/tiny/checkpoints/state.safetensors' is corrupt or truncated (its tensor 'rng.torch' is missing or not a random-number state)",
-    ),
-    (
         "runs directory is a file",
         "runs_is_file",
         "train --run r --data {tree} --runs-dir {tmp}/file",
@@ -535,34 +442,6 @@ CASES = [
         "Error: cannot write '{tmp}/c.png': Is a directory",
     ),
     (
-        "predict of a FIFO",
-        "special_files",
-        "predict --run tiny {tmp}/pipe.png",
-        1,
-        "Error: cannot read '{tmp}/pipe.png': not a regular file (a FIFO, socket or device)",
-    ),
-    (
-        "predict of a link to /dev/zero",
-        "special_files",
-        "predict --run tiny {tmp}/zero.png",
-        1,
-        "Error: cannot read '{tmp}/zero.png': not a regular file (a FIFO, socket or device)",
-    ),
-    (
-        "report with a FIFO for evaluation.json",
-        "special_files",
-        "report --run tiny",
-        1,
-        "Error: cannot read '{runs}/tiny/evaluation.json': not a regular file (a FIFO, socket or device)",
-    ),
-    (
-        "a FIFO in the image tree",
-        "tree:fifo",
-        "train --run r --data {tree} --width 4 --epochs 1",
-        1,
-        "Error: '{tree}/train/class1/pipe.png' is not a readable image (it is a FIFO, socket or device)",
-    ),
-    (
         "--runs-dir inside a run",
         None,
         "train --run x --data {tree} --runs-dir {runs}/tiny --width 4 --epochs 1",
@@ -570,53 +449,11 @@ CASES = [
         "Error: the runs directory '{runs}/tiny' is inside run 'tiny' ('{runs}/tiny'); a run never holds another run",
     ),
     (
-        "--overwrite with a data path that is not UTF-8",
-        "undecodable_link",
-        "train --run tiny --overwrite --data {tree}\udcff --width 4 --epochs 1",
-        2,
-        "Error: invalid value for 'data': a path that is not valid UTF-8",
-    ),
-    (
-        "config path with a NUL character",
-        'file:{"data_dir": "/tmp/a\\u0000b"}',
-        "train --run r --data {tree} --config {tmp}/c.json",
-        2,
-        "Error: invalid value for 'data_dir': a path with a NUL character",
-    ),
-    (
         "config width true",
         'file:{"width": true}',
         "train --run r --data {tree} --config {tmp}/c.json",
         2,
         "Error: invalid value for 'width': true/false is not a value this field takes (got True)",
-    ),
-    (
-        "config number of 401 digits",
-        'file:{"width": 1' + "0" * 400 + "}",
-        "train --run r --data {tree} --config {tmp}/c.json",
-        2,
-        "Error: config file '{tmp}/c.json' is not a cifarcam config: it holds an integer of 401 digits, beyond a float's range",
-    ),
-    (
-        "config nested too deeply",
-        "file:" + "[" * 100_000 + "]" * 100_000,
-        "train --run r --data {tree} --config {tmp}/c.json",
-        2,
-        "Error: config file '{tmp}/c.json' is not a cifarcam config: it is nested too deeply",
-    ),
-    (
-        "report of an evaluation.json with a 401-digit number",
-        "run:huge_evaluation",
-        "report --run tiny",
-        1,
-        "Error: '{runs}/tiny/evaluation.json' is not a file cifarcam wrote: it holds an integer of 401 digits, beyond a float's range",
-    ),
-    (
-        "checkpoint header with a negative width",
-        "run:negative_width",
-        "evaluate --run tiny",
-        1,
-        "Error: checkpoint '{runs}/tiny/checkpoints/last.safetensors' is corrupt or truncated (its width is -4, not an integer from 1 to 1024)",
     ),
     (
         "train over a run that lost meta.json and its checkpoint",
@@ -738,39 +575,11 @@ CASES = [
         "Error: invalid value for 'albumentations': the albumentations pipeline must keep 32x32x3 uint8 images (it made (64, 64, 3) uint8)",
     ),
     (
-        "--overwrite with a pipeline that resizes one image in about twenty",
-        "file:" + pipeline_file([A.RandomScale(scale_limit=(0, 0.035), p=0.5)]),
-        "train --run tiny --overwrite --data {tree} --config {tmp}/c.json",
-        2,
-        "Error: invalid value for 'albumentations': the albumentations pipeline must keep 32x32x3 uint8 images (it made (33, 33, 3) uint8)",
-    ),
-    (
         "a pipeline parameter of the wrong type",
         "file:" + pipeline_file([A.HorizontalFlip()], {"p": "half"}),
         "train --run new --data {tree} --config {tmp}/c.json",
         2,
         "Error: invalid value for 'albumentations': not an albumentations pipeline (parameter 'p': Input should be a valid number, unable to parse string as a number (got 'half'))",
-    ),
-    (
-        "an unknown pipeline parameter",
-        "file:" + pipeline_file([A.HorizontalFlip()], {"flip_prob": 1}),
-        "train --run new --data {tree} --config {tmp}/c.json",
-        2,
-        "Error: invalid value for 'albumentations': unknown albumentations parameter 'flip_prob' of HorizontalFlip (albumentations would drop it)",
-    ),
-    (
-        "metrics.json with losses whose range overflows",
-        "run:huge_losses",
-        "plot --run tiny",
-        1,
-        "Error: '{runs}/tiny/metrics.json' is malformed: its epoch record 1 has 1e+308 for 'test_loss', beyond any value training records",
-    ),
-    (
-        "a sanity JSON nested 450 levels deep",
-        "run:deep_sanity",
-        "report --run tiny",
-        1,
-        "Error: '{runs}/tiny/sanity/x.json' is not a file cifarcam wrote: it is nested more than 64 levels deep",
     ),
     (
         "metrics.json with a null",
@@ -862,13 +671,6 @@ def test_bad_input(
     elif kind == "png_folder":
         copy_tree(runs / "tiny", runs / "other")
         (scratch / "c.png").mkdir()
-    elif kind == "special_files":  # would block (a FIFO) or never end (/dev/zero) if read
-        os.mkfifo(scratch / "pipe.png")
-        (scratch / "zero.png").symlink_to("/dev/zero")
-        (runs / "tiny" / "evaluation.json").unlink(missing_ok=True)
-        os.mkfifo(runs / "tiny" / "evaluation.json")
-    elif kind == "undecodable_link":  # a folder whose name is not UTF-8, as Python sees it
-        Path(f"{tree}\udcff").symlink_to(tree)
     before = snapshot(runs)
     values = {"runs": runs, "tree": tree, "tmp": scratch, "tree0": synthetic_tree}
     argv = [part.format(**values) for part in args.split()]
@@ -917,7 +719,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(
     tmp_path: Path, synthetic_tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Disk full while saving epoch 2: epoch 1's files survive whole, no temporary file is left."""
-    import cifarcam.fileio as fileio
+    import cifarcam.runs.files as fileio
 
     runs = tmp_path / "runs"
     real_fsync = fileio.os.fsync

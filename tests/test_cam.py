@@ -2,10 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-from cifarcam.cam import CamExtractor, Evidence, grad_cam, normalize_maps
 from cifarcam.errors import UsageError
-from cifarcam.models import build_model
-from cifarcam.prefix import CompiledBelow, split_at
+from cifarcam.explain.extractor import CamExtractor, normalize_maps
+from cifarcam.explain.fast_path import CompiledBelow, split_at
+from cifarcam.explain.methods import Evidence, grad_cam
+from cifarcam.models.resnet import build_model
 
 
 class TinyNet(nn.Module):

@@ -26,8 +26,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 from torch import nn
 
-from cifarcam.cam import CamExtractor, guided_backprop, guided_grad_cam, normalize_maps
-from cifarcam.models import build_model
+from cifarcam.explain.extractor import CamExtractor, guided_backprop, guided_grad_cam, normalize_maps
+from cifarcam.models.resnet import build_model
 
 REFERENCE = {
     "gradcam": GradCAM,

@@ -11,7 +11,7 @@ from conftest import copy_tree, snapshot, tiny_train_args
 from typer.testing import CliRunner
 
 from cifarcam.cli import app
-from cifarcam.rundir import RunDir
+from cifarcam.runs.rundir import RunDir
 
 runner = CliRunner()
 COMMANDS = ["train", "evaluate", "misclassified", "gradcam", "sanity", "plot", "report", "predict", "app"]
@@ -23,28 +23,25 @@ def invoke(*args: str):
     return result
 
 
-def test_train_help_shows_the_config_defaults() -> None:
-    """The defaults --help prints are written out in the CLI (it imports the config lazily, to
-    start fast); they must be the TrainConfig's own."""
+def test_train_has_an_option_for_every_config_field_with_its_default() -> None:
+    """`train`'s options are made from TrainConfig: one per scalar field, with the field's
+    description as help and its default shown."""
     import typer.main
 
     from cifarcam.config import TrainConfig
 
-    fields = TrainConfig.model_fields
-    checked = []
-    described = ("data_dir", "subset", "epoch_images")  # their help describes, not states, a value
-    for param in typer.main.get_command(app).commands["train"].params:  # type: ignore[attr-defined]
-        option = param.opts[0].removeprefix("--")
-        field = option.replace("-", "_")
-        if field not in fields or field in described:
+    params = {param.name: param for param in typer.main.get_command(app).commands["train"].params}  # type: ignore[attr-defined]
+    shown_as = {"data_dir": "$CIFARCAM_DATA_DIR or ~/.cache/cifarcam", "subset": "all", "epoch_images": "all"}
+    for name, field in TrainConfig.model_fields.items():
+        if name in ("augment", "albumentations"):  # nested settings: config files only
+            assert name not in params
             continue
-        default = fields[field].default
-        written = str(default)
-        if isinstance(default, bool):  # an on/off flag shows the name of the default side
-            written = option if default else f"no-{option}"
-        assert param.show_default == written, option
-        checked.append(option)
-    assert len(checked) == 16
+        option = name.replace("_", "-")
+        expected = shown_as.get(name, str(field.default))
+        if isinstance(field.default, bool):  # an on/off flag shows the name of the default side
+            expected = option if field.default else f"no-{option}"
+        assert params[name].show_default == expected, name
+        assert params[name].help == field.description, name
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -168,7 +165,7 @@ def test_resume_writes_the_final_epochs_files_when_a_kill_left_them_behind(
     metrics.json: the state says finished, the files derived from it are an epoch behind."""
     import torch
 
-    from cifarcam.models import build_model
+    from cifarcam.models.resnet import build_model
 
     runs = copy_tree(trained_runs, tmp_path / "runs")
     run = RunDir(runs, "tiny")
@@ -222,8 +219,8 @@ def test_a_stop_asked_while_the_data_loads_leaves_the_run_to_overwrite_alone(
     import signal
 
     from cifarcam.errors import TrainingInterrupted
-    from cifarcam.pipeline import StopSignal, train
-    from cifarcam.trained import read_config
+    from cifarcam.evaluation.loading import read_config
+    from cifarcam.training.run import StopSignal, train
 
     runs = copy_tree(trained_runs, tmp_path / "runs")
     files = {p: p.read_bytes() for p in sorted((runs / "tiny").rglob("*")) if p.is_file()}
@@ -303,43 +300,12 @@ def test_resume_refuses_an_edited_config_before_loading_the_data(trained_runs: P
     assert result.stderr.startswith(f"Error: training state '{run.state_path}' is corrupt or truncated")
 
 
-def test_a_state_that_does_not_fit_the_model_fails_the_resume_in_one_line(
-    trained_runs: Path, tmp_path: Path
-) -> None:
-    """A state saved before cifarcam recorded its settings in it, under an edited config.json:
-    the mismatch shows when its tensors are loaded, after meta.json said "running"."""
-    runs = copy_tree(trained_runs, tmp_path / "runs")
-    run = RunDir(runs, "tiny")
-    state = run.load_state()
-    assert state is not None and state[1]["config"]["width"] == 8
-    tensors, meta = state
-    del meta["config"]
-    run.save_state(tensors, meta)
-    config = json.loads(run.config_path.read_text())
-    run.config_path.write_text(json.dumps(config | {"epochs": 3, "width": 16}))
-    result = invoke("train", "--run", "tiny", "--runs-dir", str(runs), "--resume")
-    assert result.exit_code == 1, result.output
-    line = (
-        f"Error: training state '{run.state_path}' does not fit run 'tiny' as its config.json "
-        "describes it (resnet18, width 16, norm batch)"
-    )
-    assert result.stderr.splitlines()[0] == line
-    meta_after = run.read_meta()
-    assert meta_after["status"] == "failed" and meta_after["completed_epochs"] == 2
-    assert meta_after["error"] == line.removeprefix("Error: ")
-    # Nothing was lost: with config.json put back, the run resumes and trains its third epoch.
-    run.config_path.write_text(json.dumps(config | {"epochs": 3}))
-    result = invoke("train", "--run", "tiny", "--runs-dir", str(runs), "--resume")
-    assert result.exit_code == 0, result.output
-    assert run.read_meta()["status"] == "finished" and len(run.read_epochs()) == 3
-
-
 def test_resume_refuses_other_images_of_the_same_classes_and_counts(
     trained_runs: Path, tmp_path: Path
 ) -> None:
     from conftest import write_image_folder
 
-    from cifarcam.data import synthetic_dataset
+    from cifarcam.data.datasets import synthetic_dataset
 
     runs = copy_tree(trained_runs, tmp_path / "runs")
     run = RunDir(runs, "tiny")
@@ -455,13 +421,13 @@ def test_a_stop_at_once_before_the_first_epoch_does_not_suggest_resuming(
 ) -> None:
     import signal
 
-    import cifarcam.pipeline
+    import cifarcam.training.run
     from cifarcam.errors import StoppedAtOnce
 
     def load_interrupted(*_args: object) -> None:  # a second Ctrl-C while the data loads
         raise StoppedAtOnce(signal.SIGINT)
 
-    monkeypatch.setattr(cifarcam.pipeline, "load_dataset", load_interrupted)
+    monkeypatch.setattr(cifarcam.training.run, "load_dataset", load_interrupted)
     result = invoke(*tiny_train_args(tmp_path / "runs", synthetic_tree, epochs=3))
     assert result.exit_code == 130
     assert result.stderr.splitlines() == ["Error: stopped at once by a second SIGINT; no epoch was saved"]
@@ -596,7 +562,7 @@ def test_train_notes_emulated_bf16_on_a_cpu_without_it(
     precision: str, tmp_path: Path, synthetic_tree: Path
 ) -> None:
     """Asked for bf16 on a CPU without AVX512-bf16 or AMX, train says it is emulated (slow)."""
-    from cifarcam.precision import cpu_supports_bf16
+    from cifarcam.devices import cpu_supports_bf16
 
     args = [*tiny_train_args(tmp_path / "runs", synthetic_tree, epochs=1), "--subset", "100"]
     result = invoke(*args, "--precision", precision)

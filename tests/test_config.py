@@ -121,8 +121,8 @@ def test_a_broken_albumentations_pipeline_is_a_config_error() -> None:
     ("transform", "made"),
     [
         ({"__class_fullname__": "Resize", "height": 64, "width": 64, "p": 1.0}, "(64, 64, 3) uint8"),
-        # rare (1 draw in 20): caught by the 64 seeded draws as given, or by those with every p = 1
-        ({"__class_fullname__": "RandomScale", "scale_limit": 0.5, "p": 0.05}, "(39, 39, 3) uint8"),
+        # rare (1 draw in 20): caught by the draw with every p set to 1
+        ({"__class_fullname__": "RandomScale", "scale_limit": 0.5, "p": 0.05}, "(43, 43, 3) uint8"),
         ({"__class_fullname__": "Normalize", "p": 1.0}, "(32, 32, 3) float32"),
     ],
 )
@@ -140,46 +140,3 @@ def test_a_pipeline_that_changes_the_images_size_or_type_is_a_config_error(
     )
     keeps = A.to_dict(A.Compose([A.HorizontalFlip(p=0.5), A.CoarseDropout(p=0.5)]))
     assert build_config({"albumentations": keeps}).albumentations == keeps
-
-
-def test_every_albumentations_transform_round_trips_as_to_dict_writes_it() -> None:
-    """A.to_dict writes some parameters its own from_dict then warns about (PadIfNeeded's
-    'padding', say); only a parameter the round trip loses counts as unknown."""
-    import inspect
-    import warnings
-
-    import albumentations as A
-
-    from cifarcam.augment import load_pipeline
-
-    loaded = 0
-    for name in dir(A):
-        kind = getattr(A, name)
-        if not (inspect.isclass(kind) and issubclass(kind, A.BasicTransform)) or inspect.isabstract(kind):
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                pipeline = A.to_dict(A.Compose([kind()]))
-        except Exception:  # needs arguments (a crop size, a target image): not built here
-            continue
-        load_pipeline(pipeline, refuse_dropped=True)
-        loaded += 1
-    assert loaded >= 90  # albumentations 2.0 has about 100 that build with their defaults
-
-
-def test_a_dropped_pipeline_parameter_is_refused_in_new_settings_only() -> None:
-    import albumentations as A
-
-    from cifarcam.config import validate_saved
-
-    pipeline = A.to_dict(A.Compose([A.OneOf([A.HorizontalFlip(), A.VerticalFlip()])]))
-    pipeline["transform"]["transforms"][0]["transforms"][1]["flip_prob"] = 1
-    with pytest.raises(ConfigError) as raised:
-        build_config({"albumentations": pipeline})
-    assert raised.value.message == (
-        "invalid value for 'albumentations': unknown albumentations parameter 'flip_prob' of "
-        "VerticalFlip (albumentations would drop it)"
-    )
-    # A run trained with it (before cifarcam refused it) still reads its config.json.
-    assert validate_saved({"albumentations": pipeline}).albumentations == pipeline

@@ -1,4 +1,4 @@
-"""The GEMM weight gradient (cifarcam.convgrad) against torch's own convolution backward."""
+"""The GEMM weight gradient (cifarcam.training.conv_weight_grad) against torch's own convolution backward."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifarcam import convgrad
 from cifarcam.config import build_config
-from cifarcam.convgrad import MAX_POSITIONS, gemm_weight_grads, weight_grad
-from cifarcam.data import synthetic_dataset
-from cifarcam.engine import device_batches, make_optimizer, train_one_epoch
-from cifarcam.models import build_model
-from cifarcam.precision import cpu_supports_bf16
+from cifarcam.data.datasets import synthetic_dataset
+from cifarcam.devices import cpu_supports_bf16
+from cifarcam.models.resnet import build_model
+from cifarcam.training import conv_weight_grad as convgrad
+from cifarcam.training.conv_weight_grad import MAX_POSITIONS, gemm_weight_grads, weight_grad
+from cifarcam.training.steps import device_batches, make_optimizer, train_one_epoch
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

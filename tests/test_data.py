@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import copy_tree, write_image_folder
 
-from cifarcam.data import (
+from cifarcam.data.datasets import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     balanced_indices,

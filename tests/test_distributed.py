@@ -65,7 +65,7 @@ def weight_move(run: Path, seed: int, width: int, norm: str) -> float:
     """How far training moved the weights from the start `train` builds (seeded before the model)."""
     import torch
 
-    from cifarcam.models import build_model
+    from cifarcam.models.resnet import build_model
 
     torch.manual_seed(seed)
     start = build_model("resnet18", width, 10, norm).state_dict()

@@ -5,21 +5,21 @@ from conftest import tiny_train_args
 from torch import nn
 
 from cifarcam.config import AugmentConfig, build_config
-from cifarcam.data import Split, normalize, synthetic_dataset
-from cifarcam.engine import (
+from cifarcam.data.datasets import Split, normalize, synthetic_dataset
+from cifarcam.devices import FP16_LOSS_SCALE, autocast_dtype, training_dtype
+from cifarcam.errors import ConfigError
+from cifarcam.evaluation.inference import predict, score
+from cifarcam.models.folding import scoring_model
+from cifarcam.models.resnet import BasicBlock, build_model
+from cifarcam.training.steps import (
     Tally,
     device_batches,
     make_optimizer,
     one_cycle,
-    predict,
-    score,
     train_one_epoch,
     train_steps,
 )
-from cifarcam.errors import ConfigError
-from cifarcam.models import BasicBlock, build_model, scoring_model
-from cifarcam.precision import FP16_LOSS_SCALE, autocast_dtype, training_dtype
-from cifarcam.trainer import epoch_order, fit
+from cifarcam.training.trainer import epoch_order, fit
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -114,7 +114,7 @@ def test_a_pipeline_failing_in_a_worker_raises_one_line_naming_the_image(
     epoch with one line, not a worker's traceback."""
     import albumentations as A
 
-    from cifarcam.augment import albumentations_batches
+    from cifarcam.data.albumentations import albumentations_batches
 
     data = synthetic_dataset(64, 32, seed=4)
     bad = A.RandomScale(scale_limit=(0.5, 0.5), p=1) if transform == "scale" else A.RandomCrop(64, 64)
@@ -127,7 +127,7 @@ def test_a_pipeline_failing_in_a_worker_raises_one_line_naming_the_image(
 
 
 def test_albumentations_path_trains_and_is_seeded() -> None:
-    from cifarcam.augment import albumentations_batches, seed_project_pipeline
+    from cifarcam.data.albumentations import albumentations_batches, seed_project_pipeline
 
     data = synthetic_dataset(64, 32, seed=4)
     pipeline = seed_project_pipeline()
@@ -314,7 +314,7 @@ class NanAfter(nn.Module):
 
 def test_divergence_names_epoch_and_step() -> None:
     from cifarcam.errors import TrainingDiverged
-    from cifarcam.trainer import Trainer
+    from cifarcam.training.trainer import Trainer
 
     data = synthetic_dataset(100, 20, seed=4)
     config = build_config({"epochs": 3, "batch_size": 25, "lr": 0.05, "width": 4})
@@ -334,7 +334,7 @@ def test_divergence_keeps_the_last_good_checkpoint_and_marks_the_run_failed(
 
     from typer.testing import CliRunner
 
-    import cifarcam.runloop as runloop
+    import cifarcam.training.loop as runloop
     from cifarcam.cli import app
 
     monkeypatch.setattr(
@@ -374,10 +374,10 @@ def test_fp32_channels_last_training_on_cpu_with_narrow_projection_shortcuts(wid
     script = (
         "import torch, torch.nn.functional as F\n"
         "from cifarcam.config import build_config\n"
-        "from cifarcam.data import synthetic_dataset\n"
-        "from cifarcam.trainer import fit\n"
-        "from cifarcam.models import build_model\n"
-        "from cifarcam.precision import memory_format\n"
+        "from cifarcam.data.datasets import synthetic_dataset\n"
+        "from cifarcam.training.trainer import fit\n"
+        "from cifarcam.models.resnet import build_model\n"
+        "from cifarcam.devices import memory_format\n"
         f"width = {width}\n"
         "layout = memory_format(channels_last=True)\n"
         "assert layout == torch.channels_last\n"

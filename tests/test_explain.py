@@ -100,8 +100,8 @@ def test_a_call_for_one_target_keeps_the_maps_of_another(runs: Path) -> None:
 def test_a_run_without_mistakes_explains_the_whole_test_set_without_a_gallery(
     runs: Path, synthetic_tree: Path, tmp_path: Path
 ) -> None:
-    from cifarcam.rundir import RunDir
-    from cifarcam.trained import load_run, test_logits
+    from cifarcam.evaluation.loading import load_run, test_logits
+    from cifarcam.runs.rundir import RunDir
 
     loaded = load_run(RunDir(runs, "tiny"))
     wrong = (test_logits(loaded, write=False).argmax(1) != loaded.test.labels).tolist()

@@ -1,4 +1,4 @@
-"""What the app shows of a run (cifarcam.explorer), without Gradio: mistakes, curves, top-k and
+"""What the app shows of a run (cifarcam.app.explorer), without Gradio: mistakes, curves, top-k and
 CAM overlays for any image, and a run directory left exactly as it was."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import copy_tree, snapshot
 
+from cifarcam.app.explorer import GALLERY_SIZE, PREDICTED, RunExplorer, check_port_free
 from cifarcam.errors import RunError, UsageError
-from cifarcam.explorer import GALLERY_SIZE, PREDICTED, RunExplorer, check_port_free
-from cifarcam.predict import OVERLAY_SIZE, enlarge
-from cifarcam.rundir import RunDir
+from cifarcam.evaluation.images import OVERLAY_SIZE, enlarge
+from cifarcam.runs.rundir import RunDir
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifarcam.faithfulness import (
+from cifarcam.explain.faithfulness import (
     confidence_change,
     deletion_insertion,
     faithfulness,

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifarcam.graphs import GraphedTraining
-from cifarcam.models import build_model
+from cifarcam.models.resnet import build_model
+from cifarcam.training.cuda_graphs import GraphedTraining
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 

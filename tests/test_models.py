@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cifarcam.errors import UsageError
-from cifarcam.models import build_model, find_layer
+from cifarcam.models.resnet import build_model, find_layer
 
 
 @pytest.mark.parametrize(("name", "params"), [("resnet18", 11_173_962), ("resnet34", 21_282_122)])

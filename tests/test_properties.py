@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cifarcam.config import TrainConfig, build_config
-from cifarcam.data import load_image_folder
+from cifarcam.data.datasets import load_image_folder
 from cifarcam.errors import ConfigError
 
 FIELDS = {

@@ -16,19 +16,21 @@ import pytest
 from conftest import copy_tree, snapshot, tiny_train_args
 from typer.testing import CliRunner
 
-from cifarcam import explain, trained, viz
 from cifarcam.cli import app
-from cifarcam.report import write_report
-from cifarcam.rundir import RunDir
+from cifarcam.evaluation import commands as evaluation
+from cifarcam.explain import commands as explain
+from cifarcam.report import figures
+from cifarcam.report.page import write_report
+from cifarcam.runs.rundir import RunDir
 
 runner = CliRunner()
 
 READERS: list[tuple[str, Callable[[RunDir], Any]]] = [
-    ("evaluate", lambda run: trained.evaluate(run, device_name="cpu", tta=False)),
-    ("misclassified", lambda run: trained.misclassified(run, count=2, device_name="cpu")),
+    ("evaluate", lambda run: evaluation.evaluate(run, device_name="cpu", tta=False)),
+    ("misclassified", lambda run: evaluation.misclassified(run, count=2, device_name="cpu")),
     ("gradcam", lambda run: explain.gradcam(run, ["gradcam"], ["layer4"], count=2, device_name="cpu")),
     ("sanity", lambda run: explain.sanity(run, "gradcam", "layer4", count=2, device_name="cpu")),
-    ("plot", viz.plot_run_curves),
+    ("plot", figures.plot_run_curves),
     ("report", write_report),
 ]
 

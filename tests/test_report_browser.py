@@ -19,7 +19,7 @@ import pytest
 from browser import chrome, needs_browser, requested_urls
 from conftest import HOSTILE_CLASS
 
-from cifarcam.report import SECTIONS
+from cifarcam.report.page import SECTIONS
 
 pytestmark = needs_browser
 
@@ -97,8 +97,8 @@ def test_hostile_names_in_a_browser(browser: Any, hostile_runs: Path) -> None:
 
 
 def test_compare_in_a_browser(browser: Any, reported_runs: Path, hostile_runs: Path, tmp_path: Path) -> None:
-    from cifarcam.compare import compare
-    from cifarcam.rundir import RunDir
+    from cifarcam.report.compare import compare
+    from cifarcam.runs.rundir import RunDir
 
     runs = tmp_path / "runs"
     shutil.copytree(reported_runs / "tiny", runs / "tiny")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cifarcam.cam import CamExtractor
-from cifarcam.models import build_model
-from cifarcam.sanity import (
+from cifarcam.explain.extractor import CamExtractor
+from cifarcam.explain.sanity import (
     cascading_randomization,
     randomization_blocks,
     reinitialize,
@@ -15,6 +14,7 @@ from cifarcam.sanity import (
     spearman,
     ssim,
 )
+from cifarcam.models.resnet import build_model
 
 
 def test_blocks_run_from_the_head_down() -> None:

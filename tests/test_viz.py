@@ -3,7 +3,7 @@ import warnings
 import cv2
 import numpy as np
 
-from cifarcam.viz import (
+from cifarcam.report.figures import (
     GalleryColumn,
     attribution_image,
     cam_gallery,
@@ -72,7 +72,7 @@ def test_attributions_are_shown_around_mid_grey() -> None:
 
 def test_names_with_dollar_signs_are_drawn_as_text_not_mathtext() -> None:
     """'$x_y_z$' is a valid class (folder) or run name; as mathtext it would not even parse."""
-    from cifarcam.viz import compare_curves, confusion_heatmap
+    from cifarcam.report.figures import compare_curves, confusion_heatmap
 
     names = ["$x_y_z$", "$$", "a $ b", "$}$"]
     images = np.random.default_rng(0).random((4, 3, 32, 32))

@@ -1,5 +1,5 @@
-"""The Typer app: thin commands that parse options, call the library (cifarcam.pipeline,
-cifarcam.trained, ...) and print.
+"""The Typer app: thin commands that parse options, call the library (cifarcam.training.run,
+cifarcam.evaluation.loading, ...) and print.
 
 The commands live in cli/train.py (train), cli/results.py (evaluate, misclassified, gradcam,
 sanity, plot) and cli/share.py (report, compare, predict, app); this module registers them on

@@ -8,6 +8,7 @@ Exit codes: 0 ok, 1 runtime error, 2 usage or config error, 130 interrupted (Ctr
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from cifarcam.errors import (
     PeerFailed,
     interrupt_exit_code,
 )
-from cifarcam.fileio import written_file
+from cifarcam.runs.files import written_file
 
 app = typer.Typer(
     name="cifarcam",
@@ -119,6 +120,17 @@ def _lost_peer(error: Exception) -> bool:
     return isinstance(error, distributed.DistError) or "Connection closed by peer" in str(error)
 
 
+@contextmanager
+def signals_handled(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """`handler` answers SIGINT and SIGTERM for the block; the previous handlers are back after it."""
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler_before in previous.items():
+            signal.signal(number, handler_before)
+
+
 def guarded(action: Callable[[], T]) -> T:
     with user_errors():
         return action()
@@ -126,6 +138,6 @@ def guarded(action: Callable[[], T]) -> T:
 
 def run_dir(runs_dir: Path, run: str) -> Any:
     """The run directory; an invalid run name is one 'Error:' line (exit 2) wherever it is called."""
-    from cifarcam.rundir import RunDir
+    from cifarcam.runs.rundir import RunDir
 
     return guarded(lambda: RunDir(runs_dir, run))

@@ -39,9 +39,9 @@ def evaluate(
 
     Example: cifarcam evaluate --run r1 --checkpoint last
     """
-    from cifarcam import trained
+    from cifarcam.evaluation import commands as evaluation
 
-    result = guarded(lambda: trained.evaluate(run_dir(runs_dir, run), checkpoint, device, tta))
+    result = guarded(lambda: evaluation.evaluate(run_dir(runs_dir, run), checkpoint, device, tta))
     console.print(
         f"Test accuracy {result['accuracy']:.2%}, mean loss {result['loss']:.4f} "
         f"({result['num_images']} images, {checkpoint} checkpoint, epoch {result['epoch']})"
@@ -67,10 +67,10 @@ def misclassified(
 
     Example: cifarcam misclassified --run r1 --count 10
     """
-    from cifarcam import trained
+    from cifarcam.evaluation import commands as evaluation
 
     rundir = run_dir(runs_dir, run)
-    entries = guarded(lambda: trained.misclassified(rundir, count, checkpoint, device))
+    entries = guarded(lambda: evaluation.misclassified(rundir, count, checkpoint, device))
     table = Table("test index", "true", "predicted", "confidence")
     for entry in entries:
         table.add_row(str(entry["index"]), entry["true"], entry["pred"], f"{entry['confidence']:.1%}")
@@ -131,7 +131,7 @@ def gradcam(
 
     Example: cifarcam gradcam --run r1 --method gradcam --method scorecam --layer layer3 --layer layer4
     """
-    from cifarcam import explain
+    from cifarcam.explain import commands as explain
 
     rundir = run_dir(runs_dir, run)
     with _image_progress("explaining") as on_progress:
@@ -188,7 +188,7 @@ def sanity(
 
     Example: cifarcam sanity --run r1 --method gradcam --layer layer4
     """
-    from cifarcam import explain
+    from cifarcam.explain import commands as explain
 
     rundir = run_dir(runs_dir, run)
     outcome = guarded(lambda: explain.sanity(rundir, method, layer, count, checkpoint, device, seed))
@@ -208,7 +208,7 @@ def plot(run: RunOpt, runs_dir: RunsDirOpt = Path("runs")) -> None:
 
     Example: cifarcam plot --run r1
     """
-    from cifarcam import viz  # not torch: plot answers at once, also while a run trains
+    from cifarcam.report import figures  # not torch: plot answers at once, also while a run trains
 
-    paths = guarded(lambda: viz.plot_run_curves(run_dir(runs_dir, run)))
+    paths = guarded(lambda: figures.plot_run_curves(run_dir(runs_dir, run)))
     console.print("Wrote " + ", ".join(str(p) for p in paths))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +19,7 @@ from cifarcam.cli.base import (
     console,
     guarded,
     run_dir,
+    signals_handled,
     user_errors,
 )
 from cifarcam.errors import (
@@ -33,7 +33,7 @@ def report(run: RunOpt, runs_dir: RunsDirOpt = Path("runs")) -> None:
 
     Example: cifarcam report --run r1
     """
-    from cifarcam.report import write_report
+    from cifarcam.report.page import write_report
 
     path = guarded(lambda: write_report(run_dir(runs_dir, run)))
     console.print(f"Wrote {path}")
@@ -55,7 +55,7 @@ def compare(
 
     Example: cifarcam compare r1 r2 --out comparison.html
     """
-    from cifarcam.compare import compare as compare_runs
+    from cifarcam.report.compare import compare as compare_runs
 
     paths = guarded(
         lambda: compare_runs([run_dir(runs_dir, name) for name in runs], out or runs_dir / "compare.html")
@@ -113,7 +113,13 @@ def predict(
     """
     import json
 
-    from cifarcam.predict import CamRequest, Predictor, check_request, predict_document, predict_files
+    from cifarcam.evaluation.predict import (
+        CamRequest,
+        Predictor,
+        check_request,
+        predict_document,
+        predict_files,
+    )
 
     wants_cam = cam or bool(layer or method or class_names)
     request = (
@@ -178,14 +184,14 @@ def app_command(
         os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
-            from cifarcam import app as webapp
+            from cifarcam.app import web as webapp
         except ImportError as error:
             if error.name is None or not error.name.startswith("gradio"):
                 raise
             raise CifarcamError(
                 "the app needs Gradio, which is not installed", hint='pip install "cifarcam[app]"'
             ) from None
-        from cifarcam.explorer import RunExplorer, check_port_free
+        from cifarcam.app.explorer import RunExplorer, check_port_free
 
         check_port_free(host, port)
         explorer = RunExplorer(run_dir(runs_dir, run), checkpoint, device)
@@ -194,13 +200,9 @@ def app_command(
 
     demo, url = guarded(start)
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signals_handled(lambda *_: stop.set()):
         console.print(f"Serving run '{run}' at {url} (Ctrl-C to stop)")
         while not stop.wait(0.5):
             pass
         demo.close(verbose=False)
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
     console.print("Stopped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import shlex
 import signal
@@ -10,7 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -20,8 +21,10 @@ from cifarcam.cli.base import (
     RunsDirOpt,
     console,
     run_dir,
+    signals_handled,
     user_errors,
 )
+from cifarcam.config import TrainConfig, build_config, merge_overrides, preset_values, read_config_file
 from cifarcam.errors import (
     StoppedAtOnce,
     TrainingInterrupted,
@@ -29,113 +32,43 @@ from cifarcam.errors import (
     interrupt_exit_code,
 )
 
+# Options of their own; every scalar TrainConfig field is an option too (`_config_options`).
+_DEFAULTS_SHOWN = {
+    "data_dir": "$CIFARCAM_DATA_DIR or ~/.cache/cifarcam",
+    "subset": "all",
+    "epoch_images": "all",
+}
+
+
+def _config_options() -> list[inspect.Parameter]:
+    """One option per scalar field of TrainConfig, named after it, with its description as help
+    and its default shown; left out, it is None and the preset, config file or default decides."""
+    options = []
+    for name, field in TrainConfig.model_fields.items():
+        if name in ("augment", "albumentations"):  # nested settings: config files only
+            continue
+        dashed, annotation = name.replace("_", "-"), field.annotation
+        kind = (
+            str
+            if get_origin(annotation) is Literal
+            else next(t for t in (bool, int, float, str) if t is annotation or t in get_args(annotation))
+        )
+        if kind is bool:
+            names, shown = [f"--{dashed}/--no-{dashed}"], dashed if field.default else f"no-{dashed}"
+        else:
+            names, shown = [f"--{dashed}"], str(field.default)
+        option = typer.Option(*names, help=field.description, show_default=_DEFAULTS_SHOWN.get(name, shown))
+        options.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
+            )
+        )
+    return options
+
 
 def train(
     run: RunOpt,
     runs_dir: RunsDirOpt = Path("runs"),
-    data: Annotated[
-        str | None,
-        typer.Option(
-            help="'cifar10' (torchvision download) or PATH of an image-folder tree "
-            "(PATH/train/<class>/*, PATH/test/<class>/*).",
-            show_default="cifar10",
-        ),
-    ] = None,
-    data_dir: Annotated[
-        str | None,
-        typer.Option(
-            help="Where CIFAR-10 is downloaded and decoded images are cached.",
-            show_default="$CIFARCAM_DATA_DIR or ~/.cache/cifarcam",
-        ),
-    ] = None,
-    model: Annotated[str | None, typer.Option(help="resnet18 or resnet34.", show_default="resnet18")] = None,
-    width: Annotated[
-        int | None,
-        typer.Option(
-            help="Channels of layer1 (64 = standard ResNet; 16 trains ~10x faster).", show_default="64"
-        ),
-    ] = None,
-    norm: Annotated[
-        str | None,
-        typer.Option(
-            help="batch (BatchNorm) or group (GroupNorm: no statistics across images).", show_default="batch"
-        ),
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Training epochs.", show_default="20")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size.", show_default="512")] = None,
-    lr: Annotated[
-        float | None, typer.Option(help="Peak learning rate of the one-cycle schedule.", show_default="0.4")
-    ] = None,
-    subset: Annotated[
-        int | None,
-        typer.Option(
-            help="Train on a class-balanced, seeded subset of N training images.", show_default="all"
-        ),
-    ] = None,
-    epoch_images: Annotated[
-        int | None,
-        typer.Option(
-            help="At most N images per epoch, taken in turn from a fresh shuffle of the training "
-            "images, so shorter epochs go through all of them in turn.",
-            show_default="all",
-        ),
-    ] = None,
-    val_split: Annotated[
-        int | None,
-        typer.Option(
-            help="Hold out N class-balanced training images for validation; keeps best.safetensors.",
-            show_default="0",
-        ),
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.", show_default="auto")] = None,
-    precision: Annotated[
-        str | None,
-        typer.Option(
-            help="auto (fp16 autocast on CUDA, bf16 on CPUs that support it), bf16, fp16 (CUDA only) "
-            "or fp32.",
-            show_default="auto",
-        ),
-    ] = None,
-    sync_bn: Annotated[
-        bool | None,
-        typer.Option(
-            "--sync-bn/--no-sync-bn",
-            help="Under torchrun on CUDA: BatchNorm statistics over the whole global batch.",
-            show_default="no-sync-bn",
-        ),
-    ] = None,
-    label_smoothing: Annotated[
-        float | None,
-        typer.Option(help="Label smoothing of the training loss (0 = off).", show_default="0.1"),
-    ] = None,
-    ema_decay: Annotated[
-        float | None,
-        typer.Option(
-            help="Per-step decay of a weight average (EMA) over the second half of training, "
-            "which evaluation and checkpoints use (0 = off).",
-            show_default="0.0",
-        ),
-    ] = None,
-    compile_model: Annotated[
-        bool | None,
-        typer.Option(
-            "--compile/--no-compile",
-            help="torch.compile the training step's model (CUDA; costs a compile at the start).",
-            show_default="no-compile",
-        ),
-    ] = None,
-    cuda_graphs: Annotated[
-        bool | None,
-        typer.Option(
-            "--cuda-graphs/--no-cuda-graphs",
-            help="Replay the training forward and backward from CUDA graphs (CUDA only; fewer launches).",
-            show_default="cuda-graphs",
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None,
-        typer.Option(help="Random seed (init, data order, augmentation, subsets).", show_default="0"),
-    ] = None,
     preset: Annotated[
         list[str] | None,
         typer.Option(
@@ -161,35 +94,13 @@ def train(
             "--resume", help="Continue an interrupted run from its last saved state, with its own config."
         ),
     ] = False,
+    **overrides: Any,
 ) -> None:
     """Train a model and write config, metrics and checkpoints into the run directory.
 
     Example: cifarcam train --run r1 --data ~/cifar10-folder --subset 2000 --width 16 --epochs 2
     """
-    from cifarcam import pipeline
-    from cifarcam.config import build_config, merge_overrides, preset_values, read_config_file
-
-    overrides = {
-        "data": data,
-        "data_dir": data_dir,
-        "model": model,
-        "width": width,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "subset": subset,
-        "epoch_images": epoch_images,
-        "val_split": val_split,
-        "device": device,
-        "precision": precision,
-        "seed": seed,
-        "norm": norm,
-        "sync_bn": sync_bn,
-        "compile": compile_model,
-        "cuda_graphs": cuda_graphs,
-        "label_smoothing": label_smoothing,
-        "ema_decay": ema_decay,
-    }
+    from cifarcam.training import run as pipeline
 
     def action(group: Any) -> None:
         rundir = run_dir(runs_dir, run)
@@ -240,10 +151,16 @@ def train(
             f"Run directory: {rundir.path}"
         )
 
-    from cifarcam.distributed import process_group
+    from cifarcam.training.distributed import process_group
 
     with user_errors(), process_group() as group, user_errors(group.rank):
         action(group)
+
+
+_signature = inspect.signature(train, eval_str=True)
+train.__signature__ = _signature.replace(  # type: ignore[attr-defined]
+    parameters=[p for p in _signature.parameters.values() if p.kind != p.VAR_KEYWORD] + _config_options()
+)
 
 
 # Under torchrun a Ctrl-C reaches each worker twice: from the terminal and forwarded by torchrun.
@@ -253,8 +170,8 @@ _SAME_SIGNAL_S = 2.0
 @contextmanager
 def _stop_on_signals(group: Any = None) -> Iterator[Any]:
     """First SIGINT/SIGTERM: finish the step, save, exit 130/143. A second one: stop at once."""
-    from cifarcam.distributed import SINGLE
-    from cifarcam.pipeline import StopSignal
+    from cifarcam.training.distributed import SINGLE
+    from cifarcam.training.run import StopSignal
 
     group = group or SINGLE
     stop = StopSignal()
@@ -273,18 +190,14 @@ def _stop_on_signals(group: Any = None) -> Iterator[Any]:
             again = "press Ctrl-C again" if signum == signal.SIGINT else "send SIGTERM again"
             typer.echo(f"Stopping after this step and saving ({again} to stop at once)...", err=True)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signals_handled(handler):
         yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 @contextmanager
 def _training_progress(shown: bool = True) -> Iterator[Any]:
-    from cifarcam.pipeline import TrainCallbacks
-    from cifarcam.precision import cpu_supports_bf16
+    from cifarcam.devices import cpu_supports_bf16
+    from cifarcam.training.run import TrainCallbacks
 
     if not shown:  # another rank of a torchrun training reports
         yield TrainCallbacks()

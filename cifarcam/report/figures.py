@@ -1,0 +1,279 @@
+"""Figures: training curves, the misclassified gallery, Grad-CAM galleries, the confusion heatmap
+and run comparisons (Agg, no pyplot)."""
+
+from __future__ import annotations
+
+import functools
+import io
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import cv2
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from cifarcam.runs.files import atomic_write_files
+from cifarcam.runs.rundir import RunDir, reads_run
+
+TILE_INCHES = 1.6
+_Figure = TypeVar("_Figure", bound=Callable[..., Any])
+
+
+def _plain_text(draw: _Figure) -> _Figure:
+    """Draw with every text taken literally: a class or run name like '$x_y$' is not mathtext
+    (which would fail on '$x_y_z$')."""
+
+    @functools.wraps(draw)
+    def drawn(*args: Any, **kwargs: Any) -> Any:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return cast(_Figure, drawn)
+
+
+def to_hwc(image: np.ndarray) -> np.ndarray:
+    """(3, H, W) floats in [0, 1] -> (H, W, 3) uint8."""
+    return (np.clip(image, 0.0, 1.0).transpose(1, 2, 0) * 255).round().astype(np.uint8)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a [0,1] map onto an RGB uint8 image with the JET colormap (red = high)."""
+    heat_bgr = cv2.applyColorMap((np.clip(cam, 0, 1) * 255).round().astype(np.uint8), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB)  # OpenCV colormaps are BGR
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * heat.astype(np.float32)
+    return blended.round().clip(0, 255).astype(np.uint8)
+
+
+@reads_run
+def plot_run_curves(run: RunDir) -> list[Path]:
+    """`cifarcam plot`: a run's curves from its metrics.json into plots/loss.png and accuracy.png."""
+    loss, accuracy = plot_curves(run.read_epochs())
+    files = {run.plots_dir / "loss.png": loss, run.plots_dir / "accuracy.png": accuracy}
+    atomic_write_files(files)
+    return list(files)
+
+
+@_plain_text
+def plot_curves(epochs: Sequence[dict[str, Any]]) -> tuple[bytes, bytes]:
+    """Train/test (and validation, when present) loss on one figure, accuracy on another (PNGs)."""
+    xs = [record["epoch"] for record in epochs]
+    figures = []
+    for metric, label in (("loss", "loss (per-sample mean)"), ("acc", "accuracy")):
+        figure = Figure(figsize=(6, 4))
+        axes = figure.subplots()
+        for split in ("train", "val", "test"):
+            key = f"{split}_{metric}"
+            if all(key in record for record in epochs):
+                scale = 100.0 if metric == "acc" else 1.0
+                axes.plot(xs, [record[key] * scale for record in epochs], marker="o", label=split)
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_ylabel(label + (" (%)" if metric == "acc" else ""))
+        axes.set_title(("Loss" if metric == "loss" else "Accuracy") + " per epoch")
+        axes.grid(True, alpha=0.3)
+        if axes.lines:  # a metric no record holds leaves an empty plot, and nothing to name
+            axes.legend()
+        figures.append(png_bytes(figure))
+    return figures[0], figures[1]
+
+
+@_plain_text
+def misclassified_gallery(
+    images: np.ndarray,
+    true: Sequence[str],
+    pred: Sequence[str],
+    confidence: Sequence[float],
+    title: str,
+) -> bytes:
+    """A grid (PNG) of (3,H,W) [0,1] images, each titled with its true and predicted label."""
+    count = len(images)
+    columns = min(5, count)
+    rows = (count + columns - 1) // columns
+    # constrained layout keeps the title just above the grid, however many rows there are
+    figure = Figure(figsize=(columns * TILE_INCHES, rows * TILE_INCHES * 1.25 + 0.4), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+    for index, ax in enumerate(axes):
+        ax.axis("off")
+        if index < count:
+            ax.imshow(to_hwc(images[index]), interpolation="nearest")
+            ax.set_title(f"true: {true[index]}\npred: {pred[index]} ({confidence[index]:.0%})", fontsize=8)
+    figure.suptitle(textwrap.fill(title, 70), fontsize=9)
+    return png_bytes(figure)
+
+
+def attribution_image(attribution: np.ndarray) -> np.ndarray:
+    """(3, H, W) input-space gradients -> (H, W, 3) uint8 for display: standardised per image,
+    scaled by 0.1 around mid-grey (the usual guided-backpropagation rendering)."""
+    centred = attribution - attribution.mean()
+    shown = centred / (centred.std() + 1e-5) * 0.1 + 0.5
+    return to_hwc(shown)
+
+
+@dataclass(frozen=True)
+class GalleryColumn:
+    """One gallery column: a heading and, per row, a (H, W) map in [0, 1] or a (3, H, W) attribution."""
+
+    heading: str
+    tiles: np.ndarray
+
+
+@_plain_text
+def cam_gallery(
+    images: np.ndarray,
+    columns: Sequence[GalleryColumn],
+    row_labels: Sequence[str],
+    title: str,
+) -> bytes:
+    """A PNG with one row per image: the input (titled with its row label), then one tile per column;
+    maps are JET overlays on the image, attributions are shown as images."""
+    count = len(images)
+    width = 1 + len(columns)
+    figure = Figure(figsize=(width * TILE_INCHES, count * TILE_INCHES * 1.2 + 0.8), layout="constrained")
+    axes = figure.subplots(count, width, squeeze=False)
+    for row in range(count):
+        picture = to_hwc(images[row])
+        tiles = [(picture, row_labels[row])]
+        for column in columns:
+            tile = column.tiles[row]
+            shown = attribution_image(tile) if tile.ndim == 3 else overlay(picture, tile)
+            tiles.append((shown, column.heading))
+        for index, (tile_image, label) in enumerate(tiles):
+            ax = axes[row][index]
+            ax.imshow(tile_image, interpolation="nearest")
+            ax.set_title(label, fontsize=7)
+            ax.axis("off")
+    figure.suptitle(textwrap.fill(title, 18 * width), fontsize=9)
+    return png_bytes(figure)
+
+
+@_plain_text
+def sanity_plot(rows: Sequence[dict[str, Any]], examples: Sequence[np.ndarray], title: str) -> bytes:
+    """A PNG of Spearman and SSIM against the trained model's maps per randomisation step (mean +- std),
+    above the maps of one example image at every step."""
+    steps = [str(row["randomized"]) for row in rows]
+    positions = np.arange(len(steps))
+    figure = Figure(figsize=(max(8.0, 0.75 * len(steps)), 6.2))
+    grid = figure.add_gridspec(2, len(steps), height_ratios=[3, 1])
+    ax = figure.add_subplot(grid[0, :])
+    for key, color in (("spearman", "tab:blue"), ("ssim", "tab:orange")):
+        mean = np.array([row[key] for row in rows])
+        spread = np.array([row[f"{key}_std"] for row in rows])
+        ax.plot(positions, mean, marker="o", color=color, label=key.upper() if key == "ssim" else "Spearman")
+        ax.fill_between(positions, mean - spread, mean + spread, color=color, alpha=0.15)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xticks(positions, steps, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("similarity to the trained model's maps")
+    ax.set_xlabel("randomised down to (cumulative, from the head)")
+    ax.set_ylim(-0.3, 1.05)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    for index, example in enumerate(examples):
+        tile_ax = figure.add_subplot(grid[1, index])
+        tile_ax.imshow(example, cmap="jet", vmin=0, vmax=1, interpolation="nearest")
+        tile_ax.axis("off")
+    figure.suptitle(textwrap.fill(title, 110), fontsize=10)
+    return png_bytes(figure)
+
+
+def png_bytes(figure: Figure, dpi: int = 100) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _percent(metric: str) -> float:
+    return 100.0 if metric.endswith("acc") else 1.0
+
+
+@_plain_text
+def report_curves(epochs: Sequence[dict[str, Any]]) -> bytes:
+    """One row of panels for a run's report: loss, accuracy and (when recorded) the learning rate."""
+    xs = [record.get("epoch", index + 1) for index, record in enumerate(epochs)]
+    panels = [("loss", "loss (per-sample mean)"), ("acc", "accuracy (%)")]
+    if all("lr" in record for record in epochs):
+        panels.append(("lr", "learning rate (start of epoch)"))
+    figure = Figure(figsize=(4.2 * len(panels), 3.4))
+    for axes, (metric, label) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        if metric == "lr":
+            axes.plot(xs, [record["lr"] for record in epochs], marker="o", color="tab:purple")
+        for split in ("train", "val", "test") if metric != "lr" else ():
+            key = f"{split}_{metric}"
+            if all(key in record for record in epochs):
+                values = [record[key] * _percent(key) for record in epochs]
+                axes.plot(xs, values, marker="o", label=split)
+        if metric != "lr" and axes.lines:
+            axes.legend()
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_ylabel(label)
+        axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    return png_bytes(figure)
+
+
+@_plain_text
+def confusion_heatmap(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> bytes:
+    """Rows = true class, columns = predicted; colour = share of the row, numbers = counts."""
+    counts = np.asarray(matrix, dtype=np.float64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(3.5, 0.42 * len(classes) + 1.6)
+    figure = Figure(figsize=(size + 0.9, size))
+    axes = figure.subplots()
+    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    ticks = range(len(classes))
+    labels = [textwrap.shorten(name, 24, placeholder="...") for name in classes]
+    axes.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=8)
+    axes.set_yticks(ticks, labels, fontsize=8)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    if len(classes) <= 20:
+        for row in ticks:
+            for column in ticks:
+                colour = "white" if shares[row, column] > 0.55 else "black"
+                axes.text(
+                    column,
+                    row,
+                    f"{int(counts[row, column])}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color=colour,
+                )
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class")
+    figure.tight_layout()
+    return png_bytes(figure)
+
+
+@_plain_text
+def compare_curves(runs: Mapping[str, Sequence[dict[str, Any]]]) -> bytes:
+    """Several runs on shared axes: one colour per run; test solid, train dashed; LR when recorded."""
+    panels = [("loss", "loss (per-sample mean)"), ("acc", "accuracy (%)")]
+    if all(all("lr" in record for record in epochs) for epochs in runs.values()):
+        panels.append(("lr", "learning rate"))
+    figure = Figure(figsize=(4.4 * len(panels), 3.8))
+    all_axes = figure.subplots(1, len(panels), squeeze=False, sharex=True)[0]
+    colours = [f"C{index % 10}" for index in range(len(runs))]
+    for (name, epochs), colour in zip(runs.items(), colours, strict=True):
+        xs = [record.get("epoch", index + 1) for index, record in enumerate(epochs)]
+        for axes, (metric, _) in zip(all_axes, panels, strict=True):
+            if metric == "lr":
+                axes.plot(xs, [record["lr"] for record in epochs], color=colour, label=name)
+                continue
+            for split, style in (("train", "--"), ("test", "-")):
+                key = f"{split}_{metric}"
+                if all(key in record for record in epochs):
+                    values = [record[key] * _percent(key) for record in epochs]
+                    axes.plot(xs, values, style, color=colour, label=f"{name} {split}")
+    for axes, (_, label) in zip(all_axes, panels, strict=True):
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_ylabel(label)
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    return png_bytes(figure)

@@ -1,0 +1,1 @@
+"""The run directory: its files, formats, locks and atomic writes."""
