@@ -12,13 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from cifarcam.errors import ConfigError
 
-ModelName = Literal["resnet18", "resnet34"]
 DeviceName = Literal["auto", "cpu", "cuda"]
-Precision = Literal["auto", "bf16", "fp16", "fp32"]
-NormName = Literal["batch", "group"]
-
-
-MAX_WIDTH = 1024  # channels of layer1 (layer4 has 8x as many)
 
 
 class _Settings(BaseModel):
@@ -55,14 +49,11 @@ class TrainConfig(_Settings):
     data_dir: str | None = Field(
         None, description="Where CIFAR-10 is downloaded and decoded images are cached."
     )
-    model: ModelName = Field("resnet18", description="resnet18 or resnet34.")
+    model: Literal["resnet18", "resnet34"] = Field("resnet18", description="resnet18 or resnet34.")
     width: int = Field(
-        64,
-        ge=1,
-        le=MAX_WIDTH,
-        description="Channels of layer1 (64 = standard ResNet; 16 trains ~10x faster).",
+        64, ge=1, le=1024, description="Channels of layer1 (64 = standard ResNet; 16 trains ~10x faster)."
     )
-    norm: NormName = Field(
+    norm: Literal["batch", "group"] = Field(
         "batch",
         description="batch (BatchNorm) or group (GroupNorm: no statistics across images, so a batch "
         "split over processes trains exactly as the whole batch).",
@@ -80,18 +71,8 @@ class TrainConfig(_Settings):
     label_smoothing: float = Field(
         0.1, ge=0, lt=1, description="Label smoothing of the training loss (0 = off)."
     )
-    ema_decay: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="Per-step decay of a weight average (EMA) that evaluation and checkpoints use "
-        "from --ema-start of the way through training (0 = off).",
-    )
-    ema_start: float = Field(0.5, ge=0, le=1, description="Fraction of training after which the EMA starts.")
     subset: int | None = Field(
-        None,
-        ge=10,
-        description="Train on a class-balanced, seeded subset of N training images.",
+        None, ge=10, description="Train on a class-balanced, seeded subset of N training images."
     )
     epoch_images: int | None = Field(
         None,
@@ -105,7 +86,7 @@ class TrainConfig(_Settings):
         description="Hold out N class-balanced training images for validation; keeps best.safetensors.",
     )
     device: DeviceName = Field("auto", description="auto, cpu or cuda.")
-    precision: Precision = Field(
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
         description="auto (fp16 autocast on CUDA, bf16 on CPUs with native bf16, else fp32), bf16, "
         "fp16 (CUDA only, static loss scale) or fp32.",
@@ -114,13 +95,10 @@ class TrainConfig(_Settings):
     seed: int = Field(
         0, ge=0, le=2**63 - 1, description="Random seed (init, data order, augmentation, subsets)."
     )
-    compile: bool = Field(
-        False, description="torch.compile the training forward pass (costs a compile at the start)."
-    )
     cuda_graphs: bool = Field(
         True,
         description="CUDA only: replay the training forward and backward of full batches from CUDA "
-        "graphs (not with --compile or under torchrun).",
+        "graphs (not under torchrun).",
     )
     cudnn_benchmark: bool = Field(
         True,
@@ -187,38 +165,32 @@ def preset_values(name: str) -> dict[str, Any]:
     raise ConfigError(f"unknown preset '{name}'; choose one of: {', '.join(PRESET_NAMES)}")
 
 
-def _describe(error: ValidationError) -> str:
-    first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "config"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        return f"unknown config field '{field}'"
-    given = first.get("input")
-    if isinstance(given, dict | list):  # a whole pipeline: the message says what is wrong with it
-        return f"invalid value for '{field}': {message}"
-    return f"invalid value for '{field}': {message} (got {given!r})"
-
-
 def build_config(values: Any) -> TrainConfig:
-    """Validate a dict of settings into a TrainConfig; errors name the field."""
+    """Validate a dict of settings into a TrainConfig; the error names the first field refused."""
     try:
         return TrainConfig.model_validate(values)
     except ValidationError as error:
-        raise ConfigError(_describe(error)) from None
+        first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        raise ConfigError(f"unknown config field '{field}'")
+    message = f"invalid value for '{field}': {first['msg'].removeprefix('Value error, ')}"
+    given = first.get("input")
+    if isinstance(given, dict | list):  # a whole pipeline: the message says what is wrong with it
+        raise ConfigError(message)
+    raise ConfigError(f"{message} (got {given!r})")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """Read a JSON config file into a dict (validated later, after CLI overrides)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        values = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
     except OSError as error:
         raise ConfigError(f"cannot read config file '{path}': {error.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file '{path}' is not UTF-8 text (a JSON object is expected)") from None
-    try:
-        values = json.loads(text)
     except json.JSONDecodeError as error:
         raise ConfigError(
             f"config file '{path}' is not valid JSON: {error.msg} at line {error.lineno}"
@@ -246,7 +218,7 @@ def merge_overrides(
 
 
 def data_dir_path(config: TrainConfig) -> Path | None:
-    """Where downloads and decode caches go (`data_dir`, ~ expanded); None = the user cache."""
+    """Where downloads and decode caches go; None = the user cache."""
     return Path(config.data_dir).expanduser() if config.data_dir else None
 
 

@@ -34,9 +34,8 @@ def precision_name(amp_dtype: torch.dtype | None) -> str:
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype for this device and setting; None means plain fp32.
-
-    fp16 is for CUDA; elsewhere (a CPU scoring a run trained in fp16) it means auto."""
+    """The autocast dtype for this device and setting; None means plain fp32. fp16 is for CUDA;
+    elsewhere (a CPU scoring a run trained in fp16) it means auto."""
     if precision == "fp32":
         return None
     if device.type == "cuda":

@@ -1,26 +1,22 @@
-"""User-facing exception types; the CLI turns them into one line and an exit code."""
+"""User-facing exception types and cifarcam's exit codes; the CLI prints an error as one line,
+an optional hint, and exits with its code."""
 
-from __future__ import annotations
-
-EXIT_OK = 0
-EXIT_RUNTIME = 1
-EXIT_USAGE = 2
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
+EXIT_RUNTIME = 1  # a run, file or data set is missing, corrupt or locked; training diverged
+EXIT_USAGE = 2  # bad options, config values or names
+EXIT_SIGINT = 130  # stopped by Ctrl-C (128 + SIGINT); 143 for SIGTERM (128 + SIGTERM)
 
 
 class CifarcamError(Exception):
-    """An expected failure with a message meant for the user.
-
-    `hint` is an optional second line telling the user what to do next.
-    """
+    """An expected failure: a message for the user, an optional `hint` on what to do next."""
 
     exit_code = EXIT_RUNTIME
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, exit_code: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 class UsageError(CifarcamError):
@@ -50,11 +46,7 @@ class TrainingDiverged(CifarcamError):
 
 
 class TrainingInterrupted(CifarcamError):
-    """Training stopped on SIGINT/SIGTERM after saving its state (exit 130 or 143)."""
-
-    def __init__(self, message: str, hint: str | None, exit_code: int) -> None:
-        super().__init__(message, hint)
-        self.exit_code = exit_code
+    """Training stopped on SIGINT/SIGTERM (exit 130 or 143, given as `exit_code`)."""
 
 
 class RunLocked(RunError):
@@ -67,9 +59,8 @@ class PeerFailed(CifarcamError):
     and prints nothing, so the reason appears once."""
 
     def __init__(self, rank: int, exit_code: int) -> None:
-        super().__init__(f"rank {rank} failed")
+        super().__init__(f"rank {rank} failed", exit_code=exit_code)
         self.rank = rank
-        self.exit_code = exit_code
 
 
 class StoppedAtOnce(KeyboardInterrupt):

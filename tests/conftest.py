@@ -12,7 +12,9 @@ from pathlib import Path
 import cv2
 import pytest
 from hypothesis import HealthCheck, settings
+from typer.testing import CliRunner, Result
 
+from cifarcam.cli import app
 from cifarcam.data.datasets import Dataset, synthetic_dataset
 
 # Reproducible property tests on a shared, noisy 2-core machine: fixed examples, no deadline.
@@ -69,6 +71,13 @@ def runs_dir(tmp_path: Path) -> Path:
     path = tmp_path / "runs"
     path.mkdir()
     return path
+
+
+def invoke(*args: str) -> Result:
+    """The cifarcam CLI run in this process; no traceback may reach its output."""
+    result = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in result.output
+    return result
 
 
 def snapshot(folder: Path) -> dict[str, str]:

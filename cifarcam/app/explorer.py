@@ -79,13 +79,7 @@ class RunExplorer:
 
     def gallery(self) -> list[tuple[np.ndarray, str]]:
         """The most confident mistakes as (enlarged image, caption)."""
-        return [
-            (
-                enlarge(self.test_image(m.index).pixels, TILE),
-                m.caption(),
-            )
-            for m in self.mistakes
-        ]
+        return [(enlarge(self.test_image(m.index).pixels, TILE), m.caption()) for m in self.mistakes]
 
     def curves(self) -> np.ndarray | None:
         """Loss, accuracy and learning rate per epoch (the report's figure) as RGB; None before training."""

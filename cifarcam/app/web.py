@@ -1,10 +1,8 @@
 """The local web app of `cifarcam app`: Gradio layout and callbacks only; the work is done by
-`app.explorer` and `evaluation.predict`. Gradio is the optional extra `pip install "cifarcam[app]"`.
-"""
+`app.explorer` and `evaluation.predict`. Gradio is the optional extra `pip install "cifarcam[app]"`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +16,8 @@ from cifarcam.explain.methods import METHODS
 NOTHING: tuple[Any, ...] = (None, None, "", None, None)
 
 
-@dataclass
-class View:
-    """The app's components: the image on show and its explanation, and the controls."""
-
-    current: gr.State  # the ImageInput on show
-    upload: gr.Image
-    test_index: gr.Number
-    pick: gr.Button
-    transform: gr.Markdown
-    model_input: gr.Image
-    topk: gr.Label
-    cam: gr.Image
-    controls: list[Any]  # layer, method, target class, opacity
-    gallery: gr.Gallery
-
-
 def build(explorer: RunExplorer) -> gr.Blocks:
+    """The app over `explorer`: its layout, then its callbacks."""
     predictor = explorer.predictor
     info = predictor.info
     with gr.Blocks(title=f"cifarcam: {explorer.run.name}", analytics_enabled=False) as demo:
@@ -44,117 +27,106 @@ def build(explorer: RunExplorer) -> gr.Blocks:
             f"test accuracy {explorer.accuracy:.2%}. Each image is read like `cifarcam predict` reads it: "
             f"{TRANSFORM}."
         )
-        _connect(explorer, _layout(explorer))
-    return demo
-
-
-def _layout(explorer: RunExplorer) -> View:
-    with gr.Row():
-        with gr.Column():
-            upload = gr.Image(
-                label="Your image",
-                type="filepath",
-                image_mode=None,  # the file as uploaded: decoded as `cifarcam predict` decodes it
-                sources=["upload"],
-                height=280,
-                elem_id="upload",
-            )
-            with gr.Row():
-                test_index = gr.Number(
-                    label=f"or test image # (0-{len(explorer.test_images) - 1})",
-                    value=0,
-                    precision=0,
-                    elem_id="test-index",
+        current = gr.State(None)  # the ImageInput on show
+        with gr.Row():
+            with gr.Column():
+                upload = gr.Image(
+                    label="Your image",
+                    type="filepath",
+                    image_mode=None,  # the file as uploaded: decoded as `cifarcam predict` decodes it
+                    sources=["upload"],
+                    height=280,
+                    elem_id="upload",
                 )
-                pick = gr.Button("Show test image", elem_id="pick-test")
-            transform = gr.Markdown(elem_id="transform")
-            model_input = gr.Image(
-                label="What the model sees (32x32, enlarged)",
-                interactive=False,
+                with gr.Row():
+                    test_index = gr.Number(
+                        label=f"or test image # (0-{len(explorer.test_images) - 1})",
+                        value=0,
+                        precision=0,
+                        elem_id="test-index",
+                    )
+                    pick = gr.Button("Show test image", elem_id="pick-test")
+                transform = gr.Markdown(elem_id="transform")
+                model_input = gr.Image(
+                    label="What the model sees (32x32, enlarged)",
+                    interactive=False,
+                    format="png",
+                    height=280,
+                    elem_id="model-input",
+                )
+            with gr.Column():
+                topk = gr.Label(label="Top 3", num_top_classes=3, elem_id="topk")
+                cam = gr.Image(label="CAM", interactive=False, format="png", height=280, elem_id="cam")
+                controls: list[Any] = [  # layer, method, target class, opacity
+                    gr.Radio(list(APP_LAYERS), value="layer4", label="Layer", elem_id="layer"),
+                    gr.Dropdown(list(METHODS), value="gradcam", label="Method", elem_id="method"),
+                    gr.Dropdown(
+                        [PREDICTED, *predictor.classes],
+                        value=PREDICTED,
+                        label="Target class",
+                        elem_id="target",
+                    ),
+                    gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity", elem_id="opacity"),
+                ]
+        with gr.Tab(f"The {len(explorer.mistakes)} most confident mistakes (click one to explain it)"):
+            gallery = gr.Gallery(
+                value=explorer.gallery(),
+                columns=8,
                 format="png",
-                height=280,
-                elem_id="model-input",
+                allow_preview=False,
+                show_label=False,
+                elem_id="mistakes",
             )
-        with gr.Column():
-            topk = gr.Label(label="Top 3", num_top_classes=3, elem_id="topk")
-            cam = gr.Image(label="CAM", interactive=False, format="png", height=280, elem_id="cam")
-            controls = [
-                gr.Radio(list(APP_LAYERS), value="layer4", label="Layer", elem_id="layer"),
-                gr.Dropdown(list(METHODS), value="gradcam", label="Method", elem_id="method"),
-                gr.Dropdown(
-                    [PREDICTED, *explorer.predictor.classes],
-                    value=PREDICTED,
-                    label="Target class",
-                    elem_id="target",
-                ),
-                gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity", elem_id="opacity"),
-            ]
-    with gr.Tab(f"The {len(explorer.mistakes)} most confident mistakes (click one to explain it)"):
-        gallery = gr.Gallery(
-            value=explorer.gallery(),
-            columns=8,
-            format="png",
-            allow_preview=False,
-            show_label=False,
-            elem_id="mistakes",
-        )
-    with gr.Tab("Curves"):
-        gr.Image(value=explorer.curves(), show_label=False, interactive=False, format="png", elem_id="curves")
-    return View(
-        gr.State(None), upload, test_index, pick, transform, model_input, topk, cam, controls, gallery
-    )
+        with gr.Tab("Curves"):
+            gr.Image(
+                value=explorer.curves(), show_label=False, interactive=False, format="png", elem_id="curves"
+            )
 
+        shown = [current, model_input, transform, topk, cam]
 
-def _connect(explorer: RunExplorer, view: View) -> None:
-    """The callbacks: an uploaded file, a test image or a mistake is shown and explained, and
-    explained again when a control changes."""
-    shown = [view.current, view.model_input, view.transform, view.topk, view.cam]
+        def explain(
+            image: ImageInput | None, layer: str, method: str, target: str, alpha: float
+        ) -> tuple[Any, Any]:
+            if image is None:
+                return None, None
+            try:
+                explanation = explorer.explain(image, layer, method, target, alpha)
+            except CifarcamError as error:
+                raise gr.Error(error.message) from None
+            label = f"{method} at {layer} for '{explanation.target}' (red = high)"
+            return dict(explanation.top), gr.Image(value=explanation.overlay, label=label)
 
-    def explain(
-        image: ImageInput | None, layer: str, method: str, target: str, alpha: float
-    ) -> tuple[Any, Any]:
-        if image is None:
-            return None, None
-        try:
-            explanation = explorer.explain(image, layer, method, target, alpha)
-        except CifarcamError as error:
-            raise gr.Error(error.message) from None
-        label = f"{method} at {layer} for '{explanation.target}' (red = high)"
-        return dict(explanation.top), gr.Image(value=explanation.overlay, label=label)
+        def show(image: ImageInput, about: str, *settings: Any) -> tuple[Any, ...]:
+            return (image, enlarge(image.pixels), about, *explain(image, *settings))
 
-    def show(image: ImageInput, about: str, *settings: Any) -> tuple[Any, ...]:
-        return (image, enlarge(image.pixels), about, *explain(image, *settings))
+        def on_upload(path: str | None, *settings: Any) -> tuple[Any, ...]:
+            if path is None:
+                return NOTHING
+            try:
+                image = read_image(Path(path))
+            except CifarcamError as error:
+                raise gr.Error(error.message) from None
+            return show(image, f"Upload: {image.describe()}", *settings)
 
-    def on_upload(path: str | None, *settings: Any) -> tuple[Any, ...]:
-        if path is None:
-            return NOTHING
-        try:
-            image = read_image(Path(path))
-        except CifarcamError as error:
-            raise gr.Error(error.message) from None
-        return show(image, f"Upload: {image.describe()}", *settings)
+        def on_test_image(index: float | None, *settings: Any) -> tuple[Any, ...]:
+            number = int(index or 0)
+            try:
+                image = explorer.test_image(number)
+            except CifarcamError as error:
+                raise gr.Error(error.message) from None
+            return show(image, f"Test image #{number}, true class: {explorer.test_label(number)}", *settings)
 
-    def on_test_image(index: float | None, *settings: Any) -> tuple[Any, ...]:
-        number = int(index or 0)
-        try:
-            image = explorer.test_image(number)
-        except CifarcamError as error:
-            raise gr.Error(error.message) from None
-        return show(image, f"Test image #{number}, true class: {explorer.test_label(number)}", *settings)
+        def on_mistake(selected: gr.SelectData, *settings: Any) -> tuple[Any, ...]:
+            mistake = explorer.mistakes[int(selected.index)]
+            return show(explorer.test_image(mistake.index), f"Test image {mistake.caption()}", *settings)
 
-    def on_mistake(selected: gr.SelectData, *settings: Any) -> tuple[Any, ...]:
-        mistake = explorer.mistakes[int(selected.index)]
-        image = explorer.test_image(mistake.index)
-        return show(image, f"Test image {mistake.caption()}", *settings)
-
-    view.upload.upload(on_upload, [view.upload, *view.controls], shown)
-    view.upload.clear(lambda: NOTHING, None, shown)
-    view.pick.click(on_test_image, [view.test_index, *view.controls], shown)
-    view.gallery.select(on_mistake, view.controls, shown)
-    for control in view.controls:  # a dragged slider changes many times: explain the last value only
-        control.change(
-            explain, [view.current, *view.controls], [view.topk, view.cam], trigger_mode="always_last"
-        )
+        upload.upload(on_upload, [upload, *controls], shown)
+        upload.clear(lambda: NOTHING, None, shown)
+        pick.click(on_test_image, [test_index, *controls], shown)
+        gallery.select(on_mistake, controls, shown)
+        for control in controls:  # a dragged slider changes many times: explain the last value only
+            control.change(explain, [current, *controls], [topk, cam], trigger_mode="always_last")
+    return demo
 
 
 def launch(demo: gr.Blocks, host: str, port: int) -> str:

@@ -1,12 +1,5 @@
-"""The Typer app: thin commands that parse options, call the library (cifarcam.training.run,
-cifarcam.evaluation.loading, ...) and print.
-
-The commands live in cli/train.py (train), cli/results.py (evaluate, misclassified, gradcam,
-sanity, plot) and cli/share.py (report, compare, predict, app); this module registers them on
-`app`; cli/base.py holds what they share.
-Exit codes: 0 ok, 1 runtime error, 2 usage or config error, 130 interrupted (Ctrl-C),
-143 terminated (SIGTERM).
-"""
+"""The Typer app: thin commands that parse options, call the library and print. This module
+registers the commands of train.py, results.py and share.py; base.py holds what they share."""
 
 from __future__ import annotations
 
@@ -17,6 +10,7 @@ import typer
 from cifarcam import __version__
 from cifarcam.cli import results, share, train
 from cifarcam.cli.base import app
+from cifarcam.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE
 
 __all__ = ["app", "main"]
 
@@ -52,29 +46,25 @@ def root(
 
 
 def main() -> None:
-    """The `cifarcam` command. A mistyped option (an unknown name, `--epochs abc`) is one line
-    and exit 2 like every other bad input, not the boxed usage message. (Typer may ship its own
-    copy of click, so its exceptions are told by name.)"""
+    """The `cifarcam` command: a mistyped option (`--epochs abc`) is one 'Error:' line and exit 2,
+    not click's boxed usage message. Typer may ship its own click, so exceptions are told by name."""
     command = typer.main.get_command(app)
     try:
         code = command.main(prog_name="cifarcam", standalone_mode=False)
     except Exception as error:
         kinds = {kind.__name__ for kind in type(error).__mro__}
-        context = getattr(error, "ctx", None)
         if "NoArgsIsHelpError" in kinds:  # `cifarcam` alone: the help
             error.show()  # type: ignore[attr-defined]
-            code = 2
-        elif "UsageError" in kinds:
-            name = context.command_path if context else "cifarcam"
-            typer.echo(f"Error: {error.format_message()}", err=True)  # type: ignore[attr-defined]
-            typer.echo(f"Hint: see '{name} --help'", err=True)
-            code = 2
+            code = EXIT_USAGE
         elif "Abort" in kinds:  # a Ctrl-C outside any command's own handling
             typer.echo("Error: interrupted", err=True)
-            code = 130
-        elif "ClickException" in kinds:
+            code = EXIT_SIGINT
+        elif "ClickException" in kinds:  # a UsageError among them: exit 2 and a hint
             typer.echo(f"Error: {error.format_message()}", err=True)  # type: ignore[attr-defined]
-            code = getattr(error, "exit_code", 1)
+            if "UsageError" in kinds:
+                context = getattr(error, "ctx", None)
+                typer.echo(f"Hint: see '{context.command_path if context else 'cifarcam'} --help'", err=True)
+            code = getattr(error, "exit_code", EXIT_RUNTIME)
         else:
             raise
     raise SystemExit(code if isinstance(code, int) else 0)

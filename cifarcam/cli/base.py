@@ -1,9 +1,5 @@
-"""What every command shares: the Typer app, the console, option types and the error handling
-that turns failures into one 'Error:' line and the documented exit code.
-
-Exit codes: 0 ok, 1 runtime error, 2 usage or config error, 130 interrupted (Ctrl-C),
-143 terminated (SIGTERM).
-"""
+"""What every command shares: the Typer app, the console, option types, the progress bar, and the
+error handling that turns failures into one 'Error:' line and the exit code of cifarcam.errors."""
 
 from __future__ import annotations
 
@@ -17,13 +13,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from cifarcam.errors import (
-    EXIT_RUNTIME,
-    CifarcamError,
-    PeerFailed,
-    interrupt_exit_code,
-)
+from cifarcam.errors import EXIT_RUNTIME, CifarcamError, PeerFailed, interrupt_exit_code
 from cifarcam.runs.files import written_file
 
 app = typer.Typer(
@@ -68,48 +60,39 @@ LayerOpt = Annotated[
 T = TypeVar("T")
 
 
-def fail(message: str, hint: str | None, code: int) -> typer.Exit:
-    typer.echo(f"Error: {message}", err=True)
-    if hint:
-        typer.echo(f"Hint: {hint}", err=True)
-    return typer.Exit(code)
-
-
 @contextmanager
 def user_errors(rank: int = 0) -> Iterator[None]:
-    """Turn known failures into one 'Error: ...' line and the documented exit code.
-
-    `rank`: this process's rank under torchrun; other ranks than 0 name themselves. A rank that
-    stops because another one failed (PeerFailed) prints nothing: the failing rank says why.
-    """
-    who = f"rank {rank}: " if rank else ""
+    """Turn known failures into one 'Error: ...' line and the documented exit code. Under torchrun,
+    ranks other than 0 (`rank`) name themselves, and a rank stopped by another one's failure
+    (PeerFailed) prints nothing: the failing rank says why."""
     try:
         yield
+        return
     except typer.Exit:
         raise
     except PeerFailed as error:
         raise typer.Exit(error.exit_code) from None
     except CifarcamError as error:
-        raise fail(who + error.message, error.hint, error.exit_code) from None
+        message, hint, code = error.message, error.hint, error.exit_code
     except KeyboardInterrupt as error:
-        raise fail(who + "interrupted", None, interrupt_exit_code(error)) from None
+        message, hint, code = "interrupted", None, interrupt_exit_code(error)
     except OSError as error:
         where = f" ({written_file(str(error.filename))})" if error.filename else ""
-        raise fail(f"{who}{error.strerror or error}{where}", None, EXIT_RUNTIME) from None
+        message, hint, code = f"{error.strerror or error}{where}", None, EXIT_RUNTIME
     except Exception as error:
         if os.environ.get("CIFARCAM_DEBUG"):
             raise
+        code = EXIT_RUNTIME
         if _lost_peer(error):
-            raise fail(
-                f"{who}lost contact with the other processes of this run ({type(error).__name__})",
-                "the process that failed first printed the reason",
-                EXIT_RUNTIME,
-            ) from None
-        raise fail(
-            f"{who}unexpected {type(error).__name__}: {error}",
-            "set CIFARCAM_DEBUG=1 for the traceback, and please report it",
-            EXIT_RUNTIME,
-        ) from None
+            message = f"lost contact with the other processes of this run ({type(error).__name__})"
+            hint = "the process that failed first printed the reason"
+        else:
+            message = f"unexpected {type(error).__name__}: {error}"
+            hint = "set CIFARCAM_DEBUG=1 for the traceback, and please report it"
+    typer.echo(f"Error: {f'rank {rank}: ' if rank else ''}{message}", err=True)
+    if hint:
+        typer.echo(f"Hint: {hint}", err=True)
+    raise typer.Exit(code)
 
 
 def _lost_peer(error: Exception) -> bool:
@@ -129,6 +112,19 @@ def signals_handled(handler: Callable[[int, Any], None]) -> Iterator[None]:
     finally:
         for number, handler_before in previous.items():
             signal.signal(number, handler_before)
+
+
+def progress_bar(*fields: str) -> Progress:
+    """A transient bar: the task's description, the bar, done/total, `fields`, the time left."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *(TextColumn(field) for field in fields),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 def guarded(action: Callable[[], T]) -> T:

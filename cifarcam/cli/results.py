@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from cifarcam.cli.base import (
@@ -21,7 +18,9 @@ from cifarcam.cli.base import (
     RunsDirOpt,
     console,
     guarded,
+    progress_bar,
     run_dir,
+    user_errors,
 )
 
 
@@ -78,25 +77,6 @@ def misclassified(
     console.print(f"Wrote {rundir.misclassified_json} and {rundir.misclassified_png}")
 
 
-@contextmanager
-def _image_progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    progress = Progress(
-        TextColumn(f"[bold]{description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
-    task = progress.add_task(description, total=None)
-
-    def on_progress(done: int, total: int) -> None:
-        progress.update(task, completed=done, total=total)
-
-    with progress:
-        yield on_progress
-
-
 def gradcam(
     run: RunOpt,
     runs_dir: RunsDirOpt = Path("runs"),
@@ -111,8 +91,7 @@ def gradcam(
         typer.Option("--all", help="Explain the whole test set (maps to safetensors); gallery of --count."),
     ] = False,
     metrics: Annotated[
-        bool,
-        typer.Option("--metrics", help="Faithfulness: deletion/insertion AUC, average drop/increase."),
+        bool, typer.Option("--metrics", help="Faithfulness: deletion/insertion AUC, average drop/increase.")
     ] = False,
     steps: Annotated[int, typer.Option(help="Deletion/insertion steps for --metrics.")] = 16,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
@@ -121,7 +100,7 @@ def gradcam(
         typer.Option(
             help="fp32 (exact maps, the default), or bf16/auto: forward passes under bfloat16 "
             "autocast, several times faster where supported, maps less exact: measured, most move "
-            "by under 0.02 at layer4 but one in ten by over 0.1 at layer3 (see README)."
+            "by under 0.02 at layer4 but one in ten by over 0.1 at layer3 (docs/explanations.md)."
         ),
     ] = "fp32",
     checkpoint: CheckpointOpt = "last",
@@ -134,37 +113,31 @@ def gradcam(
     from cifarcam.explain import commands as explain
 
     rundir = run_dir(runs_dir, run)
-    with _image_progress("explaining") as on_progress:
-        outcome = guarded(
-            lambda: explain.gradcam(
-                rundir,
-                method,
-                layer,
-                target,
-                count,
-                all_images,
-                metrics,
-                checkpoint,
-                device,
-                batch_size,
-                steps,
-                on_progress,
-                precision,
-            )
+    with progress_bar() as progress, user_errors():
+        task = progress.add_task("explaining", total=None)
+        outcome = explain.gradcam(
+            rundir,
+            method,
+            layer,
+            target,
+            count,
+            all_images,
+            metrics,
+            checkpoint,
+            device,
+            batch_size,
+            steps,
+            lambda done, total: progress.update(task, completed=done, total=total),
+            precision,
         )
     if outcome.metrics:
         table = Table(
             "method", "layer", "deletion AUC (lower)", "insertion AUC (higher)", "avg drop %", "increase %"
         )
         for row in outcome.metrics:
-            table.add_row(
-                row["method"],
-                row["layer"],
-                f"{row['deletion_auc']:.4f}",
-                f"{row['insertion_auc']:.4f}",
-                f"{row['average_drop']:.2f}",
-                f"{row['increase_in_confidence']:.2f}",
-            )
+            scores = [f"{row[key]:.4f}" for key in ("deletion_auc", "insertion_auc")]
+            scores += [f"{row[key]:.2f}" for key in ("average_drop", "increase_in_confidence")]
+            table.add_row(row["method"], row["layer"], *scores)
         console.print(table)
     if not outcome.gallery_rows:
         console.print("No test image is misclassified, so there is no gallery of mistakes.")
@@ -194,11 +167,8 @@ def sanity(
     outcome = guarded(lambda: explain.sanity(rundir, method, layer, count, checkpoint, device, seed))
     table = Table("randomised down to", "Spearman", "SSIM")
     for row in outcome.rows:
-        table.add_row(
-            str(row["randomized"]),
-            f"{row['spearman']:.3f} ± {row['spearman_std']:.3f}",
-            f"{row['ssim']:.3f} ± {row['ssim_std']:.3f}",
-        )
+        spearman, ssim = (f"{row[key]:.3f} ± {row[f'{key}_std']:.3f}" for key in ("spearman", "ssim"))
+        table.add_row(str(row["randomized"]), spearman, ssim)
     console.print(table)
     console.print("Wrote " + ", ".join(str(p) for p in outcome.paths))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -22,10 +22,7 @@ from cifarcam.cli.base import (
     signals_handled,
     user_errors,
 )
-from cifarcam.errors import (
-    EXIT_RUNTIME,
-    CifarcamError,
-)
+from cifarcam.errors import EXIT_RUNTIME, CifarcamError
 
 
 def report(run: RunOpt, runs_dir: RunsDirOpt = Path("runs")) -> None:
@@ -57,9 +54,8 @@ def compare(
     """
     from cifarcam.report.compare import compare as compare_runs
 
-    paths = guarded(
-        lambda: compare_runs([run_dir(runs_dir, name) for name in runs], out or runs_dir / "compare.html")
-    )
+    with user_errors():
+        paths = compare_runs([run_dir(runs_dir, name) for name in runs], out or runs_dir / "compare.html")
     console.print("Wrote " + ", ".join(str(p) for p in paths))
 
 
@@ -106,59 +102,42 @@ def predict(
     """Classify your own images (any size and mode) with a run's model; optionally draw CAM overlays.
 
     Each image is centre-cropped to a square and resized to 32x32 (the table shows how). A file
-    that cannot be read, or whose overlays cannot be written, is reported on one line and the
-    others are still processed; the exit code is then 1.
+    that cannot be read is reported on one line and the others are still processed; the exit
+    code is then 1.
 
     Example: cifarcam predict --run r1 cat.jpg dog.png --top-k 3 --cam --layer layer3
     """
     import json
 
-    from cifarcam.evaluation.predict import (
-        CamRequest,
-        Predictor,
-        check_request,
-        predict_document,
-        predict_files,
-    )
+    from cifarcam.evaluation import predict as prediction
 
-    wants_cam = cam or bool(layer or method or class_names)
-    request = (
-        CamRequest(out, method or ["gradcam"], layer or ["layer4"], class_names or []) if wants_cam else None
-    )
-
-    def prepare() -> tuple[Any, int]:
-        rundir = run_dir(runs_dir, run)
-        predictor = Predictor.from_run(rundir, checkpoint, device)
-        k = min(3, len(predictor.classes)) if top_k is None else top_k
-        check_request(predictor, rundir, k, request)
-        return predictor, k
-
-    predictor, k = guarded(prepare)
+    request: prediction.CamRequest | None = None
+    if cam or layer or method or class_names:
+        request = prediction.CamRequest(out, method or ["gradcam"], layer or ["layer4"], class_names or [])
     results = []
     with user_errors():
-        for result in predict_files(predictor, images, k, request):
+        predictor = prediction.Predictor.from_run(run_dir(runs_dir, run), checkpoint, device)
+        k = min(3, len(predictor.classes)) if top_k is None else top_k
+        prediction.check_request(predictor, k, request)
+        for result in prediction.predict_files(predictor, images, k, request):
             results.append(result)
-            if result.error is not None:
+            if result.image is None:  # the file could not be read
                 typer.echo(f"Error: {result.error}", err=True)
             elif not as_json:
-                _print_prediction(result)
+                console.print(f"{result.path}: {result.image.describe()}")
+                table = Table("class", "confidence")
+                for name, probability in result.top:
+                    table.add_row(Text(name), f"{probability:.1%}")
+                console.print(table)
+                for overlay in result.overlays:
+                    console.print(f"Wrote {overlay['path']}")
     if as_json:
-        typer.echo(json.dumps(predict_document(predictor, results), indent=2))
+        typer.echo(json.dumps(prediction.predict_document(predictor, results), indent=2))
     failed = sum(result.error is not None for result in results)
     if failed:
         if not as_json:
             typer.echo(f"{failed} of {len(results)} files failed", err=True)
         raise typer.Exit(EXIT_RUNTIME)
-
-
-def _print_prediction(result: Any) -> None:
-    console.print(f"{result.path}: {result.image.describe()}")
-    table = Table("class", "confidence")
-    for name, probability in result.top:
-        table.add_row(Text(name), f"{probability:.1%}")
-    console.print(table)
-    for overlay in result.overlays:
-        console.print(f"Wrote {overlay.path}")
 
 
 def app_command(
@@ -180,9 +159,9 @@ def app_command(
     """
     import threading
 
-    def start() -> tuple[Any, str]:
-        os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with user_errors():
         try:
             from cifarcam.app import web as webapp
         except ImportError as error:
@@ -194,11 +173,8 @@ def app_command(
         from cifarcam.app.explorer import RunExplorer, check_port_free
 
         check_port_free(host, port)
-        explorer = RunExplorer(run_dir(runs_dir, run), checkpoint, device)
-        demo = webapp.build(explorer)
-        return demo, webapp.launch(demo, host, port)
-
-    demo, url = guarded(start)
+        demo = webapp.build(RunExplorer(run_dir(runs_dir, run), checkpoint, device))
+        url = webapp.launch(demo, host, port)
     stop = threading.Event()
     with signals_handled(lambda *_: stop.set()):
         console.print(f"Serving run '{run}' at {url} (Ctrl-C to stop)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import shlex
@@ -11,28 +12,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, get_args
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from cifarcam.cli.base import (
-    RunOpt,
-    RunsDirOpt,
-    console,
-    run_dir,
-    signals_handled,
-    user_errors,
-)
+from cifarcam.cli.base import RunOpt, RunsDirOpt, console, progress_bar, run_dir, signals_handled, user_errors
 from cifarcam.config import TrainConfig, build_config, merge_overrides, preset_values, read_config_file
-from cifarcam.errors import (
-    StoppedAtOnce,
-    TrainingInterrupted,
-    UsageError,
-    interrupt_exit_code,
-)
+from cifarcam.errors import StoppedAtOnce, TrainingInterrupted, UsageError, interrupt_exit_code
 
-# Options of their own; every scalar TrainConfig field is an option too (`_config_options`).
+# What --help shows as the default of the options whose default, None, says nothing.
 _DEFAULTS_SHOWN = {
     "data_dir": "$CIFARCAM_DATA_DIR or ~/.cache/cifarcam",
     "subset": "all",
@@ -43,27 +31,20 @@ _DEFAULTS_SHOWN = {
 def _config_options() -> list[inspect.Parameter]:
     """One option per scalar field of TrainConfig, named after it, with its description as help
     and its default shown; left out, it is None and the preset, config file or default decides."""
-    options = []
+    params = []
     for name, field in TrainConfig.model_fields.items():
         if name in ("augment", "albumentations"):  # nested settings: config files only
             continue
         dashed, annotation = name.replace("_", "-"), field.annotation
-        kind = (
-            str
-            if get_origin(annotation) is Literal
-            else next(t for t in (bool, int, float, str) if t is annotation or t in get_args(annotation))
-        )
+        kind = next((t for t in (bool, int, float) if t is annotation or t in get_args(annotation)), str)
         if kind is bool:
-            names, shown = [f"--{dashed}/--no-{dashed}"], dashed if field.default else f"no-{dashed}"
+            flag, shown = f"--{dashed}/--no-{dashed}", dashed if field.default else f"no-{dashed}"
         else:
-            names, shown = [f"--{dashed}"], str(field.default)
-        option = typer.Option(*names, help=field.description, show_default=_DEFAULTS_SHOWN.get(name, shown))
-        options.append(
-            inspect.Parameter(
-                name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
-            )
-        )
-    return options
+            flag, shown = f"--{dashed}", str(field.default)
+        option = typer.Option(flag, help=field.description, show_default=_DEFAULTS_SHOWN.get(name, shown))
+        typed: Any = Annotated[kind | None, option]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=typed))
+    return params
 
 
 def train(
@@ -101,60 +82,53 @@ def train(
     Example: cifarcam train --run r1 --data ~/cifar10-folder --subset 2000 --width 16 --epochs 2
     """
     from cifarcam.training import run as pipeline
-
-    def action(group: Any) -> None:
-        rundir = run_dir(runs_dir, run)
-        try:
-            train_or_resume(rundir, group)
-        except KeyboardInterrupt as stopped:  # StoppedAtOnce (a second signal) or Python's own
-            code = interrupt_exit_code(stopped)
-            name = signal.Signals(code - 128).name
-            if not rundir.state_path.exists():  # stopped before a first epoch was saved
-                raise TrainingInterrupted(
-                    f"stopped at once by a second {name}; no epoch was saved", None, code
-                ) from None
-            raise TrainingInterrupted(
-                f"stopped at once by a second {name}; the last saved training state is kept",
-                hint=f"resume with 'cifarcam train --run {run} --resume'",
-                exit_code=code,
-            ) from None
-
-    def train_or_resume(rundir: Any, group: Any) -> None:
-        command = shlex.join(["cifarcam", *sys.argv[1:]])
-        if resume:
-            given = [
-                f"--{'no-' * (v is False)}{k.replace('_', '-')}"
-                for k, v in overrides.items()
-                if v is not None
-            ]
-            given += ["--preset"] * bool(preset) + ["--config"] * bool(config) + ["--overwrite"] * overwrite
-            if given:
-                raise UsageError(
-                    f"--resume continues with the run's own config.json; leave out {', '.join(given)}"
-                )
-            with _stop_on_signals(group) as stop, _training_progress(group.is_main) as callbacks:
-                records = pipeline.resume(rundir, command, callbacks, stop, group)
-        else:
-            base: dict[str, Any] = {}  # presets, then config files, each in the order given
-            for layer in [preset_values(name) for name in preset or []]:
-                base = merge_overrides(base, layer, given_none=True)
-            for path in config or []:
-                base = merge_overrides(base, read_config_file(path), given_none=True)
-            resolved = build_config(merge_overrides(base, overrides))
-            with _stop_on_signals(group) as stop, _training_progress(group.is_main) as callbacks:
-                records = pipeline.train(resolved, rundir, overwrite, command, callbacks, stop, group)
-        if not group.is_main:
-            return
-        last = records[-1]
-        console.print(
-            f"Finished: test accuracy {last['test_acc']:.2%}, test loss {last['test_loss']:.4f}. "
-            f"Run directory: {rundir.path}"
-        )
-
     from cifarcam.training.distributed import process_group
 
+    command = shlex.join(["cifarcam", *sys.argv[1:]])
     with user_errors(), process_group() as group, user_errors(group.rank):
-        action(group)
+        rundir = run_dir(runs_dir, run)
+        try:
+            if resume:
+                given = [
+                    f"--{'no-' * (v is False)}{k.replace('_', '-')}"
+                    for k, v in overrides.items()
+                    if v is not None
+                ]
+                given += (
+                    ["--preset"] * bool(preset) + ["--config"] * bool(config) + ["--overwrite"] * overwrite
+                )
+                if given:
+                    raise UsageError(
+                        f"--resume continues with the run's own config.json; leave out {', '.join(given)}"
+                    )
+                start = functools.partial(pipeline.resume, rundir)
+            else:
+                # Presets, then config files, each in the order given and over the ones before.
+                layers = [preset_values(name) for name in preset or []]
+                layers += [read_config_file(path) for path in config or []]
+                base: dict[str, Any] = {}
+                for layer in layers:
+                    base = merge_overrides(base, layer, given_none=True)
+                resolved = build_config(merge_overrides(base, overrides))
+                start = functools.partial(pipeline.train, resolved, rundir, overwrite)
+            with _stop_on_signals(group) as stop, _training_progress(group.is_main) as callbacks:
+                records = start(command, callbacks, stop, group)
+        except KeyboardInterrupt as stopped:  # StoppedAtOnce (a second signal) or Python's own
+            code = interrupt_exit_code(stopped)
+            stopped_at_once = f"stopped at once by a second {signal.Signals(code - 128).name}"
+            if not rundir.state_path.exists():  # stopped before a first epoch was saved
+                raise TrainingInterrupted(f"{stopped_at_once}; no epoch was saved", None, code) from None
+            raise TrainingInterrupted(
+                f"{stopped_at_once}; the last saved training state is kept",
+                f"resume with 'cifarcam train --run {run} --resume'",
+                code,
+            ) from None
+        if group.is_main:
+            last = records[-1]
+            console.print(
+                f"Finished: test accuracy {last['test_acc']:.2%}, test loss {last['test_loss']:.4f}. "
+                f"Run directory: {rundir.path}"
+            )
 
 
 _signature = inspect.signature(train, eval_str=True)
@@ -203,15 +177,7 @@ def _training_progress(shown: bool = True) -> Iterator[Any]:
         yield TrainCallbacks()
         return
 
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
+    progress = progress_bar("loss {task.fields[loss]}")
     task = progress.add_task("epoch 1", total=None, loss="-")
     epoch = {"n": 1, "total": 0}
 
@@ -227,8 +193,7 @@ def _training_progress(shown: bool = True) -> Iterator[Any]:
         )
         console.print(
             f"Training on {meta['device']} ({meta['precision']}), {meta['train_images']} training images"
-            f"{per_epoch}, "
-            f"{meta['test_images']} test images, data: {meta['data']}{resumed}"
+            f"{per_epoch}, {meta['test_images']} test images, data: {meta['data']}{resumed}"
         )
         if meta["device"] == "cpu" and meta["precision"] == "bfloat16" and not cpu_supports_bf16():
             console.print(

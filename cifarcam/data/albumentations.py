@@ -17,10 +17,7 @@ from cifarcam.errors import ConfigError
 
 
 def seed_project_pipeline() -> dict[str, Any]:
-    """The seed project's mix (flip, shift-scale-rotate, coarse dropout) in A.to_dict form.
-
-    Shift-scale-rotate is written as albumentations' Affine, which replaces it in 2.x.
-    """
+    """The seed project's mix (flip, Affine shift-scale-rotate, coarse dropout) in A.to_dict form."""
     import albumentations as A
 
     pipeline = A.Compose(
@@ -67,9 +64,8 @@ def load_pipeline(value: dict[str, Any]) -> Any:
 
 
 def pipeline_problem(image: Any) -> str | None:
-    """What is wrong with an albumentations pipeline's output, or None for a 32x32x3 uint8 image
-    (cifarcam converts images to tensors itself; a resize or crop would train on images unlike
-    the test set)."""
+    """What is wrong with a pipeline's output, or None for a 32x32x3 uint8 image (cifarcam makes the
+    tensors itself; a resize or crop would train on images unlike the test set)."""
     if isinstance(image, np.ndarray) and image.shape == (32, 32, 3) and image.dtype == np.uint8:
         return None
     got = f"{tuple(image.shape)} {image.dtype}" if hasattr(image, "shape") else type(image).__name__
@@ -80,9 +76,7 @@ def pipeline_problem(image: Any) -> str | None:
 
 
 def check_pipeline(value: dict[str, Any]) -> None:
-    """The pipeline loads and, with every transform applied, turns a 32x32 RGB uint8 image into
-    another of that size and type: checked before training starts, and for every image in the
-    training loader too."""
+    """Before training: the pipeline loads and, every transform applied, keeps a 32x32 RGB uint8 image."""
     load_pipeline(value)  # its parameters as given
     pipeline = load_pipeline(_always(value))
     pipeline.set_random_seed(0)
@@ -99,12 +93,10 @@ def check_pipeline(value: dict[str, Any]) -> None:
 
 
 class AlbumentationsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, str]]):
-    """Per-sample albumentations over uint8 HWC images; returns uint8 CHW tensors.
-
-    A pipeline that fails on an image, or changes its size or type, does not raise in the worker
-    (the DataLoader would pass on a multi-line worker traceback): the sample comes back blank
-    with the problem as its third element, for `albumentations_batches` to raise in one line.
-    """
+    """Per-sample albumentations over uint8 HWC images; returns uint8 CHW tensors. A pipeline that
+    fails on an image, or changes its size or type, does not raise in the worker (the DataLoader
+    would pass on a multi-line traceback): the sample comes back blank with the problem as its
+    third element, for `albumentations_batches` to raise in one line."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, pipeline: dict[str, Any], seed: int) -> None:
         self.images = images
@@ -133,15 +125,15 @@ def _seed_worker(_worker_id: int) -> None:
         info.dataset.transform.set_random_seed(info.seed % 2**32)  # type: ignore[attr-defined]
 
 
-def _loader(
+def albumentations_batches(
     train: Split, order: torch.Tensor, pipeline: dict[str, Any], batch_size: int, workers: int, seed: int
-) -> DataLoader[tuple[torch.Tensor, int, str]]:
-    """A DataLoader over the images of `train` at the indices `order`, in that order, that applies
-    `pipeline` per image in `workers` processes."""
-    images = train.images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
-    dataset = AlbumentationsDataset(images, train.labels.cpu().numpy(), pipeline, seed)
-    return DataLoader(
-        dataset,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The (uint8 images, labels) batches of `train` at the indices `order`, in that order, with
+    `pipeline` applied per image in `workers` processes. The first image the pipeline fails on
+    (or returns resized or retyped) raises ConfigError, in one line."""
+    images_hwc = train.images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
+    loader = DataLoader(
+        AlbumentationsDataset(images_hwc, train.labels.cpu().numpy(), pipeline, seed),
         batch_size=batch_size,
         sampler=order.tolist(),
         num_workers=workers,
@@ -149,15 +141,7 @@ def _loader(
         worker_init_fn=_seed_worker,
         persistent_workers=workers > 0,
     )
-
-
-def albumentations_batches(
-    train: Split, order: torch.Tensor, pipeline: dict[str, Any], batch_size: int, workers: int, seed: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The (uint8 images, labels) batches of `train` at the indices `order`, in that order, with
-    `pipeline` applied per image in `workers` processes. The first image the pipeline fails on
-    (or returns resized or retyped) raises ConfigError, in one line."""
-    for images, labels, problems in _loader(train, order, pipeline, batch_size, workers, seed):
+    for images, labels, problems in loader:
         for problem in problems:
             if problem:
                 raise ConfigError(problem, hint="fix the pipeline in the config's 'albumentations' field")

@@ -1,10 +1,6 @@
-"""Training augmentation: batched tensor ops on the training device (flip, translate, cutout),
-the default; and albumentations pipelines run per sample in DataLoader workers, the alternative.
-
-Every op draws from a seeded generator, so a seeded run is reproducible. Each op draws its
-random numbers for a whole (global) batch and uses the `rows` a process holds, so a batch split
-over processes is augmented exactly as the unsplit batch.
-"""
+"""Training augmentation as batched tensor ops on the training device: flip, translate, cutout.
+Each op draws from a seeded generator for a whole (global) batch and keeps the `rows` a process
+holds, so a seeded run is reproducible and a batch split over processes is augmented as unsplit."""
 
 from __future__ import annotations
 
@@ -13,38 +9,27 @@ import torch.nn.functional as F
 
 from cifarcam.config import AugmentConfig
 
-
-def _rows(x: torch.Tensor, rows: slice | None, batch: int | None) -> tuple[slice, int]:
-    """The rows of the global batch that `x` holds, and the global batch size."""
-    if rows is None:
-        return slice(0, x.shape[0]), x.shape[0]
-    assert batch is not None
-    return rows, batch
+ALL_ROWS = slice(None)  # the `rows` of a batch that is not split over processes
 
 
 def random_flip(
-    x: torch.Tensor, generator: torch.Generator, rows: slice | None = None, batch: int | None = None
+    x: torch.Tensor, generator: torch.Generator, rows: slice = ALL_ROWS, batch: int | None = None
 ) -> torch.Tensor:
     """Mirror each image left-right with probability 1/2."""
-    rows, batch = _rows(x, rows, batch)
-    flip = torch.rand(batch, generator=generator, device=x.device)[rows] < 0.5
+    flip = torch.rand(batch or len(x), generator=generator, device=x.device)[rows] < 0.5
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
 def random_translate(
-    x: torch.Tensor,
-    pad: int,
-    generator: torch.Generator,
-    rows: slice | None = None,
-    batch: int | None = None,
+    x: torch.Tensor, pad: int, generator: torch.Generator, rows: slice = ALL_ROWS, batch: int | None = None
 ) -> torch.Tensor:
     """Shift each image by up to `pad` pixels each way (a random crop of the reflect-padded image)."""
     if pad == 0:
         return x
-    rows, batch = _rows(x, rows, batch)
     count, _, height, width = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect").permute(0, 2, 3, 1)
-    offsets = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator, device=x.device)[:, rows]
+    offsets = torch.randint(0, 2 * pad + 1, (2, batch or count), generator=generator, device=x.device)
+    offsets = offsets[:, rows]
     ys = offsets[0].view(-1, 1, 1) + torch.arange(height, device=x.device).view(1, -1, 1)
     xs = offsets[1].view(-1, 1, 1) + torch.arange(width, device=x.device).view(1, 1, -1)
     items = torch.arange(count, device=x.device).view(-1, 1, 1)
@@ -53,18 +38,13 @@ def random_translate(
 
 
 def cutout(
-    x: torch.Tensor,
-    size: int,
-    generator: torch.Generator,
-    rows: slice | None = None,
-    batch: int | None = None,
+    x: torch.Tensor, size: int, generator: torch.Generator, rows: slice = ALL_ROWS, batch: int | None = None
 ) -> torch.Tensor:
     """Zero one size x size square per image, centred uniformly (it may be clipped at the edge)."""
     if size == 0:
         return x
-    rows, batch = _rows(x, rows, batch)
     height, width = x.shape[2:]
-    centres = torch.rand(2, batch, generator=generator, device=x.device)[:, rows]
+    centres = torch.rand(2, batch or len(x), generator=generator, device=x.device)[:, rows]
     top = (centres[0] * height).long() - size // 2
     left = (centres[1] * width).long() - size // 2
     ys = torch.arange(height, device=x.device).view(1, -1, 1)
@@ -78,7 +58,7 @@ def augment_batch(
     x: torch.Tensor,
     config: AugmentConfig,
     generator: torch.Generator,
-    rows: slice | None = None,
+    rows: slice = ALL_ROWS,
     batch: int | None = None,
 ) -> torch.Tensor:
     """Apply the configured ops to a normalised float batch (N, C, H, W): the whole batch, or

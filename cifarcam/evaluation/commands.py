@@ -7,10 +7,7 @@ from typing import Any
 
 import torch
 
-from cifarcam.errors import (
-    RunError,
-    UsageError,
-)
+from cifarcam.errors import RunError, UsageError
 from cifarcam.evaluation.inference import score
 from cifarcam.evaluation.loading import load_run, test_logits
 from cifarcam.report import figures
@@ -22,12 +19,9 @@ from cifarcam.runs.rundir import RunDir, reads_run
 def evaluate(
     run: RunDir, checkpoint: str = "last", device_name: str = "auto", tta: bool = True
 ) -> dict[str, Any]:
-    """Accuracy, mean loss, per-class accuracy and the confusion matrix on the test set.
-
-    With `tta`, also the accuracy and loss of logits averaged over six views (identity,
-    mirror, and both shifted one pixel up-left and down-right); per-class figures and the
-    confusion matrix are for the single view.
-    """
+    """Accuracy, mean loss, per-class accuracy and the confusion matrix on the test set; with
+    `tta`, also the accuracy and loss of logits averaged over six views (identity, mirror, and
+    both shifted one pixel up-left and down-right)."""
     loaded = load_run(run, checkpoint, device_name)
     logits = test_logits(loaded)
     labels = loaded.test.labels.cpu()

@@ -10,11 +10,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from cifarcam.data.datasets import IMAGE_SIZE
 from cifarcam.errors import DataError
 from cifarcam.report import figures
-
-INPUT_SIZE = 32
-
 
 OVERLAY_SIZE = 256  # overlays are drawn at 8x the model input: image pixels as blocks, the map smooth
 
@@ -41,7 +39,7 @@ class ImageInput:
         width, height = self.size
         x, y, side = self.crop
         crop = "" if width == height else f" -> crop {side}x{side} at ({x}, {y})"
-        return f"{width}x{height} {self.mode}{crop} -> {INPUT_SIZE}x{INPUT_SIZE}"
+        return f"{width}x{height} {self.mode}{crop} -> {IMAGE_SIZE}x{IMAGE_SIZE}"
 
 
 def _decode_with_pillow(data: bytes) -> np.ndarray | None:
@@ -107,9 +105,8 @@ def decode_image(data: bytes, name: str) -> tuple[np.ndarray, str]:
         gray = pixels.reshape(pixels.shape[:2])
         return np.repeat(gray[..., None], 3, axis=2), f"grayscale {depth}"
     if channels == 2:  # gray + alpha
-        return np.repeat(
-            _on_white(pixels[..., 0], pixels[..., 1])[..., None], 3, axis=2
-        ), f"grayscale+alpha {depth}"
+        gray = _on_white(pixels[..., 0], pixels[..., 1])
+        return np.repeat(gray[..., None], 3, axis=2), f"grayscale+alpha {depth}"
     if channels == 3:
         return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB), f"RGB {depth}"
     if channels == 4:
@@ -124,8 +121,8 @@ def to_model_input(rgb: np.ndarray, mode: str = "RGB 8-bit") -> ImageInput:
     side = min(height, width)
     x, y = (width - side) // 2, (height - side) // 2
     square = np.ascontiguousarray(rgb[y : y + side, x : x + side])
-    interpolation = cv2.INTER_AREA if side >= INPUT_SIZE else cv2.INTER_LINEAR
-    pixels = cv2.resize(square, (INPUT_SIZE, INPUT_SIZE), interpolation=interpolation)
+    interpolation = cv2.INTER_AREA if side >= IMAGE_SIZE else cv2.INTER_LINEAR
+    pixels = cv2.resize(square, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interpolation)
     return ImageInput((width, height), mode, (x, y, side), pixels)
 
 
@@ -133,8 +130,6 @@ def read_image(path: Path) -> ImageInput:
     """An image file of any common format, size and mode, ready for the model."""
     try:
         data = path.read_bytes()
-    except IsADirectoryError:
-        raise DataError(f"'{path}' is a directory, not an image") from None
     except FileNotFoundError:
         raise DataError(f"'{path}' does not exist") from None
     except OSError as error:
@@ -157,7 +152,4 @@ def enlarge(pixels: np.ndarray, size: int = OVERLAY_SIZE) -> np.ndarray:
 
 
 def rgb_png_bytes(rgb: np.ndarray) -> bytes:
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise DataError("could not encode a PNG")
-    return encoded.tobytes()
+    return cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()

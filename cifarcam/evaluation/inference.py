@@ -29,11 +29,9 @@ def _tta_views(x: torch.Tensor, tta: Tta) -> list[torch.Tensor]:
 
 
 def inference_batch_size(device: torch.device) -> int:
-    """Images per forward pass when only predicting: 1024 on a GPU, 128 on a CPU.
-
-    On the CPU smaller batches keep the activations in cache: bf16 ResNet18 forward passes ran
-    2.2x (width 16) and 1.2x (width 64) faster at 128 than at 1024 on the 2-core development
-    machine (benchmarks/inference_batch.py; docs/performance.md)."""
+    """Images per forward pass when only predicting: 1024 on a GPU, 128 on a CPU, where they stay in
+    cache (bf16 ResNet18 ran 2.2x (width 16) and 1.2x (width 64) faster at 128 than at 1024 on
+    2 cores; benchmarks/inference_batch.py)."""
     return 128 if device.type == "cpu" else 1024
 
 
@@ -52,11 +50,9 @@ def predict(
 ) -> torch.Tensor:
     """Float32 logits (N, classes) for uint8 images (N, 3, H, W), averaged over the TTA views.
 
-    `batch_size` None: `inference_batch_size` of the images' device. A short last chunk runs
-    without cuDNN's benchmark mode (`cudnn_autotune`). With `fold`, a BatchNorm ResNet runs as a
-    folded copy (`models.scoring_model`): the same logits up to rounding, sooner.
-    `plain_logits`: this model's logits for the images as they are (N, classes), already
-    computed; they stand in for the first TTA view instead of scoring it again."""
+    `batch_size` None: `inference_batch_size`. With `fold`, a BatchNorm ResNet runs as a folded
+    copy (`models.scoring_model`): the same logits up to rounding, sooner. `plain_logits`: the
+    logits of the images as they are, already computed, standing in for the first TTA view."""
     batch_size = batch_size or inference_batch_size(images.device)
     was_training = model.training
     model.eval()

@@ -1,8 +1,5 @@
-"""The commands over a trained run (evaluate, misclassified) and the loading they share
-(a run's checkpoint, its test set, cached test logits), as library calls the CLI wraps.
-
-Nothing here prints: results come back as values.
-"""
+"""A trained run loaded for the commands that read it: its model from the checkpoint alone,
+the test set it trained on, and the test logits cached in the run."""
 
 from __future__ import annotations
 
@@ -15,11 +12,7 @@ from torch import nn
 from cifarcam.config import TrainConfig, build_config, data_dir_path
 from cifarcam.data.datasets import Split, denormalize, load_dataset, normalize
 from cifarcam.devices import memory_format, resolve_device, training_dtype
-from cifarcam.errors import (
-    CheckpointError,
-    ConfigError,
-    RunError,
-)
+from cifarcam.errors import ConfigError, RunError
 from cifarcam.evaluation.inference import Tta, predict
 from cifarcam.runs.formats import CheckpointInfo
 from cifarcam.runs.rundir import RunDir
@@ -37,7 +30,7 @@ class LoadedRun:
     test_fingerprint: str  # `Split.fingerprint` of the test set: the logits cache and maps files name it
 
     def predict_test(self, tta: Tta = "none", plain_logits: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 logits (N, C) on the CPU for the whole test set (`engine.predict`)."""
+        """Float32 logits (N, C) on the CPU for the whole test set (`inference.predict`)."""
         return predict(
             self.model,
             self.test.images,
@@ -73,24 +66,19 @@ def read_config(run: RunDir) -> TrainConfig:
 
 def load_checkpoint(
     run: RunDir, checkpoint: str = "last", device_name: str = "auto"
-) -> tuple[nn.Module, CheckpointInfo, TrainConfig, torch.device]:
-    """The run's model rebuilt from its checkpoint alone and checked against config.json; no data
-    is read. The model stays on the CPU in float32; the device is resolved for the caller."""
+) -> tuple[nn.Module, CheckpointInfo, torch.device]:
+    """The run's model rebuilt from its checkpoint alone (it names the architecture), on the CPU
+    in float32, and the device resolved for the caller; neither data nor config.json is read."""
     run.require()
     device = resolve_device(device_name)
     model, info = run.load_model(checkpoint)
-    config = read_config(run)
-    if (info.model, info.width) != (config.model, config.width):
-        raise CheckpointError(
-            f"checkpoint '{run.checkpoint_path(checkpoint)}' holds {info.model} width {info.width}, "
-            f"but the run's config.json says {config.model} width {config.width}"
-        )
-    return model, info, config, device
+    return model, info, device
 
 
 def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -> LoadedRun:
     """The run's model (from its checkpoint alone) and its test set, ready on the device."""
-    model, info, config, device = load_checkpoint(run, checkpoint, device_name)
+    model, info, device = load_checkpoint(run, checkpoint, device_name)
+    config = read_config(run)
     dataset = load_dataset(config.data, data_dir_path(config))
     if dataset.classes != info.classes:
         raise RunError(
@@ -98,7 +86,13 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
             f"but the checkpoint was trained on {info.classes}"
         )
     fingerprint = dataset.test.fingerprint()
-    trained_on = _recorded_test_fingerprint(run, dataset.source)
+    try:
+        meta = run.read_meta()
+    except RunError:  # no meta.json: nothing to compare with
+        meta = {}
+    # The digest `train` recorded, if it trained on these data (a config.json pointed at other
+    # data on purpose is scored on them).
+    trained_on = meta.get("test_fingerprint") if meta.get("data") == dataset.source else None
     if trained_on is not None and trained_on != fingerprint:
         raise RunError(
             f"the test images at '{config.data}' have changed since run '{run.name}' was trained "
@@ -110,18 +104,6 @@ def load_run(run: RunDir, checkpoint: str = "last", device_name: str = "auto") -
     return LoadedRun(
         run, model, info, dataset.test.to(device), device, amp_dtype, config.channels_last, fingerprint
     )
-
-
-def _recorded_test_fingerprint(run: RunDir, source: str) -> str | None:
-    """The digest of the test set `train` recorded in meta.json, when it trained on the data at
-    `source` too (a config.json pointed at other data on purpose is scored on it); None when
-    meta.json cannot be read."""
-    try:
-        meta = run.read_meta()
-    except RunError:
-        return None
-    recorded = meta.get("test_fingerprint")
-    return recorded if isinstance(recorded, str) and meta.get("data") == source else None
 
 
 def test_logits(loaded: LoadedRun, write: bool = True) -> torch.Tensor:

@@ -1,6 +1,5 @@
-"""Predictions for image files of any size and mode: decoding, the documented transform to the
-model's 32x32 input, top-k classes and CAM overlays. Shared by `cifarcam predict` and the app.
-"""
+"""Predictions for image files of any size and mode (read by `images`): top-k classes and CAM
+overlays. Shared by `cifarcam predict` and the app."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ from cifarcam.evaluation.images import TRANSFORM, ImageInput, overlay_image, rea
 from cifarcam.evaluation.loading import LoadedRun, load_checkpoint
 from cifarcam.explain.extractor import CamExtractor, check_layers
 from cifarcam.explain.methods import check_methods
-from cifarcam.runs.files import atomic_write_bytes, written_file
+from cifarcam.runs.files import atomic_write_files
 from cifarcam.runs.formats import CheckpointInfo
 from cifarcam.runs.rundir import RunDir, enclosing_run
 
@@ -38,7 +37,7 @@ class Predictor:
     @classmethod
     def from_run(cls, run: RunDir, checkpoint: str = "last", device_name: str = "auto") -> Predictor:
         """From the checkpoint alone: the run's data need not be present."""
-        model, info, _, device = load_checkpoint(run, checkpoint, device_name)
+        model, info, device = load_checkpoint(run, checkpoint, device_name)
         return cls(model.float().to(device).eval(), info, device, run.name, checkpoint)
 
     @classmethod
@@ -48,9 +47,6 @@ class Predictor:
     @property
     def classes(self) -> list[str]:
         return self.info.classes
-
-    def check_layers(self, layers: Sequence[str]) -> None:
-        check_layers(self.model, list(layers))
 
     def class_index(self, name: str) -> int:
         if name in self.classes:
@@ -76,7 +72,7 @@ class Predictor:
     ) -> dict[tuple[int, str, str], np.ndarray]:
         """(32, 32) maps in [0, 1] keyed by (target class, method, layer); one forward pass per call."""
         targets = {str(c): torch.tensor([c], device=self.device) for c in dict.fromkeys(classes)}
-        with CamExtractor(self.model, list(layers), check_methods(list(methods))) as extractor:
+        with CamExtractor(self.model, list(layers), list(methods)) as extractor:
             maps = extractor(self._batch(pixels), targets).maps
         return {
             (int(key), method, layer): maps[key][method][layer][0].detach().cpu().numpy()
@@ -101,15 +97,6 @@ class CamRequest:
             object.__setattr__(self, name, list(dict.fromkeys(getattr(self, name))))
 
 
-@dataclass(frozen=True)
-class Overlay:
-    target: str  # "pred" or "class"
-    class_name: str
-    method: str
-    layer: str
-    path: Path
-
-
 @dataclass
 class FileResult:
     """One image file: its transform, top-k and overlays, or the error that stopped it."""
@@ -117,7 +104,7 @@ class FileResult:
     path: Path
     image: ImageInput | None = None
     top: list[tuple[str, float]] = field(default_factory=list)
-    overlays: list[Overlay] = field(default_factory=list)
+    overlays: list[dict[str, str]] = field(default_factory=list)  # as in `predict --json`
     error: str | None = None
 
     def record(self) -> dict[str, Any]:
@@ -134,16 +121,7 @@ class FileResult:
             "crop": {"x": x, "y": y, "side": side},
             "transform": self.image.describe(),
             "top_k": [{"class": name, "probability": p} for name, p in self.top],
-            "overlays": [
-                {
-                    "target": o.target,
-                    "class": o.class_name,
-                    "method": o.method,
-                    "layer": o.layer,
-                    "path": str(o.path),
-                }
-                for o in self.overlays
-            ],
+            "overlays": self.overlays,
         }
 
 
@@ -168,35 +146,31 @@ def _unique_stems(paths: Sequence[Path]) -> list[str]:
     return stems
 
 
-def check_request(predictor: Predictor, run: RunDir, top_k: int, cam: CamRequest | None) -> None:
+def check_request(predictor: Predictor, top_k: int, cam: CamRequest | None) -> None:
     """Every option checked before any image is read, so a typo fails fast and writes nothing."""
     if not 1 <= top_k <= len(predictor.classes):
         raise UsageError(f"--top-k must be between 1 and {len(predictor.classes)} (got {top_k})")
     if cam is None:
         return
     check_methods(cam.methods)
-    predictor.check_layers(cam.layers)
+    check_layers(predictor.model, cam.layers)
     for name in cam.classes:
         predictor.class_index(name)
-    out = cam.out_dir.resolve()
-    if out == run.path.resolve() or run.path.resolve() in out.parents:
-        raise UsageError(f"--out '{cam.out_dir}' is inside the run directory; predictions never write there")
-    other = enclosing_run(out)
-    if other is not None:  # nor into another run
+    run_folder = enclosing_run(cam.out_dir)  # this run, or any other
+    if run_folder is not None:
         raise UsageError(
-            f"--out '{cam.out_dir}' is inside run '{other.name}'; predictions never write into a run"
+            f"--out '{cam.out_dir}' is inside run '{run_folder.name}'; predictions never write into a run"
         )
-    given = cam.out_dir  # its nearest existing folder, named as the user named it
-    existing = next((folder for folder in (given, *given.parents) if folder.exists()), Path("."))
-    if existing == given and not given.is_dir():
-        raise UsageError(f"--out '{cam.out_dir}' is a file, not a folder")
+    given = cam.out_dir  # its nearest existing folder, named as the user named it ('.' exists)
+    existing = next(folder for folder in (given, *given.parents) if folder.exists())
     if not existing.is_dir():
         raise UsageError(f"--out '{cam.out_dir}' cannot be a folder: '{existing}' is a file")
 
 
 def _write_overlays(
     predictor: Predictor, image: ImageInput, stem: str, pred: int, cam: CamRequest
-) -> list[Overlay]:
+) -> list[dict[str, str]]:
+    """The overlay PNGs of `image`, and a record of each: target, class, method, layer, path."""
     wanted = [("pred", pred)] + [("class", predictor.class_index(name)) for name in cam.classes]
     maps = predictor.maps(image.pixels, [c for _, c in wanted], cam.methods, cam.layers)
     overlays = []
@@ -205,10 +179,11 @@ def _write_overlays(
         for method in cam.methods:
             for layer in cam.layers:
                 path = cam.out_dir / f"{stem}_{method}_{layer}_{target}-{_safe(name)}.png"
-                atomic_write_bytes(
-                    path, rgb_png_bytes(overlay_image(image.pixels, maps[(index, method, layer)], cam.alpha))
+                overlay = overlay_image(image.pixels, maps[(index, method, layer)], cam.alpha)
+                atomic_write_files({path: rgb_png_bytes(overlay)})
+                overlays.append(
+                    {"target": target, "class": name, "method": method, "layer": layer, "path": str(path)}
                 )
-                overlays.append(Overlay(target, name, method, layer, path))
     return overlays
 
 
@@ -223,16 +198,9 @@ def predict_files(
             yield FileResult(path, error=error.message)
             continue
         probabilities = predictor.probabilities(image.pixels)
-        top = predictor.top_k(probabilities, top_k)
         pred = int(probabilities.argmax())
-        try:
-            overlays = _write_overlays(predictor, image, stem, pred, cam) if cam else []
-        except OSError as error:  # a full disk, or a folder in the overlay's way
-            where = written_file(str(error.filename)) if error.filename else "its folder"
-            message = f"cannot write a CAM overlay of '{path}' ({where}): {error.strerror or error}"
-            yield FileResult(path, error=message)
-            continue
-        yield FileResult(path, image, top, overlays)
+        overlays = _write_overlays(predictor, image, stem, pred, cam) if cam else []
+        yield FileResult(path, image, predictor.top_k(probabilities, top_k), overlays)
 
 
 def predict_document(predictor: Predictor, results: Sequence[FileResult]) -> dict[str, Any]:

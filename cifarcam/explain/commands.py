@@ -1,9 +1,10 @@
 """The explanation commands over a trained run: `gradcam` (maps, galleries, faithfulness) and
 `sanity` (the cascading randomisation check, sanity/<method>_<layer>.png/.json). The files
-`gradcam` writes are camfiles' business."""
+`gradcam` writes are stored_maps' business."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,26 +21,18 @@ from cifarcam.evaluation.loading import LoadedRun, load_run, test_logits
 from cifarcam.explain import stored_maps
 from cifarcam.explain.extractor import CamExtractor, check_layers, guided_backprop, guided_grad_cam
 from cifarcam.explain.faithfulness import faithfulness, random_maps
-from cifarcam.explain.methods import METHODS
+from cifarcam.explain.methods import METHODS, check_methods
 from cifarcam.explain.sanity import cascading_randomization, similarity_table
-from cifarcam.explain.stored_maps import Explanations
+from cifarcam.explain.stored_maps import GUIDED, Explanations
 from cifarcam.report import figures
 from cifarcam.runs.files import atomic_write_files, json_bytes
 from cifarcam.runs.rundir import RunDir, reads_run
 
-GUIDED = ("guided-backprop", "guided-gradcam")
 ALL_METHODS = (*METHODS, *GUIDED)
 GALLERY_ROWS = 24  # a gallery shows at most this many mistakes; maps and metrics cover all
 ProgressCallback = Callable[[int, int], None]  # (images done, images in all)
-
-COMPILE_FROM_IMAGES = 1024  # gradcam compiles the folded layers below the CAM layer from this many images
-
-
-def check_all_methods(methods: list[str]) -> list[str]:
-    unknown = [name for name in methods if name not in ALL_METHODS]
-    if unknown:
-        raise UsageError(f"unknown CAM method '{unknown[0]}'; choose one of: {', '.join(ALL_METHODS)}")
-    return list(dict.fromkeys(methods))
+# From this many images, compiling the folded layers below the CAM layer (seconds, once) pays off.
+COMPILE_FROM_IMAGES = 1024
 
 
 def resolve_target(spec: str, classes: list[str]) -> list[str]:
@@ -66,6 +59,36 @@ def _target_classes(key: str, pred: torch.Tensor, true: torch.Tensor, classes: l
     return torch.full_like(pred, classes.index(key.removeprefix("class:")))
 
 
+def _cam_methods(methods: list[str]) -> list[str]:
+    """The CAM methods the extractor runs for `methods`: guided Grad-CAM needs Grad-CAM's maps."""
+    cam_methods = [m for m in methods if m in METHODS]
+    if "guided-gradcam" in methods and "gradcam" not in cam_methods:
+        cam_methods.append("gradcam")
+    return cam_methods
+
+
+def _explain_batch(
+    extractor: CamExtractor, x: torch.Tensor, wanted: dict[str, torch.Tensor], methods: list[str]
+) -> dict[tuple[str, str, str], torch.Tensor]:
+    """Maps (attributions for the guided methods) of one batch at the extractor's layers, keyed
+    (target, method, layer); guided-backprop's layer is ''. The extractor runs `_cam_methods`."""
+    maps = extractor(x, wanted).maps if _cam_methods(methods) else {}
+    results: dict[tuple[str, str, str], torch.Tensor] = {}
+    for key, classes in wanted.items():
+        for method in methods:
+            if method in METHODS:
+                results |= {(key, method, layer): maps[key][method][layer] for layer in extractor.layers}
+        if any(m in GUIDED for m in methods):
+            guided = guided_backprop(extractor.model, x, classes)
+            results[(key, "guided-backprop", "")] = guided
+            if "guided-gradcam" in methods:
+                for layer in extractor.layers:
+                    results[(key, "guided-gradcam", layer)] = guided_grad_cam(
+                        guided, maps[key]["gradcam"][layer]
+                    )
+    return results
+
+
 def explain_images(
     loaded: LoadedRun,
     indices: torch.Tensor,
@@ -78,44 +101,25 @@ def explain_images(
     amp_dtype: torch.dtype | None = None,
 ) -> Explanations:
     """Maps (and guided attributions) for `indices`, batch by batch, one forward pass per batch."""
-    model = loaded.cam_model()
-    classes = loaded.info.classes
     true = loaded.test.labels.cpu()[indices]
-    result = Explanations(indices, pred, true)
-    cam_methods = [m for m in methods if m in METHODS]
-    if "guided-gradcam" in methods and "gradcam" not in cam_methods:
-        cam_methods.append("gradcam")
-    parts: dict[tuple[str, str, str], list[torch.Tensor]] = {}
-    # Compiling the folded layers below the CAM layer takes seconds once; worth it for many images.
+    parts: defaultdict[tuple[str, str, str], list[torch.Tensor]] = defaultdict(list)
     compiled = len(indices) >= COMPILE_FROM_IMAGES
-    with CamExtractor(
-        model, layers, cam_methods or ["gradcam"], amp_dtype=amp_dtype, fast=True, compiled=compiled
-    ) as extractor:
+    cam_methods = _cam_methods(methods) or ["gradcam"]
+    extractor = CamExtractor(loaded.cam_model(), layers, cam_methods, amp_dtype, fast=True, compiled=compiled)
+    with extractor:
         for start in range(0, len(indices), batch_size):
             batch = slice(start, start + batch_size)
+            wanted = {
+                key: _target_classes(key, pred[batch], true[batch], loaded.info.classes).to(loaded.device)
+                for key in targets
+            }
             x = loaded.test_inputs(indices[batch])
-            wanted = {key: _target_classes(key, pred[batch], true[batch], classes) for key in targets}
-            wanted = {key: value.to(loaded.device) for key, value in wanted.items()}
-            maps = extractor(x, wanted).maps if cam_methods else {}
-            for key, target_classes in wanted.items():
-                for method in cam_methods:
-                    for layer in layers:
-                        parts.setdefault((key, method, layer), []).append(maps[key][method][layer].cpu())
-                if any(m in GUIDED for m in methods):
-                    guided = guided_backprop(model, x, target_classes)
-                    parts.setdefault((key, "guided-backprop", ""), []).append(guided.cpu())
-                    if "guided-gradcam" in methods:
-                        for layer in layers:
-                            combined = guided_grad_cam(guided, maps[key]["gradcam"][layer]).cpu()
-                            parts.setdefault((key, "guided-gradcam", layer), []).append(combined)
+            for key, result in _explain_batch(extractor, x, wanted, methods).items():
+                parts[key].append(result.cpu())
             if on_progress:
                 on_progress(min(start + batch_size, len(indices)), len(indices))
-    for (key, method, layer), chunks in parts.items():
-        if method not in methods:
-            continue
-        store = result.attributions if method in GUIDED else result.maps
-        store[(key, method, layer)] = torch.cat(chunks)
-    return result
+    maps = {key: torch.cat(chunks) for key, chunks in parts.items() if key[1] in methods}
+    return Explanations(indices, pred, true, maps)
 
 
 def _groups(methods: list[str], layers: list[str]) -> list[tuple[str, str]]:
@@ -172,7 +176,7 @@ def gradcam(
 ) -> GradcamOutcome:
     """Maps for the `count` most confident mistakes (or the whole test set with `all_images`),
     a gallery of those mistakes, and faithfulness scores when `metrics` is set."""
-    methods = check_all_methods(methods or ["gradcam"])
+    methods = check_methods(methods or ["gradcam"], ALL_METHODS)
     layers = list(dict.fromkeys(layers or ["layer4"]))
     if count < 1:
         raise UsageError("--count must be at least 1")
@@ -185,8 +189,6 @@ def gradcam(
         )
     if precision not in ("fp32", "bf16", "auto"):
         raise UsageError(f"--precision '{precision}' is not one of: fp32, bf16, auto")
-    if metrics:  # a table that cannot be merged into fails before the work (read again to merge)
-        stored_maps.earlier_faithfulness_rows(run)
     loaded = load_run(run, checkpoint, device_name)
     amp_dtype = autocast_dtype(loaded.device, precision)
     targets = resolve_target(target, loaded.info.classes)
@@ -203,29 +205,22 @@ def gradcam(
     )
     rows = (mistakes if all_images else torch.arange(len(mistakes)))[:GALLERY_ROWS]
     groups = _groups(methods, layers)
-    stem = stored_maps.gallery_stem(methods, layers)
     scores: list[dict[str, Any]] = []
     if metrics:
         scores = _faithfulness_rows(loaded, explained, targets[0], methods, layers, steps, batch_size)
-    # Written together at the end: a failed write leaves every earlier file as it was. The maps
-    # and rows already there are read again in turn with any other gradcam, so that the results
-    # another one wrote meanwhile are merged in too.
+    # Written together at the end, so a failed write leaves every earlier file as it was; under
+    # `merging`, so the faithfulness rows another gradcam wrote meanwhile are kept.
     with run.merging():
         files = stored_maps.maps_files(run, explained, targets, groups, all_images, loaded, amp_dtype)
         if len(rows):
+            stem = stored_maps.gallery_stem(methods, layers)
             files |= stored_maps.gallery_files(
                 run, loaded, explained, rows, targets, groups, confidence_all[indices], stem, checkpoint
             )
         if metrics:
             selection = "all test images" if all_images else f"{count} most confident mistakes"
             files |= stored_maps.faithfulness_file(
-                run,
-                stored_maps.earlier_faithfulness_rows(run),
-                scores,
-                selection,
-                steps,
-                checkpoint,
-                precision_name(amp_dtype),
+                run, scores, selection, steps, checkpoint, precision_name(amp_dtype)
             )
         atomic_write_files(files)
     return GradcamOutcome(list(files), scores, len(rows))
@@ -248,7 +243,7 @@ def sanity(
     seed: int = 0,
 ) -> SanityOutcome:
     """Cascading randomisation of `count` class-balanced test images' maps (predicted class)."""
-    (method,) = check_all_methods([method])
+    (method,) = check_methods([method], ALL_METHODS)
     if count < 2:
         raise UsageError("--count must be at least 2")
     if not 0 <= seed < 2**63 - 64:  # torch seeds are 64-bit; each block adds its position
@@ -256,33 +251,27 @@ def sanity(
     loaded = load_run(run, checkpoint, device_name)
     model = loaded.cam_model()
     check_layers(model, [layer])  # also for guided-backprop, which then does not use it
-    if method == "guided-backprop":
-        layer = ""
     if count > len(loaded.test):
         raise UsageError(f"--count {count} is larger than the {len(loaded.test)} test images")
     indices = torch.linspace(0, len(loaded.test) - 1, count).round().long()
     pred = torch.softmax(test_logits(loaded), dim=1).argmax(1)[indices]
     x = loaded.test_inputs(indices)
-    classes = pred.to(loaded.device)
+    wanted = {"pred": pred.to(loaded.device)}
+    shown_layer = "" if method == "guided-backprop" else layer  # guided-backprop has no layer
 
     def compute_maps(candidate: nn.Module) -> torch.Tensor:
-        if method in METHODS:
-            with CamExtractor(candidate, [layer], [method]) as extractor:
-                return extractor(x, {"pred": classes}).maps["pred"][method][layer].cpu()
-        attribution = guided_backprop(candidate, x, classes)
-        if method == "guided-gradcam":
-            with CamExtractor(candidate, [layer]) as extractor:
-                maps = extractor(x, {"pred": classes}).maps["pred"]["gradcam"][layer]
-            attribution = guided_grad_cam(attribution, maps)
-        magnitude = attribution.abs().sum(dim=1)
-        peak = magnitude.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
-        return (magnitude / peak).cpu()
+        with CamExtractor(candidate, [layer], _cam_methods([method]) or ["gradcam"]) as extractor:
+            result = _explain_batch(extractor, x, wanted, [method])
+        maps = result[("pred", method, shown_layer)]
+        if method in GUIDED:  # attributions: their magnitude, scaled to [0, 1] per image
+            magnitude = maps.abs().sum(dim=1)
+            maps = magnitude / magnitude.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+        return maps.cpu()
 
     steps, maps = cascading_randomization(model, compute_maps, seed=seed)
     table = similarity_table(steps, maps)
-    name = f"{method}_{layer}" if layer else method
-    png, sidecar = run.sanity_dir / f"{name}.png", run.sanity_dir / f"{name}.json"
-    where = f"{method} at {layer}" if layer else method
+    name = f"{method}_{shown_layer}" if shown_layer else method
+    where = f"{method} at {shown_layer}" if shown_layer else method
     plot = figures.sanity_plot(
         table,
         [m[0].numpy() for m in maps],
@@ -291,7 +280,7 @@ def sanity(
     )
     sidecar_record = {
         "method": method,
-        "layer": layer,
+        "layer": shown_layer,
         "images": count,
         "indices": indices.tolist(),
         "target": "pred",
@@ -299,5 +288,6 @@ def sanity(
         "checkpoint": checkpoint,
         "steps": table,
     }
+    png, sidecar = run.sanity_dir / f"{name}.png", run.sanity_dir / f"{name}.json"
     atomic_write_files({png: plot, sidecar: json_bytes(sidecar_record)})
     return SanityOutcome(table, [png, sidecar])

@@ -1,12 +1,12 @@
-"""The CAM extractor: forward and backward hooks on the requested layers, the methods of
-`explain.methods` applied to what they capture, and guided backpropagation."""
+"""The CAM extractor (forward hooks on the requested layers, the methods of `explain.methods`
+applied to what they capture) and guided backpropagation. Autograd starts at the shallowest
+requested layer and gradients come from torch.autograd.grad: parameters' .grad stay untouched."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,8 @@ from cifarcam.errors import UsageError
 from cifarcam.explain.fast_path import SplitModel, split_at
 from cifarcam.explain.methods import GRADIENT_FREE, METHODS, Evidence, check_methods
 from cifarcam.models.resnet import find_layer
+
+MASKED_BATCH_SIZE = 256  # masked copies of one image per forward pass (Score-CAM)
 
 
 def check_layers(model: nn.Module, layers: list[str]) -> dict[str, nn.Module]:
@@ -37,9 +39,8 @@ def normalize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """ReLU, bilinear upsampling to `size`, then min-max to [0, 1] per map; flat maps become 0."""
     maps = F.relu(maps).unsqueeze(1)
     maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False).squeeze(1)
-    flat = maps.flatten(1)
-    low = flat.min(dim=1).values.view(-1, 1, 1)
-    span = flat.max(dim=1).values.view(-1, 1, 1) - low
+    low = maps.amin(dim=(1, 2), keepdim=True)
+    span = maps.amax(dim=(1, 2), keepdim=True) - low
     return torch.where(span > 0, (maps - low) / span.clamp_min(1e-12), torch.zeros_like(maps))
 
 
@@ -52,54 +53,45 @@ class CamResult:
 class CamExtractor:
     """`with CamExtractor(model, ["layer4"], ["gradcam"]) as cam: result = cam(x, {"pred": classes})`.
 
-    Runs the model in eval mode inside the block; on exit removes every hook and restores the
-    model's train/eval state. Several layers and methods share one forward pass and one
-    gradient computation per set of targets.
-    """
+    The model runs in eval mode inside the block; layers and methods share one forward pass and
+    one gradient computation per set of targets. On exit the hooks and train/eval state go back."""
 
     def __init__(
         self,
         model: nn.Module,
         layers: list[str],
         methods: list[str] | None = None,
-        masked_batch_size: int = 256,
         amp_dtype: torch.dtype | None = None,
         fast: bool = False,
         compiled: bool = False,
     ) -> None:
         self.methods = check_methods(methods or ["gradcam"])
-        # fast: on the CPU in float32, run the layers below the first CAM layer as a folded,
-        # channels_last copy (cifarcam.explain.fast_path); the model's weights must not change in the block.
-        # compiled: also torch.compile that copy (a few seconds once; pays off over many batches).
+        # fast: on the CPU in float32, run the layers below the first CAM layer as the folded copy
+        # of `fast_path` (the weights must not change in the block); compiled: torch.compile it too.
         self.fast, self.compiled = fast, compiled
-        self._split: SplitModel | None = None
-        self._split_tried = False
         self.amp_dtype = amp_dtype  # autocast for the forward passes; maps are computed in float32
         self.model = model
         self.modules = check_layers(model, layers)
         self.layers = list(self.modules)
-        self.masked_batch_size = masked_batch_size
         self.needs_gradients = any(name not in GRADIENT_FREE for name in self.methods)
         self._handles: list[RemovableHandle] = []
         self._activations: dict[str, torch.Tensor] = {}
         self._recording = False
         self._cut_graph = False
         self._was_training = model.training
+        self._split: SplitModel | None = None
 
     def __enter__(self) -> CamExtractor:
         self._was_training = self.model.training
         self.model.eval()
-        self._split, self._split_tried = None, False
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._keeper(name)))
+        on_cpu = all(p.device.type == "cpu" for p in self.model.parameters())
+        if self.fast and self.amp_dtype is None and self.needs_gradients and on_cpu:
+            self._split = split_at(self.model, self.layers, self.compiled)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -107,31 +99,20 @@ class CamExtractor:
         self._split = None
         self.model.train(self._was_training)
 
-    def _keeper(self, name: str) -> Callable[[nn.Module, object, torch.Tensor], torch.Tensor | None]:
-        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor | None:
-            if not self._recording:
-                return None
-            if self._cut_graph and not torch.is_grad_enabled():
-                # The first requested layer: autograd starts here, nothing below it is differentiated.
-                output = output.detach().requires_grad_(True)
-                torch.set_grad_enabled(True)
+    def _keeper(self, name: str) -> Callable[[nn.Module, object, torch.Tensor], torch.Tensor]:
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+            if self._recording:
+                if self._cut_graph and not torch.is_grad_enabled():
+                    # The first requested layer: autograd starts here, nothing below it is differentiated.
+                    output = output.detach().requires_grad_(True)
+                    torch.set_grad_enabled(True)
                 self._activations[name] = output
-                return output
-            self._activations[name] = output
-            return None
+            return output
 
         return hook
 
-    def _fast_split(self, x: torch.Tensor) -> SplitModel | None:
-        if not (self.fast and self.amp_dtype is None and x.device.type == "cpu"):
-            return None
-        if not self._split_tried:
-            self._split_tried = True
-            self._split = split_at(self.model, self.layers, self.compiled)
-        return self._split
-
     def _forward(self, x: torch.Tensor, cut_graph: bool) -> torch.Tensor:
-        split = self._fast_split(x) if cut_graph else None
+        split = self._split if cut_graph else None
         self._recording, self._cut_graph = True, cut_graph and split is None
         try:
             if split is not None:
@@ -156,14 +137,12 @@ class CamExtractor:
         with torch.no_grad(), autocast(x.device, self.amp_dtype):
             for image, image_masks in zip(x, masks, strict=True):
                 masked = image.unsqueeze(0) * image_masks.unsqueeze(1)  # (K, 3, H, W)
-                chunks = [self.model(chunk).float() for chunk in masked.split(self.masked_batch_size)]
+                chunks = [self.model(chunk).float() for chunk in masked.split(MASKED_BATCH_SIZE)]
                 outputs.append(torch.cat(chunks))
         return torch.stack(outputs)
 
     def __call__(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> CamResult:
         """Logits and maps[target][method][layer] for each named set of target classes (N,)."""
-        if not self._handles:
-            raise RuntimeError("CamExtractor must be used inside a 'with' block")
         size = (x.shape[2], x.shape[3])
         logits = self._forward(x, cut_graph=self.needs_gradients)
         activations = [self._activations[name] for name in self.layers]
@@ -174,13 +153,10 @@ class CamExtractor:
         self._activations.clear()
         masked_cache: dict[str, torch.Tensor] = {}
 
-        def masked_for(layer: str) -> Callable[[torch.Tensor], torch.Tensor]:
-            def compute(masks: torch.Tensor) -> torch.Tensor:
-                if layer not in masked_cache:
-                    masked_cache[layer] = self._masked_logits(x.detach(), masks)
-                return masked_cache[layer]
-
-            return compute
+        def masked_logits(layer: str, masks: torch.Tensor) -> torch.Tensor:
+            if layer not in masked_cache:  # a layer's masks are the same for every target
+                masked_cache[layer] = self._masked_logits(x.detach(), masks)
+            return masked_cache[layer]
 
         maps: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         for position, (target_name, classes) in enumerate(targets.items()):
@@ -192,7 +168,9 @@ class CamExtractor:
             maps[target_name] = {method: {} for method in self.methods}
             for layer, acts, grads in zip(self.layers, activations, gradients, strict=True):
                 grads = grads.float() if grads is not None else None
-                evidence = Evidence(acts.detach().float(), grads, classes, size, masked_for(layer))
+                evidence = Evidence(
+                    acts.detach().float(), grads, classes, size, partial(masked_logits, layer)
+                )
                 for method in self.methods:
                     maps[target_name][method][layer] = normalize_maps(METHODS[method](evidence), size)
         return CamResult(logits.detach(), maps)
@@ -211,30 +189,24 @@ class _GuidedRelu(torch.autograd.Function):
         return grad.clamp_min(0)
 
 
-@contextmanager
-def _guided_relus(model: nn.Module) -> Iterator[None]:
+def guided_backprop(model: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Guided-backpropagation gradients of the target logits with respect to the input: (N, 3, H, W)."""
+
     def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
         return _GuidedRelu.apply(output)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.ReLU)]
-    if not handles:
-        raise UsageError("guided backpropagation needs a model whose ReLUs are nn.ReLU modules")
     was_training = model.training
     model.eval()
     try:
-        yield
+        with torch.enable_grad():
+            inputs = x.detach().requires_grad_(True)
+            scores = model(inputs).gather(1, classes.view(-1, 1)).sum()
+            (gradients,) = torch.autograd.grad(scores, inputs)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-
-
-def guided_backprop(model: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Guided-backpropagation gradients of the target logits with respect to the input: (N, 3, H, W)."""
-    with _guided_relus(model), torch.enable_grad():
-        inputs = x.detach().requires_grad_(True)
-        scores = model(inputs).gather(1, classes.view(-1, 1)).sum()
-        (gradients,) = torch.autograd.grad(scores, inputs)
     return gradients
 
 

@@ -1,12 +1,7 @@
 """How faithful a saliency map is to the model: deletion and insertion AUC (Petsiuk et al. 2018)
-and average drop / increase in confidence (Chattopadhay et al. 2018).
-
-All scores use the softmax probability of the target class. Inputs are normalised images, so
-"removed" pixels are set to 0, the dataset's mean colour. Deletion removes pixels from the most
-salient down; insertion starts from a blurred copy of the image and puts the original pixels
-back from the most salient down. Ties in a map are broken by pixel index, so results are
-deterministic. AUCs are trapezoidal over the fraction of pixels changed, in [0, 1].
-"""
+and average drop / increase in confidence (Chattopadhay et al. 2018), all on the softmax
+probability of the target class. Inputs are normalised, so a removed pixel is 0, the mean colour;
+insertion starts from a blurred copy. Map ties break by pixel index; AUCs are trapezoidal in [0, 1]."""
 
 from __future__ import annotations
 
@@ -18,11 +13,11 @@ import torch.nn.functional as F
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float, radius: int | None = None) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur per channel with reflected borders; sigma 0 returns x unchanged."""
     if sigma <= 0:
         return x
-    radius = radius if radius is not None else min(int(3 * sigma + 0.5), x.shape[-1] - 1)
+    radius = min(int(3 * sigma + 0.5), x.shape[-1] - 1)
     offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
@@ -57,10 +52,8 @@ def deletion_insertion(
     blur_sigma: float = 4.0,
     batch_size: int = 256,
 ) -> dict[str, torch.Tensor]:
-    """Per-image deletion and insertion curves (N, steps+1) and their AUCs (N,).
-
-    `x` (N, C, H, W) normalised inputs, `maps` (N, H, W) saliency, `classes` (N,) targets.
-    """
+    """Per-image deletion and insertion curves (N, steps+1) and their AUCs (N,), for `x`
+    (N, C, H, W) normalised inputs, `maps` (N, H, W) and target `classes` (N,)."""
     count, _, height, width = x.shape
     pixels = height * width
     order = torch.sort(-maps.reshape(count, pixels).float(), dim=1, stable=True).indices
@@ -110,8 +103,7 @@ def faithfulness(
     steps: int = 16,
     batch_size: int = 256,
 ) -> dict[str, float]:
-    """The four scores averaged over images: deletion AUC (lower is better), insertion AUC
-    (higher), average drop (lower), increase in confidence (higher)."""
+    """The four scores averaged over images; deletion AUC and average drop: lower is better."""
     curves = deletion_insertion(model, x, maps, classes, steps=steps, batch_size=batch_size)
     return {
         "deletion_auc": float(curves["deletion_auc"].mean()),

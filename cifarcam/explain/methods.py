@@ -1,18 +1,9 @@
-"""Class activation maps: seven CAM methods, guided backpropagation, and the extractor that runs them.
-
-A CAM method is a small function from a layer's `Evidence` (activations, gradients of the target
-scores) to one map per image at the layer's resolution, before ReLU. `normalize_maps` then applies
-the conventions every method shares: ReLU, bilinear upsampling to the input size
-(align_corners=False), min-max per image; a flat map stays zero.
-
-Gradients are taken with torch.autograd.grad with respect to the layer outputs, and the forward
-pass runs without autograd up to the shallowest requested layer, so nothing is differentiated
-below it and the parameters' .grad fields are never touched.
-"""
+"""CAM methods: each a function from a layer's `Evidence` to one map per image at the layer's
+resolution, before ReLU; the extractor's `normalize_maps` applies the shared conventions."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -78,11 +69,8 @@ def hires_cam(evidence: Evidence) -> torch.Tensor:
 
 
 def eigen_cam(evidence: Evidence) -> torch.Tensor:
-    """Eigen-CAM (Muhammad & Yeasin 2020): projection on the first principal component.
-
-    An SVD's sign is arbitrary; cifarcam picks the sign whose projection correlates positively
-    with the channel-summed activation, so the map highlights where the layer responds.
-    """
+    """Eigen-CAM (Muhammad & Yeasin 2020): projection on the first principal component, with the
+    (arbitrary) SVD sign that correlates positively with the channel-summed activation."""
     activations = evidence.activations
     count, _, height, width = activations.shape
     positions = activations.flatten(2).transpose(1, 2)  # (N, h*w, K)
@@ -97,10 +85,8 @@ def eigen_cam(evidence: Evidence) -> torch.Tensor:
 
 def score_cam(evidence: Evidence) -> torch.Tensor:
     """Score-CAM (Wang et al. 2020): channels weighted by the softmax of the target logit the
-    model gives the input masked by each upsampled, min-max-scaled channel.
-
-    The masks are upsampled with align_corners=True, as in the reference implementation.
-    """
+    model gives the input masked by each upsampled (align_corners=True, as the reference
+    implementation does), min-max-scaled channel."""
     activations = evidence.activations
     masks = F.interpolate(activations, size=evidence.input_size, mode="bilinear", align_corners=True)
     low = masks.amin(dim=(2, 3), keepdim=True)
@@ -124,8 +110,9 @@ METHODS: dict[str, CamMethod] = {
 GRADIENT_FREE = frozenset({"scorecam", "eigencam"})
 
 
-def check_methods(methods: list[str]) -> list[str]:
-    unknown = [name for name in methods if name not in METHODS]
+def check_methods(methods: list[str], choices: Collection[str] = METHODS.keys()) -> list[str]:
+    """`methods` without repeats; a UsageError names the first one not in `choices`."""
+    unknown = [name for name in methods if name not in choices]
     if unknown:
-        raise UsageError(f"unknown CAM method '{unknown[0]}'; choose one of: {', '.join(METHODS)}")
+        raise UsageError(f"unknown CAM method '{unknown[0]}'; choose one of: {', '.join(choices)}")
     return list(dict.fromkeys(methods))

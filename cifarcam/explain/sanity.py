@@ -1,15 +1,12 @@
-"""Sanity check for saliency maps (Adebayo et al. 2018): cascading model-parameter randomisation.
-
-Starting from the head, one block after another is re-initialised (cumulatively, seeded) and the
-maps are recomputed for the same images and target classes. A method whose maps depend on what
-the model learned decorrelates from the trained model's maps as randomisation goes deeper;
-similarity is measured by Spearman rank correlation and SSIM, averaged over images.
-"""
+"""Cascading model-parameter randomisation (Adebayo et al. 2018): blocks re-initialised from the
+head down; maps that depend on what the model learned decorrelate (Spearman, SSIM) from the trained
+model's as randomisation goes deeper."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +51,8 @@ def _average_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation per pair of maps (N, H, W) -> (N,).
-
-    A flat map has no ranking: two flat maps count as 1 (the same non-answer), one flat map as 0.
-    """
+    """Spearman rank correlation per pair of maps (N, H, W) -> (N,). A flat map has no ranking:
+    two flat maps count as 1 (the same non-answer), one flat map as 0."""
     results = []
     for first, second in zip(a.flatten(1), b.flatten(1), strict=True):
         ra, rb = _average_ranks(first.double()), _average_ranks(second.double())
@@ -72,19 +67,14 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity (Wang et al. 2004) per pair of [0, 1] maps (N, H, W) -> (N,).
-
-    Gaussian window, constants (0.01)^2 and (0.03)^2 for data range 1, mean over valid positions.
-    """
+    """Structural similarity (Wang et al. 2004) per pair of [0, 1] maps (N, H, W) -> (N,): Gaussian
+    window, constants (0.01)^2 and (0.03)^2 for data range 1, mean over valid positions."""
     offsets = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
     kernel_1d = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = torch.outer(kernel_1d, kernel_1d)
     kernel = (kernel / kernel.sum()).view(1, 1, window, window)
     x, y = a.double().unsqueeze(1), b.double().unsqueeze(1)
-
-    def local_mean(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, kernel)
-
+    local_mean = partial(F.conv2d, weight=kernel)
     mu_x, mu_y = local_mean(x), local_mean(y)
     var_x = local_mean(x * x) - mu_x**2
     var_y = local_mean(y * y) - mu_y**2
@@ -99,10 +89,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) 
 def cascading_randomization(
     model: nn.Module, compute_maps: MapFunction, seed: int = 0
 ) -> tuple[list[str], list[torch.Tensor]]:
-    """Steps ('none', then each randomised block name) and the maps at each step.
-
-    Works on a copy: `model` is left as it was.
-    """
+    """Steps ('none', then each block randomised in a copy of `model`) and the maps at each step."""
     steps, maps = ["none"], [compute_maps(model)]
     randomized = copy.deepcopy(model)
     modules = dict(randomized.named_modules())

@@ -24,10 +24,9 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 
 
 def scoring_model(model: nn.Module, layout: torch.memory_format = torch.contiguous_format) -> nn.Module:
-    """What scores `model` (in eval mode): for a BatchNorm ResNet, `fold_batchnorm`'s copy in
-    `layout` (1.2-1.6x the images/s of the model itself in bf16 on a 2-core Xeon;
-    benchmarks/fold_eval.py); any other model as it is, since tracing could drop what its
-    forward does besides computing its output."""
+    """What scores `model` (in eval mode): for a BatchNorm ResNet, `fold_batchnorm`'s copy in `layout`
+    (1.2-1.6x the images/s in bf16 on a 2-core Xeon; benchmarks/fold_eval.py); any other model as it
+    is, since tracing could drop what its forward does besides computing its output."""
     batch_norm = any(isinstance(part, nn.BatchNorm2d) for part in model.modules())
     if isinstance(model, ResNet) and batch_norm and not model.training:
         return fold_batchnorm(model).to(memory_format=layout)

@@ -14,22 +14,16 @@ from torch.nn import functional as F
 from cifarcam.errors import UsageError
 
 BLOCKS_PER_STAGE = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
-MODEL_NAMES = tuple(BLOCKS_PER_STAGE)
-NORM_NAMES = ("batch", "group")
 Norm = Callable[[int], nn.Module]
 
 
 def norm_layer(name: str) -> Norm:
-    """BatchNorm2d, or GroupNorm with groups of 8 channels (gcd(channels, 8) per group otherwise).
-
-    Groups of several channels keep GroupNorm well conditioned on the 4x4 maps of layer4; with
-    one channel per group (instance norm) a near-constant channel turns rounding into noise.
-    """
+    """BatchNorm2d, or GroupNorm with groups of 8 channels (gcd(channels, 8) otherwise): several
+    channels per group keep it well conditioned on layer4's 4x4 maps, where one per group
+    (instance norm) turns a near-constant channel's rounding into noise."""
     if name == "group":
         return lambda channels: nn.GroupNorm(channels // math.gcd(channels, 8), channels)
-    if name == "batch":
-        return nn.BatchNorm2d
-    raise UsageError(f"unknown norm '{name}'; choose one of: {', '.join(NORM_NAMES)}")
+    return nn.BatchNorm2d
 
 
 def _place_after_load(module: nn.Module, _incompatible_keys: object) -> None:
@@ -57,18 +51,14 @@ class BasicBlock(nn.Module):
         self.register_load_state_dict_post_hook(_place_after_load)
 
     def _place_shortcut(self) -> None:
-        """How the projection shortcut's strided 1x1 convolution runs on the block's device.
-
-        On the CPU it keeps every `stride`-th pixel, then convolves with stride 1: the same
-        function, without oneDNN's kernel for the strided convolution's weight gradient, which in
-        torch 2.14.1 (oneDNN issue 6035) writes past its buffer in channels_last when the input
-        has fewer channels than its block (8 on AVX2, 16 on AVX-512): it hung, crashed or
-        corrupted the heap at widths 4 and 8. Elsewhere the convolution itself strides: on an
-        H100 the subsampling's copies made epochs 2-20 about 1 s (5-7%) slower
-        (docs/performance.md). The parameters are the same either way, so checkpoints load on
-        every device. A torch.fx trace (fold_batchnorm's copies) keeps the choice made when it
-        was traced; those copies only score, and the broken kernel is a training one.
-        """
+        """On the CPU the projection shortcut keeps every `stride`-th pixel, then convolves with
+        stride 1: the same function, without oneDNN's strided weight-gradient kernel, which in torch
+        2.14.1 (oneDNN issue 6035) writes past its buffer in channels_last when the input has fewer
+        channels than its block (8 on AVX2, 16 on AVX-512): it hung, crashed or corrupted the heap
+        at widths 4 and 8. Elsewhere the convolution itself strides: the subsampling's copies made
+        H100 epochs 2-20 about 1 s (5-7%) slower (docs/performance.md). The parameters are the same,
+        so checkpoints load on every device. A torch.fx trace (fold_batchnorm's copies) keeps the
+        choice made when traced; those copies only score, and the broken kernel is a training one."""
         self.subsample = self.stride if self.conv1.weight.device.type == "cpu" else 1
         if len(self.shortcut) > 0:
             projection = cast(nn.Conv2d, self.shortcut[0])
@@ -115,18 +105,9 @@ class ResNet(nn.Module):
         return self.linear(out)
 
 
-def _closest(name: str, choices: list[str]) -> str:
-    match = difflib.get_close_matches(name, choices, n=1)
-    return f"; did you mean '{match[0]}'?" if match else ""
-
-
 def build_model(name: str, width: int = 64, num_classes: int = 10, norm: str = "batch") -> ResNet:
-    """A CIFAR ResNet; the module names (bn1, layer4.1.conv2, ...) are the same for either norm."""
-    if name not in BLOCKS_PER_STAGE:
-        choices = ", ".join(MODEL_NAMES)
-        raise UsageError(
-            f"unknown model '{name}'; choose one of: {choices}{_closest(name, list(MODEL_NAMES))}"
-        )
+    """A CIFAR ResNet (`name` and `norm` as TrainConfig validates them); the module names (bn1,
+    layer4.1.conv2, ...) are the same for either norm."""
     return ResNet(BLOCKS_PER_STAGE[name], width=width, num_classes=num_classes, norm=norm_layer(norm))
 
 
@@ -136,7 +117,9 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
     if name and name in modules:
         return modules[name]
     top_level = [child for child, _ in model.named_children()]
+    match = difflib.get_close_matches(name, [module for module in modules if module], n=1)
     raise UsageError(
         f"unknown layer '{name}'; top-level layers are: {', '.join(top_level)} "
-        f"(dotted names like layer4.1.conv2 reach inside them){_closest(name, [m for m in modules if m])}"
+        f"(dotted names like layer4.1.conv2 reach inside them)"
+        + (f"; did you mean '{match[0]}'?" if match else "")
     )

@@ -3,17 +3,17 @@ and run comparisons (Agg, no pyplot)."""
 
 from __future__ import annotations
 
-import functools
 import io
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import cv2
 import matplotlib
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -21,19 +21,10 @@ from cifarcam.runs.files import atomic_write_files
 from cifarcam.runs.rundir import RunDir, reads_run
 
 TILE_INCHES = 1.6
-_Figure = TypeVar("_Figure", bound=Callable[..., Any])
-
-
-def _plain_text(draw: _Figure) -> _Figure:
-    """Draw with every text taken literally: a class or run name like '$x_y$' is not mathtext
-    (which would fail on '$x_y_z$')."""
-
-    @functools.wraps(draw)
-    def drawn(*args: Any, **kwargs: Any) -> Any:
-        with matplotlib.rc_context({"text.parse_math": False}):
-            return draw(*args, **kwargs)
-
-    return cast(_Figure, drawn)
+CURVE_LABELS = {"loss": "loss (per-sample mean)", "acc": "accuracy (%)"}
+# A decorator: draw with every text taken literally, so a class or run name like '$x_y$' is not
+# mathtext (which would fail on '$x_y_z$').
+_plain_text = matplotlib.rc_context({"text.parse_math": False})
 
 
 def to_hwc(image: np.ndarray) -> np.ndarray:
@@ -58,28 +49,41 @@ def plot_run_curves(run: RunDir) -> list[Path]:
     return list(files)
 
 
+def _split_curves(
+    epochs: Sequence[dict[str, Any]], metric: str, splits: Sequence[str] = ("train", "val", "test")
+) -> dict[str, list[float]]:
+    """Each split's `{split}_{metric}` per epoch, for the splits the records hold; accuracies in %."""
+    scale = 100.0 if metric == "acc" else 1.0
+    keys = {split: f"{split}_{metric}" for split in splits if f"{split}_{metric}" in epochs[0]}
+    return {split: [record[key] * scale for record in epochs] for split, key in keys.items()}
+
+
+def _epoch_axes(axes: Axes, ylabel: str) -> None:
+    axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel(ylabel)
+    axes.grid(True, alpha=0.3)
+
+
+def _run_curves(axes: Axes, epochs: Sequence[dict[str, Any]], metric: str) -> None:
+    xs = [record["epoch"] for record in epochs]
+    for split, values in _split_curves(epochs, metric).items():
+        axes.plot(xs, values, marker="o", label=split)
+    axes.legend()
+    _epoch_axes(axes, CURVE_LABELS[metric])
+
+
 @_plain_text
 def plot_curves(epochs: Sequence[dict[str, Any]]) -> tuple[bytes, bytes]:
     """Train/test (and validation, when present) loss on one figure, accuracy on another (PNGs)."""
-    xs = [record["epoch"] for record in epochs]
-    figures = []
-    for metric, label in (("loss", "loss (per-sample mean)"), ("acc", "accuracy")):
+    pngs = []
+    for metric, title in (("loss", "Loss per epoch"), ("acc", "Accuracy per epoch")):
         figure = Figure(figsize=(6, 4))
         axes = figure.subplots()
-        for split in ("train", "val", "test"):
-            key = f"{split}_{metric}"
-            if all(key in record for record in epochs):
-                scale = 100.0 if metric == "acc" else 1.0
-                axes.plot(xs, [record[key] * scale for record in epochs], marker="o", label=split)
-        axes.set_xlabel("epoch")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.set_ylabel(label + (" (%)" if metric == "acc" else ""))
-        axes.set_title(("Loss" if metric == "loss" else "Accuracy") + " per epoch")
-        axes.grid(True, alpha=0.3)
-        if axes.lines:  # a metric no record holds leaves an empty plot, and nothing to name
-            axes.legend()
-        figures.append(png_bytes(figure))
-    return figures[0], figures[1]
+        _run_curves(axes, epochs, metric)
+        axes.set_title(title)
+        pngs.append(png_bytes(figure))
+    return pngs[0], pngs[1]
 
 
 @_plain_text
@@ -100,10 +104,16 @@ def misclassified_gallery(
     for index, ax in enumerate(axes):
         ax.axis("off")
         if index < count:
-            ax.imshow(to_hwc(images[index]), interpolation="nearest")
-            ax.set_title(f"true: {true[index]}\npred: {pred[index]} ({confidence[index]:.0%})", fontsize=8)
+            label = f"true: {true[index]}\npred: {pred[index]} ({confidence[index]:.0%})"
+            _tile(ax, to_hwc(images[index]), label, fontsize=8)
     figure.suptitle(textwrap.fill(title, 70), fontsize=9)
     return png_bytes(figure)
+
+
+def _tile(ax: Axes, image: np.ndarray, title: str, fontsize: int) -> None:
+    ax.imshow(image, interpolation="nearest")
+    ax.set_title(title, fontsize=fontsize)
+    ax.axis("off")
 
 
 def attribution_image(attribution: np.ndarray) -> np.ndarray:
@@ -129,32 +139,25 @@ def cam_gallery(
     row_labels: Sequence[str],
     title: str,
 ) -> bytes:
-    """A PNG with one row per image: the input (titled with its row label), then one tile per column;
-    maps are JET overlays on the image, attributions are shown as images."""
+    """A PNG, one row per image: the input, then per column a map's JET overlay or an attribution."""
     count = len(images)
     width = 1 + len(columns)
     figure = Figure(figsize=(width * TILE_INCHES, count * TILE_INCHES * 1.2 + 0.8), layout="constrained")
     axes = figure.subplots(count, width, squeeze=False)
-    for row in range(count):
+    for row, row_axes in enumerate(axes):
         picture = to_hwc(images[row])
-        tiles = [(picture, row_labels[row])]
-        for column in columns:
+        _tile(row_axes[0], picture, row_labels[row], fontsize=7)
+        for ax, column in zip(row_axes[1:], columns, strict=True):
             tile = column.tiles[row]
             shown = attribution_image(tile) if tile.ndim == 3 else overlay(picture, tile)
-            tiles.append((shown, column.heading))
-        for index, (tile_image, label) in enumerate(tiles):
-            ax = axes[row][index]
-            ax.imshow(tile_image, interpolation="nearest")
-            ax.set_title(label, fontsize=7)
-            ax.axis("off")
+            _tile(ax, shown, column.heading, fontsize=7)
     figure.suptitle(textwrap.fill(title, 18 * width), fontsize=9)
     return png_bytes(figure)
 
 
 @_plain_text
 def sanity_plot(rows: Sequence[dict[str, Any]], examples: Sequence[np.ndarray], title: str) -> bytes:
-    """A PNG of Spearman and SSIM against the trained model's maps per randomisation step (mean +- std),
-    above the maps of one example image at every step."""
+    """Spearman and SSIM to the trained maps per randomisation step (mean +- std), above one image's maps."""
     steps = [str(row["randomized"]) for row in rows]
     positions = np.arange(len(steps))
     figure = Figure(figsize=(max(8.0, 0.75 * len(steps)), 6.2))
@@ -180,38 +183,22 @@ def sanity_plot(rows: Sequence[dict[str, Any]], examples: Sequence[np.ndarray], 
     return png_bytes(figure)
 
 
-def png_bytes(figure: Figure, dpi: int = 100) -> bytes:
+def png_bytes(figure: Figure) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     return buffer.getvalue()
-
-
-def _percent(metric: str) -> float:
-    return 100.0 if metric.endswith("acc") else 1.0
 
 
 @_plain_text
 def report_curves(epochs: Sequence[dict[str, Any]]) -> bytes:
-    """One row of panels for a run's report: loss, accuracy and (when recorded) the learning rate."""
-    xs = [record.get("epoch", index + 1) for index, record in enumerate(epochs)]
-    panels = [("loss", "loss (per-sample mean)"), ("acc", "accuracy (%)")]
-    if all("lr" in record for record in epochs):
-        panels.append(("lr", "learning rate (start of epoch)"))
-    figure = Figure(figsize=(4.2 * len(panels), 3.4))
-    for axes, (metric, label) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
-        if metric == "lr":
-            axes.plot(xs, [record["lr"] for record in epochs], marker="o", color="tab:purple")
-        for split in ("train", "val", "test") if metric != "lr" else ():
-            key = f"{split}_{metric}"
-            if all(key in record for record in epochs):
-                values = [record[key] * _percent(key) for record in epochs]
-                axes.plot(xs, values, marker="o", label=split)
-        if metric != "lr" and axes.lines:
-            axes.legend()
-        axes.set_xlabel("epoch")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.set_ylabel(label)
-        axes.grid(True, alpha=0.3)
+    """One row of panels for a run's report: loss, accuracy and the learning rate."""
+    figure = Figure(figsize=(4.2 * 3, 3.4))
+    loss_axes, acc_axes, lr_axes = figure.subplots(1, 3)
+    _run_curves(loss_axes, epochs, "loss")
+    _run_curves(acc_axes, epochs, "acc")
+    xs = [record["epoch"] for record in epochs]
+    lr_axes.plot(xs, [record["lr"] for record in epochs], marker="o", color="tab:purple")
+    _epoch_axes(lr_axes, "learning rate (start of epoch)")
     figure.tight_layout()
     return png_bytes(figure)
 
@@ -231,19 +218,10 @@ def confusion_heatmap(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -
     axes.set_yticks(ticks, labels, fontsize=8)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
-    if len(classes) <= 20:
-        for row in ticks:
-            for column in ticks:
-                colour = "white" if shares[row, column] > 0.55 else "black"
-                axes.text(
-                    column,
-                    row,
-                    f"{int(counts[row, column])}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color=colour,
-                )
+    if len(classes) <= 20:  # the counts, where they fit
+        for (row, column), count in np.ndenumerate(counts):
+            colour = "white" if shares[row, column] > 0.55 else "black"
+            axes.text(column, row, f"{count:.0f}", ha="center", va="center", fontsize=7, color=colour)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class")
     figure.tight_layout()
     return png_bytes(figure)
@@ -251,29 +229,20 @@ def confusion_heatmap(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -
 
 @_plain_text
 def compare_curves(runs: Mapping[str, Sequence[dict[str, Any]]]) -> bytes:
-    """Several runs on shared axes: one colour per run; test solid, train dashed; LR when recorded."""
-    panels = [("loss", "loss (per-sample mean)"), ("acc", "accuracy (%)")]
-    if all(all("lr" in record for record in epochs) for epochs in runs.values()):
-        panels.append(("lr", "learning rate"))
-    figure = Figure(figsize=(4.4 * len(panels), 3.8))
-    all_axes = figure.subplots(1, len(panels), squeeze=False, sharex=True)[0]
-    colours = [f"C{index % 10}" for index in range(len(runs))]
-    for (name, epochs), colour in zip(runs.items(), colours, strict=True):
-        xs = [record.get("epoch", index + 1) for index, record in enumerate(epochs)]
-        for axes, (metric, _) in zip(all_axes, panels, strict=True):
-            if metric == "lr":
-                axes.plot(xs, [record["lr"] for record in epochs], color=colour, label=name)
-                continue
-            for split, style in (("train", "--"), ("test", "-")):
-                key = f"{split}_{metric}"
-                if all(key in record for record in epochs):
-                    values = [record[key] * _percent(key) for record in epochs]
-                    axes.plot(xs, values, style, color=colour, label=f"{name} {split}")
-    for axes, (_, label) in zip(all_axes, panels, strict=True):
-        axes.set_xlabel("epoch")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.set_ylabel(label)
-        axes.grid(True, alpha=0.3)
+    """Several runs on shared axes: one colour per run; test solid, train dashed; and the LR."""
+    figure = Figure(figsize=(4.4 * 3, 3.8))
+    loss_axes, acc_axes, lr_axes = figure.subplots(1, 3, sharex=True)
+    for index, (name, epochs) in enumerate(runs.items()):
+        colour = f"C{index % 10}"
+        xs = [record["epoch"] for record in epochs]
+        for axes, metric in ((loss_axes, "loss"), (acc_axes, "acc")):
+            for split, values in _split_curves(epochs, metric, ("train", "test")).items():
+                style = "--" if split == "train" else "-"
+                axes.plot(xs, values, style, color=colour, label=f"{name} {split}")
+        lr_axes.plot(xs, [record["lr"] for record in epochs], color=colour, label=name)
+    labels = (CURVE_LABELS["loss"], CURVE_LABELS["acc"], "learning rate")
+    for axes, label in zip((loss_axes, acc_axes, lr_axes), labels, strict=True):
+        _epoch_axes(axes, label)
         axes.legend(fontsize=7)
     figure.tight_layout()
     return png_bytes(figure)

@@ -1,9 +1,5 @@
-"""A run's report: gather its files into plain values, render them into one self-contained HTML page.
-
-The page embeds every image as a data: URI and forbids any request through its
-Content-Security-Policy, so it opens offline and cannot fetch anything. Values are autoescaped.
-Files written by other commands are read generically: unknown keys are shown, missing ones skipped.
-"""
+"""A run's report: its files gathered into plain values and rendered into one HTML page that embeds
+every image as a data: URI and forbids any request (Content-Security-Policy), so it opens offline."""
 
 from __future__ import annotations
 
@@ -40,8 +36,9 @@ _TEMPLATES = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-# Keys of a gallery's JSON that describe it as a whole (the rest are per-image lists).
-_GALLERY_LIST_KEYS = ("methods", "layers", "targets")
+# The entries of a gallery's and a sanity check's JSON that describe it as a whole.
+_GALLERY_FACTS = ("methods", "layers", "targets", "checkpoint", "epoch")
+_SANITY_FACTS = ("method", "layer", "images", "target", "seed", "checkpoint")
 
 
 @dataclass
@@ -61,7 +58,7 @@ class Table:
 class SanityCheck:
     title: str
     picture: Picture | None
-    steps: Table | None
+    steps: Table
     facts: list[tuple[str, str]]
 
 
@@ -76,7 +73,6 @@ class RunReport:
     config: list[tuple[str, str]]
     curves: Picture
     epochs: Table
-    hints: dict[str, str]
     evaluation: list[tuple[str, str]] | None = None
     per_class: list[tuple[str, float]] | None = None
     confusion: Picture | None = None
@@ -84,7 +80,6 @@ class RunReport:
     mistakes: Table | None = None
     gradcam: list[Picture] = field(default_factory=list)
     faithfulness: Table | None = None
-    faithfulness_facts: list[tuple[str, str]] = field(default_factory=list)
     sanity: list[SanityCheck] = field(default_factory=list)
 
 
@@ -103,8 +98,8 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def percent(value: Any) -> str:
-    return f"{value:.2%}" if isinstance(value, int | float) else "-"
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -126,38 +121,14 @@ def picture_file(path: Path, title: str, facts: list[tuple[str, str]] | None = N
     return Picture(title, data_uri(path.read_bytes()), facts or [])
 
 
-def table_of(records: list[Any]) -> Table | None:
-    """Rows of dicts as a table whose columns are all their keys, in order of first appearance."""
-    rows = [record for record in records if isinstance(record, dict)]
-    columns: list[str] = []
-    for record in rows:
-        columns += [key for key in record if key not in columns]
-    if not columns:
-        return None
-    return Table(columns, [[fmt(record.get(column)) for column in columns] for record in rows])
+def table_of(records: list[dict[str, Any]]) -> Table:
+    """Records as a table whose columns are all their keys, in order of first appearance."""
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    return Table(columns, [[fmt(record.get(column)) for column in columns] for record in records])
 
 
-def scalar_facts(mapping: dict[str, Any], skip: tuple[str, ...] = ()) -> list[tuple[str, str]]:
-    """The short scalar entries of a JSON object, plus its 'methods'/'layers' lists."""
-    facts = []
-    for key, value in mapping.items():
-        if key in skip:
-            continue
-        short_scalar = isinstance(value, str | int | float | bool) and len(str(value)) <= 120
-        if short_scalar or (key in _GALLERY_LIST_KEYS and isinstance(value, list)):
-            facts.append((key, fmt(value)))
-    return facts
-
-
-def describe(mapping: dict[str, Any], fallback: str) -> str:
-    """'gradcam at layer4' from a JSON's title, method(s) and layer(s); the file's stem otherwise."""
-    if isinstance(mapping.get("title"), str):
-        return str(mapping["title"])
-    method = mapping.get("method") or mapping.get("methods")
-    layer = mapping.get("layer") or mapping.get("layers")
-    if method and layer:
-        return f"{fmt(method)} at {fmt(layer)}"
-    return fmt(method or layer or fallback)
+def facts_of(record: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[str, str]]:
+    return [(key, fmt(record[key])) for key in keys if record.get(key) is not None]
 
 
 def read_optional(run: RunDir, path: Path) -> Any:
@@ -165,34 +136,31 @@ def read_optional(run: RunDir, path: Path) -> Any:
     return run.read_json(path) if path.exists() else None
 
 
-def as_dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
+def wall_time(meta: dict[str, Any]) -> str:
+    """From the run's start to its end; a dash while it runs, or after it was killed."""
+    if not meta.get("ended_at"):
+        return "-"
+    ended, started = (datetime.fromisoformat(meta[key]) for key in ("ended_at", "started_at"))
+    seconds = (ended - started).total_seconds()
+    return f"{seconds / 60:.1f} min ({seconds:.0f} s)"
 
 
-def duration(meta: dict[str, Any]) -> float | None:
-    try:
-        start = datetime.fromisoformat(meta["started_at"])
-        return (datetime.fromisoformat(meta["ended_at"]) - start).total_seconds()
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def minutes(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds / 60:.1f} min ({seconds:.0f} s)"
-
-
-def epoch_times(epochs: list[dict[str, Any]]) -> list[float]:
-    return [float(e["epoch_time_s"]) for e in epochs if isinstance(e.get("epoch_time_s"), int | float)]
+def mean_epoch_time(epochs: list[dict[str, Any]]) -> float:
+    return statistics.mean(epoch["epoch_time_s"] for epoch in epochs)
 
 
 def _overview(meta: dict[str, Any], epochs: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    times = epoch_times(epochs)
+    versions = [
+        f"{name} {meta[f'{name}_version']}"
+        for name in ("cifarcam", "torch", "python")
+        if f"{name}_version" in meta
+    ]
     rows = [
         ("status", fmt(meta.get("status", "unknown"))),
         ("started / ended", f"{fmt(meta.get('started_at'))} / {fmt(meta.get('ended_at'))}"),
-        ("wall time", minutes(duration(meta))),
+        ("wall time", wall_time(meta)),
         ("epochs completed", str(len(epochs))),
-        ("time per epoch", f"{statistics.mean(times):.1f} s (mean of {len(times)})" if times else "-"),
+        ("time per epoch", f"{mean_epoch_time(epochs):.1f} s (mean of {len(epochs)})"),
         ("device", " ".join(fmt(meta[k]) for k in ("device", "device_name") if k in meta) or "-"),
         ("precision", fmt(meta.get("precision"))),
         ("data", fmt(meta.get("data"))),
@@ -201,15 +169,7 @@ def _overview(meta: dict[str, Any], epochs: list[dict[str, Any]]) -> list[tuple[
             " / ".join(fmt(meta.get(k)) for k in ("train_images", "val_images", "test_images")),
         ),
         ("classes", fmt(meta.get("classes"))),
-        (
-            "versions",
-            ", ".join(
-                f"{name} {meta[f'{name}_version']}"
-                for name in ("cifarcam", "torch", "python")
-                if f"{name}_version" in meta
-            )
-            or "-",
-        ),
+        ("versions", ", ".join(versions) or "-"),
         ("command", fmt(meta.get("command"))),
     ]
     if meta.get("error"):
@@ -218,115 +178,84 @@ def _overview(meta: dict[str, Any], epochs: list[dict[str, Any]]) -> list[tuple[
 
 
 def _epochs_table(epochs: list[dict[str, Any]]) -> Table:
-    table = table_of(epochs)
-    assert table is not None  # RunDir.read_epochs keeps only dicts
-    for row in table.rows:
-        for index, column in enumerate(table.columns):
-            value = row[index]
-            if column.endswith("_acc") and value != "-":
-                row[index] = f"{float(value):.2%}"
-    return table
+    """Every epoch's record (`train` writes the same keys each epoch), accuracies in percent."""
+    columns = list(epochs[0])
+    rows = [[percent(r[c]) if c.endswith("_acc") else fmt(r[c]) for c in columns] for r in epochs]
+    return Table(columns, rows)
 
 
-def _add_evaluation(report: RunReport, evaluation: dict[str, Any], meta: dict[str, Any]) -> None:
+def _add_evaluation(report: RunReport, evaluation: dict[str, Any]) -> None:
     report.evaluation = [
-        ("accuracy", percent(evaluation.get("accuracy"))),
+        ("accuracy", percent(evaluation["accuracy"])),
         ("accuracy with test-time augmentation", percent(evaluation.get("accuracy_tta"))),
-        ("mean loss / with TTA", f"{fmt(evaluation.get('loss'))} / {fmt(evaluation.get('loss_tta'))}"),
-        ("test images", fmt(evaluation.get("num_images"))),
-        ("checkpoint", f"{fmt(evaluation.get('checkpoint'))} (epoch {fmt(evaluation.get('epoch'))})"),
+        ("mean loss / with TTA", f"{fmt(evaluation['loss'])} / {fmt(evaluation.get('loss_tta'))}"),
+        ("test images", fmt(evaluation["num_images"])),
+        ("checkpoint", f"{evaluation['checkpoint']} (epoch {evaluation['epoch']})"),
     ]
-    per_class = as_dict(evaluation.get("per_class_accuracy"))
-    report.per_class = [  # null: a class without test images
-        (str(k), float(v)) for k, v in per_class.items() if isinstance(v, int | float)
-    ]
-    classes = next(
-        (
-            c
-            for c in (evaluation.get("classes"), list(per_class), meta.get("classes"))
-            if isinstance(c, list) and c
-        ),
-        [],
+    per_class = evaluation["per_class_accuracy"].items()  # null: a class without test images
+    report.per_class = [(name, accuracy) for name, accuracy in per_class if accuracy is not None]
+    report.confusion = Picture(
+        "Confusion matrix (rows: true class; colour: share of the row)",
+        data_uri(figures.confusion_heatmap(evaluation["confusion_matrix"], evaluation["classes"])),
     )
-    matrix = evaluation.get("confusion_matrix")
-    if not isinstance(matrix, list):
-        return
-    counts = all(
-        isinstance(r, list) and len(r) == len(matrix) and all(isinstance(n, int) for n in r) for r in matrix
-    )
-    if len(matrix) == len(classes) > 0 and counts:  # a hand-edited matrix that is not is left out
-        report.confusion = Picture(
-            "Confusion matrix (rows: true class; colour: share of the row)",
-            data_uri(figures.confusion_heatmap(matrix, [str(c) for c in classes])),
-        )
 
 
-def _add_cam_results(report: RunReport, run: RunDir) -> None:
+def _mistakes_table(mistakes: list[dict[str, Any]]) -> Table:
+    return Table(
+        ["test index", "true", "predicted", "confidence"],
+        [[fmt(m["index"]), m["true"], m["pred"], percent(m["confidence"])] for m in mistakes],
+    )
+
+
+def _galleries(run: RunDir) -> list[Picture]:
+    """gradcam/*.png, each described by its JSON."""
+    galleries = []
     for png in sorted(run.gradcam_dir.glob("*.png")):
-        meta = as_dict(read_optional(run, png.with_suffix(".json")))
-        facts = scalar_facts(meta, skip=("title", "maps"))
-        report.gradcam.append(picture_file(png, describe(meta, png.stem), facts))
-    faithfulness = read_optional(run, run.faithfulness_path)
-    if faithfulness is not None:
-        results = faithfulness if isinstance(faithfulness, list) else as_dict(faithfulness).get("results")
-        report.faithfulness = table_of(results if isinstance(results, list) else [])
-        report.faithfulness_facts = scalar_facts(as_dict(faithfulness))
-    stems = {path.stem for path in run.sanity_dir.glob("*.json")}
-    stems |= {path.stem for path in run.sanity_dir.glob("*.png")}
-    for stem in sorted(stems):
-        check = as_dict(read_optional(run, run.sanity_dir / f"{stem}.json"))
-        png = run.sanity_dir / f"{stem}.png"
-        title = describe(check, stem)
-        steps = check.get("steps")
-        report.sanity.append(
-            SanityCheck(
-                title,
-                picture_file(png, title) if png.exists() else None,
-                table_of(steps) if isinstance(steps, list) else None,
-                scalar_facts(check, skip=("title",)),
-            )
-        )
+        record = read_optional(run, png.with_suffix(".json")) or {}
+        galleries.append(picture_file(png, record.get("title", png.stem), facts_of(record, _GALLERY_FACTS)))
+    return galleries
+
+
+def _sanity_checks(run: RunDir) -> list[SanityCheck]:
+    """sanity/*.json, each with its plot."""
+    checks = []
+    for path in sorted(run.sanity_dir.glob("*.json")):
+        check = run.read_json(path)
+        title = f"{check['method']} at {check['layer']}" if check["layer"] else check["method"]
+        png = path.with_suffix(".png")
+        picture = picture_file(png, title) if png.exists() else None
+        checks.append(SanityCheck(title, picture, table_of(check["steps"]), facts_of(check, _SANITY_FACTS)))
+    return checks
 
 
 def gather(run: RunDir) -> RunReport:
     """Read a trained run's files into a RunReport (metrics.json is required, the rest optional)."""
     epochs = run.read_epochs()
-    meta = as_dict(read_optional(run, run.meta_path))
-    config = as_dict(read_optional(run, run.config_path))
-    name = run.name
+    meta = read_optional(run, run.meta_path) or {}
+    config = read_optional(run, run.config_path) or {}
+    mistakes = read_optional(run, run.misclassified_json)
+    faithfulness = read_optional(run, run.faithfulness_path)
     report = RunReport(
-        name=name,
+        name=run.name,
         generated=f"{now_iso()} by cifarcam {cifarcam.__version__}",
         status=str(meta.get("status", "unknown")),
         overview=_overview(meta, epochs),
         config=[(key, fmt(value)) for key, value in flatten(config).items()],
         curves=Picture("Loss, accuracy and learning rate per epoch", data_uri(figures.report_curves(epochs))),
         epochs=_epochs_table(epochs),
-        hints={
-            "meta": f"cifarcam train --run {name}",
-            "evaluation": f"cifarcam evaluate --run {name}",
-            "misclassified": f"cifarcam misclassified --run {name}",
-            "gradcam": f"cifarcam gradcam --run {name} --layer layer4",
-            "faithfulness": f"cifarcam gradcam --run {name} --metrics",
-            "sanity": f"cifarcam sanity --run {name}",
-        },
+        misclassified=(
+            picture_file(run.misclassified_png, "The most confident mistakes")
+            if run.misclassified_png.exists()
+            else None
+        ),
+        mistakes=_mistakes_table(mistakes) if mistakes is not None else None,
+        gradcam=_galleries(run),
+        faithfulness=table_of(faithfulness["results"]) if faithfulness is not None else None,
+        sanity=_sanity_checks(run),
     )
     evaluation = read_optional(run, run.evaluation_path)
-    if isinstance(evaluation, dict):
-        _add_evaluation(report, evaluation, meta)
-    if run.misclassified_png.exists():
-        report.misclassified = picture_file(run.misclassified_png, "The most confident mistakes")
-    mistakes = read_optional(run, run.misclassified_json)
-    if isinstance(mistakes, list):
-        rows = [as_dict(m) for m in mistakes]
-        report.mistakes = Table(
-            ["test index", "true", "predicted", "confidence"],
-            [
-                [fmt(m.get("index")), fmt(m.get("true")), fmt(m.get("pred")), percent(m.get("confidence"))]
-                for m in rows
-            ],
-        )
-    _add_cam_results(report, run)
+    if evaluation is not None:
+        _add_evaluation(report, evaluation)
     return report
 
 
@@ -334,14 +263,8 @@ def render(template: str, **values: Any) -> str:
     return _TEMPLATES.get_template(template).render(csp=CSP, sections=SECTIONS, **values)
 
 
-def write_output(path: Path, content: str | bytes) -> Path:
-    """Write a page or figure atomically; a failed write is one error line and leaves no file."""
-    return write_outputs({path: content})[0]
-
-
 def write_outputs(files: dict[Path, str | bytes]) -> list[Path]:
-    """Write pages and figures together (`atomic_write_files`): a failed write is one error line
-    and changes none of them."""
+    """Write pages and figures at once (`atomic_write_files`); a failure is one RunError line."""
     try:
         atomic_write_files({p: c.encode("utf-8") if isinstance(c, str) else c for p, c in files.items()})
     except OSError as error:
@@ -358,4 +281,4 @@ def write_outputs(files: dict[Path, str | bytes]) -> list[Path]:
 def write_report(run: RunDir) -> Path:
     """Render the run's report into runs/NAME/report.html (atomically) and return its path."""
     report = gather(run)
-    return write_output(run.report_path, render("report.html.j2", report=report))
+    return write_outputs({run.report_path: render("report.html.j2", report=report)})[0]

@@ -13,54 +13,37 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+_TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp")
+
 
 @contextlib.contextmanager
 def atomic_open(path: Path) -> Iterator[IO[bytes]]:
-    """Yield a binary file that replaces `path` only if the block finishes without error.
-
-    The temporary file is created with mode 0666 minus the umask, like a plain open().
-    """
-    temporary, descriptor = _create_temporary(path)
+    """Yield a binary file that replaces `path` only if the block finishes without error."""
+    temporary, handle = _open_temporary(path)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
+        with handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+        temporary.unlink(missing_ok=True)
         raise
 
 
-_TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp")
-
-
-def _create_temporary(path: Path) -> tuple[Path, int]:
-    """A new hidden file next to `path` (`.NAME.RANDOM.tmp`), and its descriptor open for writing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    return temporary, os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write_files({path: data})
-
-
 def atomic_write_files(files: Mapping[Path, bytes]) -> None:
-    """Replace several files as one result (a gallery and its JSON, say): every temporary file is
-    written and synced before the first target is replaced, so an error while writing (a full
-    disk) leaves all the targets as they were. Only a failure between the renames, which need
-    no space, could leave some replaced and others not; no temporary file is left either way."""
+    """Replace several files as one result: every temporary file is written and synced before the
+    first rename, so an error while writing (a full disk) leaves all targets as they were; only a
+    failure between the renames could leave some replaced. No temporary file is left either way."""
     for path in files:  # os.replace cannot put a file over a folder: found before any write
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     pending: list[tuple[Path, Path]] = []  # (temporary, target) not yet renamed
     try:
         for path, data in files.items():
-            temporary, descriptor = _create_temporary(path)
+            temporary, handle = _open_temporary(path)
             pending.append((temporary, path))
-            with os.fdopen(descriptor, "wb") as handle:
+            with handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -69,9 +52,15 @@ def atomic_write_files(files: Mapping[Path, bytes]) -> None:
             pending.pop(0)
     except BaseException:
         for temporary, _ in pending:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
+            temporary.unlink(missing_ok=True)
         raise
+
+
+def _open_temporary(path: Path) -> tuple[Path, IO[bytes]]:
+    """A new hidden `.NAME.RANDOM.tmp` next to `path`, open for writing, mode 0666 minus the umask."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    return temporary, os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
 
 
 def written_file(filename: str) -> str:
@@ -88,8 +77,8 @@ def json_bytes(value: Any) -> bytes:
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, json_bytes(value))
+    atomic_write_files({path: json_bytes(value)})
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_files({path: text.encode("utf-8")})

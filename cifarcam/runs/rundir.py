@@ -1,12 +1,7 @@
-"""The run directory: its paths, JSON records, status and checkpoints.
-
-Layout (the contract between commands):
-  config.json, meta.json, metrics.json, evaluation.json, misclassified.json/.png,
-  checkpoints/{last,best}.safetensors, plots/*.png, gradcam/ (maps, galleries and the
-  faithfulness table gradcam/metrics.json: camfiles.py names them), sanity/*.{json,png}, report.html
-Every file is written atomically, so a reader never sees half a file. What the safetensors
-files' headers hold is formats.py's.
-"""
+"""The run directory: its paths, JSON records, status and checkpoints. Its layout is the contract
+between commands: config.json, meta.json, metrics.json, evaluation.json, misclassified.json/.png,
+checkpoints/{last,best,state}.safetensors, predictions.safetensors, plots/*.png, gradcam/ (named
+by explain/stored_maps.py), sanity/*.{json,png}, report.html; every file is written atomically."""
 
 from __future__ import annotations
 
@@ -25,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from cifarcam.errors import CheckpointError, RunError, RunLocked, UsageError
 from cifarcam.runs import locks
-from cifarcam.runs.files import atomic_write_bytes, atomic_write_json
+from cifarcam.runs.files import atomic_write_files, atomic_write_json
 from cifarcam.runs.formats import (
     CheckpointInfo,
     checkpoint_info,
@@ -43,6 +38,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are read or written: `plot`
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 CHECKPOINT_KINDS = ("last", "best")
+# What reading a truncated, corrupt or foreign safetensors file (or its header) may raise.
+_UNREADABLE = (SafetensorError, OSError, ValueError, KeyError, TypeError)
 
 
 def now_iso() -> str:
@@ -71,12 +68,14 @@ class RunDir:
         self.misclassified_json = self.path / "misclassified.json"
         self.misclassified_png = self.path / "misclassified.png"
         self.checkpoints_dir = self.path / "checkpoints"
+        self.state_path = self.checkpoints_dir / "state.safetensors"
         self.gradcam_dir = self.path / "gradcam"
         self.faithfulness_path = self.gradcam_dir / "metrics.json"
         self.predictions_path = self.path / "predictions.safetensors"
         self.plots_dir = self.path / "plots"
         self.sanity_dir = self.path / "sanity"
         self.report_path = self.path / "report.html"
+        self._readers_lock_path = runs_dir / f".{name}.readers.lock"
 
     # -- existence and lifecycle -------------------------------------------------------
     def require(self) -> RunDir:
@@ -88,16 +87,14 @@ class RunDir:
         return self
 
     def has_training(self) -> bool:
-        """Whether a record of a training is here: any one of them, since a user may delete files
-        (a config.json alone is not one: users write theirs there before the first `train`)."""
+        """Whether any record of a training is here (not a config.json: users write theirs first)."""
         records = (self.meta_path, self.metrics_path, self.checkpoint_path("last"), self.state_path)
         return any(path.exists() for path in records)
 
     def refuse_nesting(self) -> None:
         """A run is never made inside another run, nor around one: `train --overwrite` of the
         outer run would delete the inner one, and the inner one's files would mix into the outer."""
-        runs_dir = self.runs_dir.resolve()
-        outer = next((f for f in (runs_dir, *runs_dir.parents) if looks_like_run(f)), None)
+        outer = enclosing_run(self.runs_dir)
         if outer is not None:
             raise UsageError(
                 f"the runs directory '{self.runs_dir}' is inside run '{outer.name}' ('{outer}'); "
@@ -114,8 +111,6 @@ class RunDir:
 
     def start_training(self, overwrite: bool) -> None:
         """Create the run directory, refusing to replace earlier training unless asked to."""
-        if self.path.exists() and not self.path.is_dir():
-            raise RunError(f"'{self.path}' exists and is not a directory")
         if self.has_training():
             if not overwrite:
                 status = self.read_meta().get("status", "unknown") if self.meta_path.exists() else "unknown"
@@ -147,14 +142,11 @@ class RunDir:
             raise RunError(f"run '{self.name}' has no {path.name}") from None
         except OSError as error:
             raise RunError(f"cannot read '{path}': {error.strerror or error}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except ValueError as error:  # also a file that is not UTF-8 text
             raise RunError(f"'{path}' is not valid JSON ({error})") from None
-        except ValueError as error:
-            raise RunError(f"'{path}' is not a file cifarcam wrote: {error}") from None
 
     def read_meta(self) -> dict[str, Any]:
-        meta = self.read_json(self.meta_path)
-        return meta if isinstance(meta, dict) else {}
+        return self.read_json(self.meta_path)
 
     def read_epochs(self) -> list[dict[str, Any]]:
         """The per-epoch records of metrics.json; a RunError when the run has none yet."""
@@ -163,15 +155,7 @@ class RunDir:
             raise RunError(
                 f"run '{self.name}' has no metrics.json", hint=f"run 'cifarcam train --run {self.name}' first"
             )
-        metrics = self.read_json(self.metrics_path)
-        epochs = metrics.get("epochs") if isinstance(metrics, dict) else None
-        if not isinstance(epochs, list) or not epochs:
-            raise RunError(f"run '{self.name}' has no completed epoch in metrics.json")
-        for position, record in enumerate(epochs, 1):
-            problem = _record_problem(record)
-            if problem:
-                raise RunError(f"'{self.metrics_path}' is malformed: its epoch record {position} {problem}")
-        return epochs
+        return self.read_json(self.metrics_path)["epochs"]  # `train` writes it once an epoch is done
 
     def update_meta(self, **fields: Any) -> dict[str, Any]:
         meta = self.read_meta() if self.meta_path.exists() else {}
@@ -188,35 +172,21 @@ class RunDir:
         """Keep this run from being deleted by `train --overwrite` for the block."""
         return locks.reading(self.path, self._readers_lock_path)
 
-    def merging(self) -> contextlib.AbstractContextManager[None]:
-        """One command at a time merges its results into this run's files (gradcam's maps and
-        faithfulness table), so concurrent ones all keep theirs."""
+    def merging(self) -> contextlib.AbstractContextManager[bool]:
+        """One command at a time merges its results into this run's files (`locks.merging`)."""
         return locks.merging(self.runs_dir / f".{self.name}.results.lock")
 
-    @property
-    def _readers_lock_path(self) -> Path:
-        return self.runs_dir / f".{self.name}.readers.lock"
-
     def remove_temporaries(self) -> None:
-        """Delete temporary files a killed writer left behind (call while holding the lock);
-        none while another command reads the run, whose own files in flight they may be."""
-        if not self.path.is_dir():
-            return
+        """Delete temporary files a killed writer left (holding the lock); none while another
+        command reads the run: they may be its files in flight."""
         with locks.readers_shut_out(self._readers_lock_path) as alone:
             if alone:
                 for leftover in self.path.rglob(".*.tmp"):
                     leftover.unlink(missing_ok=True)
 
     # -- full training state (for --resume) ---------------------------------------------
-    @property
-    def state_path(self) -> Path:
-        return self.checkpoints_dir / "state.safetensors"
-
     def save_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        from safetensors.torch import save as save_safetensors
-
-        metadata = state_metadata(meta)
-        atomic_write_bytes(self.state_path, save_safetensors(tensors, metadata=metadata))
+        write_safetensors(self.state_path, tensors, state_metadata(meta))
 
     def load_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """The saved training state, or None when no epoch has been saved yet."""
@@ -224,21 +194,19 @@ class RunDir:
             return None
         try:
             tensors, metadata = read_safetensors(self.state_path)
-            meta = state_record(metadata)
-        except (SafetensorError, ValueError, KeyError, OSError) as error:
+            return tensors, state_record(metadata)
+        except _UNREADABLE as error:
             raise CheckpointError(
                 f"training state '{self.state_path}' is corrupt or truncated ({error})"
             ) from None
-        return tensors, meta
 
     def read_state_meta(self) -> dict[str, Any] | None:
-        """The saved training state's record (epoch, config, data facts) read from the file's
-        header alone, without its tensors; None when there is no state or it cannot be read
-        (`load_state` reports that)."""
+        """The training state's record from the file's header alone; None when there is none or it
+        cannot be read (`load_state` reports that)."""
         try:
             with safe_open(str(self.state_path), framework="pt") as state:
                 return state_record(state.metadata() or {})
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+        except _UNREADABLE:
             return None
 
     # -- checkpoints -------------------------------------------------------------------
@@ -247,37 +215,27 @@ class RunDir:
 
     def save_checkpoint(self, kind: str, model: nn.Module, info: dict[str, Any]) -> str:
         """Write the model's weights and `info`; returns the new checkpoint's id."""
-        from safetensors.torch import save as save_safetensors
-
         tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
         checkpoint_id = uuid.uuid4().hex
-        metadata = checkpoint_metadata(info, checkpoint_id)
-        atomic_write_bytes(self.checkpoint_path(kind), save_safetensors(tensors, metadata=metadata))
+        write_safetensors(self.checkpoint_path(kind), tensors, checkpoint_metadata(info, checkpoint_id))
         return checkpoint_id
 
     # -- cached test-set logits ----------------------------------------------------------
     def save_test_logits(self, logits: torch.Tensor, checkpoint_id: str, test_fingerprint: str) -> None:
-        """Keep one checkpoint's float32 logits (N, classes) on one test set (`Split.fingerprint`)
-        for the commands after it."""
-        from safetensors.torch import save as save_safetensors
-
+        """Keep a checkpoint's float32 logits (N, classes) on a test set (`Split.fingerprint`)."""
         tensors = {"logits": logits.detach().float().cpu().contiguous()}
         metadata = {"checkpoint_id": checkpoint_id, "test_fingerprint": test_fingerprint}
-        atomic_write_bytes(self.predictions_path, save_safetensors(tensors, metadata=metadata))
+        write_safetensors(self.predictions_path, tensors, metadata)
 
     def read_test_logits(self, checkpoint_id: str, test_fingerprint: str) -> torch.Tensor | None:
         """The cached test-set logits if they are this checkpoint's on this test set; else None
-        (also for an unreadable cache, which the next `save_test_logits` replaces)."""
-        if not self.predictions_path.exists():
-            return None
+        (also for a missing or unreadable cache, which the next `save_test_logits` replaces)."""
         try:
-            with safe_open(str(self.predictions_path), framework="pt") as cached:
-                logits: torch.Tensor = cached.get_tensor("logits")
-                metadata = cached.metadata() or {}
-        except (SafetensorError, OSError):
+            tensors, metadata = read_safetensors(self.predictions_path)
+        except _UNREADABLE:
             return None
         wanted = {"checkpoint_id": checkpoint_id, "test_fingerprint": test_fingerprint}
-        return logits if all(metadata.get(key) == value for key, value in wanted.items()) else None
+        return tensors["logits"] if metadata == wanted else None
 
     def load_model(self, kind: str = "last") -> tuple[nn.Module, CheckpointInfo]:
         """Rebuild the model from the checkpoint file alone."""
@@ -300,24 +258,15 @@ class RunDir:
         try:
             tensors, metadata = read_safetensors(path)
             info = checkpoint_info(kind, metadata)
-        except (SafetensorError, ValueError, KeyError, TypeError, OSError) as error:
+        except _UNREADABLE as error:
             raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({error})") from None
-        try:
-            model = build_model(info.model, info.width, info.num_classes, info.norm)
-        except UsageError as error:
-            raise CheckpointError(f"checkpoint '{path}' names {error.message}") from None
-        try:
-            model.load_state_dict(tensors, strict=True)
-        except RuntimeError:
-            raise CheckpointError(
-                f"checkpoint '{path}' does not match its header ({info.model}, width {info.width})"
-            ) from None
+        model = build_model(info.model, info.width, info.num_classes, info.norm)
+        model.load_state_dict(tensors, strict=True)
         return model, info
 
 
 def reads_run(function: Callable[Concatenate[RunDir, P], T]) -> Callable[Concatenate[RunDir, P], T]:
-    """`function(run, ...)` holding `run.reading()`: for the commands that read a run and write
-    their results into it."""
+    """`function(run, ...)` holding `run.reading()`: for commands that write results into a run."""
 
     @functools.wraps(function)
     def holding(run: RunDir, /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -328,15 +277,19 @@ def reads_run(function: Callable[Concatenate[RunDir, P], T]) -> Callable[Concate
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A safetensors file's tensors and its header's metadata."""
     with safe_open(str(path), framework="pt") as opened:
         return {name: opened.get_tensor(name) for name in opened.keys()}, opened.metadata() or {}  # noqa: SIM118
 
 
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    atomic_write_files({path: save(tensors, metadata=metadata)})
+
+
 def looks_like_run(folder: Path) -> bool:
-    """Whether `folder` holds a cifarcam run: a meta.json that `train` wrote (it names the
-    cifarcam version), or a checkpoint or training state. A project folder with a meta.json and
-    a config.json of its own is not one."""
+    """A checkpoint, a training state, or a meta.json naming the cifarcam version: a project
+    folder with a meta.json and a config.json of its own is not a run."""
     checkpoints = folder / "checkpoints"
     if any((checkpoints / f"{kind}.safetensors").is_file() for kind in (*CHECKPOINT_KINDS, "state")):
         return True
@@ -348,22 +301,7 @@ def looks_like_run(folder: Path) -> bool:
 
 
 def enclosing_run(path: Path) -> Path | None:
-    """The run folder that `path` is or lies in, if any, in whichever runs directory: the nearest
-    of it and its parents that `looks_like_run`. Commands that write elsewhere refuse such a path,
-    since the run's report would show what they wrote there as its own (or they would replace
-    one of its files)."""
+    """The nearest of `path` and its parents that `looks_like_run`, in any runs directory: commands
+    that write elsewhere refuse it, or the run's report would show what they wrote as its own."""
     target = path.resolve()
     return next((folder for folder in (target, *target.parents) if looks_like_run(folder)), None)
-
-
-def _record_problem(record: Any) -> str:
-    """What is wrong with one record of metrics.json ('' for nothing): `train` writes an
-    integer epoch and numbers for the rest (loss, accuracy, lr, times)."""
-    if not isinstance(record, dict):
-        return "is not an object"
-    if not isinstance(record.get("epoch"), int) or isinstance(record.get("epoch"), bool):
-        return "has no integer 'epoch'"
-    for key, value in record.items():
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            return f"has {json.dumps(value)} for '{key}', not a number"
-    return ""

@@ -1,58 +1,23 @@
-"""Convolution weight gradients as one matrix multiply where oneDNN's own kernels are slow.
-
-On the CPU in bf16, oneDNN computes the weight gradient of convolutions with small output
-maps (ResNet's layer4: 4x4 positions at 32x32 input) at a fraction of the machine's GEMM
-speed. Measured on a 2-core Xeon with AMX, batch 256: the 512->512 4x4 weight gradient ran at
-106-249 GFLOP/s, a 4096x4096 bf16 GEMM at 730-1540. The same gradient written as im2col + one
-GEMM (gradient^T @ columns, contracting over every image and position at once) ran at 360-680
-(256->512 with stride 2: 860-900 against oneDNN's 200-215).
-
-`gemm_weight_grads()` is a context for the training forward pass: inside it, every eligible
-`conv2d` call (CPU, bf16 autocast, no bias, dilation 1, one group, at most `MAX_POSITIONS`
-output positions) runs the usual oneDNN forward and input gradient, and computes the weight
-gradient as that GEMM. Every other call passes through untouched.
-"""
+"""Convolution weight gradients as one matrix multiply where oneDNN's kernels are slow: on the CPU in
+bf16, layer4's 512->512 weight gradient (4x4 output positions) ran at 106-249 GFLOP/s in oneDNN and at
+360-680 as im2col + one GEMM over every image and position (2-core Xeon with AMX, batch 256;
+docs/performance.md). Inside `gemm_weight_grads()` every eligible conv2d call takes that path."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
 # Output positions (height x width) up to which the GEMM replaces oneDNN's weight gradient:
 # measured faster at 4x4 (layer4), slower at 8x8 and larger (layer3 and below).
 MAX_POSITIONS = 16
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    first, second = value
-    return int(first), int(second)
-
-
-def _columns(
-    x: torch.Tensor,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    out: tuple[int, int],
-) -> torch.Tensor:
-    """im2col of an (N, C, H, W) batch as (N * out positions, kh * kw * C), rows in N, y, x order."""
-    rows, cols = out
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding[1], padding[1], padding[0], padding[0]))
-    taps = [
-        padded[
-            :, i : i + stride[0] * (rows - 1) + 1 : stride[0], j : j + stride[1] * (cols - 1) + 1 : stride[1]
-        ]
-        for i in range(kernel[0])
-        for j in range(kernel[1])
-    ]
-    return torch.stack(taps, dim=3).reshape(-1, kernel[0] * kernel[1] * x.shape[1])
+_CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 
 def weight_grad(
@@ -62,12 +27,19 @@ def weight_grad(
     stride: tuple[int, int],
     padding: tuple[int, int],
 ) -> torch.Tensor:
-    """d(loss)/d(weight) of conv2d(x, weight) given d(loss)/d(output), as one GEMM.
-
-    The result has the weight's shape (out, in, kh, kw), in channels_last memory order.
-    """
-    out_channels = grad_out.shape[1]
-    columns = _columns(x, kernel, stride, padding, (grad_out.shape[2], grad_out.shape[3]))
+    """d(loss)/d(weight) of conv2d(x, weight) given d(loss)/d(output), as one GEMM: the weight's
+    shape (out, in, kh, kw), in channels_last memory order."""
+    out_channels, rows, cols = grad_out.shape[1:]
+    # im2col: (N * output positions, kh * kw * C), rows in N, y, x order
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding[1], padding[1], padding[0], padding[0]))
+    taps = [
+        padded[
+            :, i : i + stride[0] * (rows - 1) + 1 : stride[0], j : j + stride[1] * (cols - 1) + 1 : stride[1]
+        ]
+        for i in range(kernel[0])
+        for j in range(kernel[1])
+    ]
+    columns = torch.stack(taps, dim=3).reshape(-1, kernel[0] * kernel[1] * x.shape[1])
     grad_rows = grad_out.permute(0, 2, 3, 1).reshape(-1, out_channels)
     grad = grad_rows.t() @ columns
     return grad.view(out_channels, kernel[0], kernel[1], x.shape[1]).permute(0, 3, 1, 2)
@@ -87,30 +59,15 @@ class _GemmWeightGradConv(torch.autograd.Function):
         ctx: Any, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         x, weight = ctx.saved_tensors
+        stride, padding = ctx.stride, ctx.padding
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
-                grad_out,
-                x,
-                weight,
-                None,
-                ctx.stride,
-                ctx.padding,
-                (1, 1),
-                False,
-                (0, 0),
-                1,
-                (True, False, False),
+                grad_out, x, weight, None, stride, padding, (1, 1), False, (0, 0), 1, (True, False, False)
             )[0]
         if ctx.needs_input_grad[1]:
-            grad_w = weight_grad(x, grad_out, tuple(weight.shape[2:]), ctx.stride, ctx.padding)
+            grad_w = weight_grad(x, grad_out, tuple(weight.shape[2:]), stride, padding)
         return grad_x, grad_w, None, None
-
-
-def _conv_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    defaults: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-    return defaults | dict(zip(names, args, strict=False)) | kwargs
 
 
 class _GemmWeightGrads(TorchFunctionMode):
@@ -119,9 +76,8 @@ class _GemmWeightGrads(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         if func is torch.conv2d and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"):
-            call = _conv_arguments(args, kwargs)
-            x, weight = call["input"], call["weight"]
-            padding = call["padding"]
+            call = _CONV_DEFAULTS | dict(zip(_CONV_ARGUMENTS, args, strict=False)) | kwargs
+            x, weight, padding = call["input"], call["weight"], call["padding"]
             if (
                 call["bias"] is None
                 and call["groups"] == 1

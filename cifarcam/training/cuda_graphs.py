@@ -10,15 +10,11 @@ from cifarcam.devices import autocast
 
 
 class GraphedTraining(nn.Module):
-    """Runs `model`'s training forward (and, through autograd, its backward) from CUDA graphs
-    for batches of `batch_size` images; other batch sizes, and eval mode, run eagerly.
-
-    The graphs are captured at the first full batch, inside the training time, from that
-    batch. The parameters and buffers stay `model`'s own tensors, so the optimizer,
-    checkpoints and evaluation see the same weights. The capture's warm-up passes would move
-    BatchNorm's running statistics; they are put back, so the capture leaves no trace.
-    `amp_dtype` is the autocast dtype of the training step (None: full precision).
-    """
+    """Runs `model`'s training forward (and, through autograd, its backward) from CUDA graphs for
+    batches of `batch_size` images; other batch sizes, and eval mode, run eagerly. The graphs are
+    captured from the first full batch. Parameters and buffers stay `model`'s own tensors, so the
+    optimizer, checkpoints and evaluation see the same weights; the BatchNorm statistics the
+    capture's warm-up passes move are put back. `amp_dtype`: the training step's autocast dtype."""
 
     def __init__(self, model: nn.Module, batch_size: int, amp_dtype: torch.dtype | None) -> None:
         super().__init__()

@@ -1,9 +1,6 @@
-"""Training in several processes under torchrun: the process group, each rank's share of the
-data, and the few collectives that keep the ranks in step (sums, agreement on errors and stops).
-
-A single process is the group of one (`SINGLE`): every collective is then the identity, so the
-single-process code path is the same as it was before any of this existed.
-"""
+"""Training in several processes under torchrun: the process group, each rank's share of the data,
+and the collectives that keep the ranks in step (sums, agreement on errors and stops). A single
+process is the group of one (`SINGLE`), where every collective is the identity."""
 
 from __future__ import annotations
 
@@ -50,7 +47,6 @@ class Group:
         start = self.rank * size + min(self.rank, extra)
         return slice(start, start + size + (self.rank < extra))
 
-    # -- collectives (identity for a single process) ------------------------------------------
     def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.distributed:
             tensor = tensor.clone()
@@ -84,21 +80,16 @@ class Group:
                 dist.broadcast(buffer, src=0)
 
     def agree(self, action: Callable[[], T]) -> T:
-        """Run `action` on every rank, then let all ranks learn whether any of them failed.
-
-        If one did, the lowest failing rank raises its own error (which the CLI prints) and the
-        others raise PeerFailed with its exit code (which the CLI does not print), so an error is
-        printed once and every rank exits with the same code instead of waiting for the others.
-        """
+        """Run `action` on every rank, then let all ranks learn whether any of them failed: the lowest
+        failing rank raises its own error (which the CLI prints), the others PeerFailed with its exit
+        code (not printed), so an error is printed once and no rank waits for the others."""
+        if not self.distributed:
+            return action()
+        failure: BaseException | None = None
         try:
             result = action()
-            failure: BaseException | None = None
         except BaseException as error:  # re-raised below, once the ranks agree
-            if not self.distributed:
-                raise
             failure = error
-        if not self.distributed:
-            return result
         outcomes: list[Any] = [None] * self.world_size
         dist.all_gather_object(outcomes, None if failure is None else _exit_code(failure))
         failed = [rank for rank, code in enumerate(outcomes) if code is not None]
@@ -113,8 +104,7 @@ class Group:
         """Run `action` on rank 0 only (it may touch the run directory) and give its result to all."""
         if not self.distributed:
             return action()
-        result = self.agree(lambda: action() if self.is_main else None)
-        shared: list[Any] = [result]
+        shared: list[Any] = [self.agree(lambda: action() if self.is_main else None)]
         dist.broadcast_object_list(shared, src=0)
         return shared[0]
 
@@ -133,58 +123,23 @@ def _exit_code(error: BaseException) -> int:
     return interrupt_exit_code(error) if isinstance(error, KeyboardInterrupt) else EXIT_RUNTIME
 
 
-def _torchrun_variable(name: str, default: str | None = None) -> str:
-    """An environment variable torchrun sets; a UsageError when it is missing."""
-    value = os.environ.get(name, default)
-    if value is None:
-        raise UsageError(
-            f"WORLD_SIZE is set but {name} is not: start several processes with torchrun",
-            hint="or unset WORLD_SIZE to train in one process",
-        )
-    return value
-
-
-def _environment_int(name: str, default: str | None = None) -> int:
-    """An integer torchrun puts in the environment; a UsageError when it is not one."""
-    value = _torchrun_variable(name, default)
-    try:
-        return int(value)
-    except ValueError:
-        raise UsageError(
-            f"the environment variable {name}={value!r} is not a whole number (torchrun sets it)",
-            hint=f"unset {name}, or start the processes with torchrun",
-        ) from None
-
-
-def launched_by_torchrun() -> bool:
-    return _environment_int("WORLD_SIZE", "1") > 1
-
-
 @contextlib.contextmanager
-def process_group(timeout_s: float = 1800) -> Iterator[Group]:
-    """The group of this process: torchrun's ranks (a process group for the block), else SINGLE.
-
-    Backends: gloo for CPU tensors, and NCCL for CUDA tensors when CUDA is present; each
-    rank uses the GPU numbered by its LOCAL_RANK.
-    """
-    if not launched_by_torchrun():
+def process_group() -> Iterator[Group]:
+    """The group of this process: torchrun's ranks (a process group for the block), else SINGLE;
+    gloo for CPU tensors, NCCL for CUDA ones, each rank on the GPU numbered by its LOCAL_RANK."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield Group()
         return
-    rank, world_size = _environment_int("RANK"), _environment_int("WORLD_SIZE")
-    local_rank = _environment_int("LOCAL_RANK", "0")
-    _torchrun_variable("MASTER_ADDR")  # the rendezvous needs both
-    _environment_int("MASTER_PORT")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     try:
-        dist.init_process_group(
-            "cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s)
-        )
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
     except (ValueError, RuntimeError) as error:  # torch's rendezvous: an address or port it cannot use
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"cannot join the torchrun process group ({first})") from None
-    group = Group(rank, world_size, local_rank)
+    group = Group(dist.get_rank(), dist.get_world_size(), local_rank)
     finished = False
     try:
         yield group

@@ -1,15 +1,11 @@
-"""One training pass over a run directory, started by `run.train` or `run.resume`:
-the model built on its device, the epochs trained, the state and the files derived from it saved
-after each one, and meta.json told how training ended (finished, interrupted or failed).
-
-Nothing here prints: progress goes out through callbacks, results come back as values.
-"""
+"""One training pass over a run directory: the model built on its device, the epochs trained, the
+state and the files derived from it saved after each, and meta.json told how training ended."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -26,6 +22,8 @@ from cifarcam.runs.rundir import RunDir, now_iso
 from cifarcam.training.distributed import SINGLE, Group
 from cifarcam.training.steps import StepCallback
 from cifarcam.training.trainer import StopRequested, Trainer
+
+State = tuple[dict[str, torch.Tensor], dict[str, Any]]  # a Trainer's saved tensors and metadata
 
 
 @dataclass
@@ -47,8 +45,7 @@ class StopSignal:
 
 @dataclass
 class Prepared:
-    """What `run` settles before a run is touched: the device, the autocast dtype (None:
-    fp32) and the data, the training images split from any validation share."""
+    """What `run` settles before a run is touched; `amp_dtype` None is fp32."""
 
     device: torch.device
     amp_dtype: torch.dtype | None
@@ -58,8 +55,8 @@ class Prepared:
 
     @cached_property
     def data_facts(self) -> dict[str, Any]:
-        """What a saved state depends on in the data: its weights are sized to the classes, and
-        its epoch order indexes the training images (computed once: the digest takes ~0.4 s)."""
+        """What a saved state depends on in the data: its weights are sized to the classes, its epoch
+        order indexes the training images (cached: the digest takes ~0.4 s)."""
         return {
             "classes": self.dataset.classes,
             "train_images": len(self.train),
@@ -69,51 +66,75 @@ class Prepared:
 
     @cached_property
     def test_fingerprint(self) -> str:
-        """The test set's digest: meta.json keeps it for the commands after `train`, and the
-        logits cache names the test set it scored."""
+        """The test set's digest, for meta.json and the test logits cache."""
         return self.dataset.test.fingerprint()
 
 
 def interrupted(number: int, what: str, hint: str | None = None) -> TrainingInterrupted:
-    """The error of a stop asked by signal `number`: 'interrupted by SIGNAME <what>', exit 128 + it."""
+    """'interrupted by SIGNAME <what>', exit 128 + `number`."""
     return TrainingInterrupted(
         f"interrupted by {signal.Signals(number).name} {what}", hint, 128 + int(number)
     )
 
 
-@contextlib.contextmanager
-def never_left_running(run: RunDir, group: Group) -> Iterator[None]:
-    """meta.json never left saying "running" by an error the handlers around the epochs in
-    `train_loop` do not see: before the first step (a model too large for the device, a disk
-    error while repairing the last epoch's files), or while saving the state at a stop."""
+def train_loop(
+    config: TrainConfig,
+    run: RunDir,
+    prepared: Prepared,
+    state: State | None,
+    callbacks: TrainCallbacks,
+    stop: StopSignal | None,
+    group: Group = SINGLE,
+) -> list[dict[str, float]]:
+    """Train from `state` (None: from the start) to config.epochs, saving after every epoch;
+    returns the per-epoch records. The caller holds the run's lock (rank 0 under torchrun) and
+    has marked the run running in meta.json, which says at the end how training ended."""
+    if not group.is_main:
+        callbacks = TrainCallbacks()  # rank 0 reports for all
     try:
-        yield
+        trainer = build_trainer(config, prepared, group)
+        writer = EpochWriter(run, trainer, prepared, group)
+        if state is not None:
+            writer.restore(state)
+        if callbacks.on_start:
+            start = {
+                "start_epoch": trainer.epoch + 1,
+                "epochs": config.epochs,
+                "epoch_images": trainer.epoch_images,
+            }
+            callbacks.on_start(run.read_meta() | start)
+        stopping = (lambda: group.any(stop.requested())) if stop else None  # all ranks stop at one step
+        try:
+            for record in trainer.epochs(callbacks.on_step, stopping):
+                writer.write_epoch()
+                if callbacks.on_epoch:
+                    callbacks.on_epoch(record)
+        except StopRequested:
+            raise group.raise_together(writer.write_stop(stop)) from None
+        except TrainingDiverged as error:  # found by all ranks at the same step
+            raise group.raise_together(error) from None
     except BaseException as error:
         if group.is_main:
-            _mark_if_running(run, saved_epochs(run), error)
+            _record_failure(run, error)
         raise
+    if group.is_main:
+        run.update_meta(status="finished", ended_at=now_iso(), completed_epochs=len(trainer.records))
+    return trainer.records
 
 
-def saved_epochs(run: RunDir) -> int:
-    """The epochs the run's saved training state holds (0 without one): what meta.json reports
-    when training ends early, since a failed save leaves the loop an epoch ahead of the files."""
-    saved = run.read_state_meta()
-    epoch = saved.get("epoch") if saved is not None else 0
-    return epoch if isinstance(epoch, int) else 0
-
-
-def _mark_if_running(run: RunDir, completed_epochs: int, error: BaseException) -> None:
+def _record_failure(run: RunDir, error: BaseException) -> None:
+    """meta.json says how an unfinished training ended (unless a stop's handler did): interrupted or
+    failed, with the saved state's epochs (a failed save leaves the loop an epoch ahead)."""
     with contextlib.suppress(OSError, CifarcamError):  # the error being raised is the one to report
         if run.read_meta().get("status") != "running":
-            return  # the handlers around the epochs recorded how it ended
+            return
+        saved = run.read_state_meta()
+        completed = {"ended_at": now_iso(), "completed_epochs": saved["epoch"] if saved else 0}
         if isinstance(error, KeyboardInterrupt):
-            run.update_meta(status="interrupted", ended_at=now_iso(), completed_epochs=completed_epochs)
+            run.update_meta(status="interrupted", **completed)
         else:
-            _mark_failed(run, completed_epochs, _reason(error))
-
-
-def _reason(error: BaseException) -> str:
-    return error.message if isinstance(error, CifarcamError) else f"{type(error).__name__}: {error}"
+            reason = error.message if isinstance(error, CifarcamError) else f"{type(error).__name__}: {error}"
+            run.update_meta(status="failed", error=reason, **completed)
 
 
 def build_trainer(config: TrainConfig, prepared: Prepared, group: Group = SINGLE) -> Trainer:
@@ -122,8 +143,7 @@ def build_trainer(config: TrainConfig, prepared: Prepared, group: Group = SINGLE
     torch.manual_seed(config.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = config.cudnn_benchmark
-    num_classes = len(prepared.dataset.classes)
-    model: nn.Module = build_model(config.model, config.width, num_classes, config.norm)
+    model: nn.Module = build_model(config.model, config.width, len(prepared.dataset.classes), config.norm)
     model = model.to(device).to(memory_format=memory_format(config.channels_last))
     if config.sync_bn and group.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # CUDA only, checked before
@@ -143,10 +163,9 @@ def build_trainer(config: TrainConfig, prepared: Prepared, group: Group = SINGLE
 
 
 class EpochWriter:
-    """What a training writes into its run: after each epoch the training state first (the
-    epoch's commit point), then the checkpoints, the cached test logits and metrics.json derived
-    from it; at a stop, the state of the partial epoch. Under torchrun rank 0 writes, and every
-    rank learns whether the write failed."""
+    """What a training writes into its run: after each epoch the training state (the commit point),
+    then the checkpoints, test logits and metrics.json derived from it; at a stop, the partial
+    epoch's state. Under torchrun rank 0 writes, and every rank learns whether the write failed."""
 
     def __init__(self, run: RunDir, trainer: Trainer, prepared: Prepared, group: Group) -> None:
         self.run, self.trainer, self.group = run, trainer, group
@@ -165,40 +184,35 @@ class EpochWriter:
         }
         self.best_val = -1.0  # the best validation accuracy a best checkpoint was saved for
 
-    def on_main(self, action: Callable[[], None]) -> None:
-        """Run a write on rank 0 while the other ranks wait to hear whether it failed."""
-        self.group.agree(lambda: action() if self.group.is_main else None)
-
-    def restore(self, state: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> None:
+    def restore(self, state: State) -> None:
         """Continue from a saved state; the files derived from its last whole epoch are written
         again, since a kill between the state and them leaves them one epoch behind."""
         trainer = self.trainer
         trainer.load_state(*state)  # resume checked that the state's config is the run's
+        rewrite = trainer.partial is None and len(trainer.records) > 0
         val_accs = [record.get("val_acc", -1.0) for record in trainer.records]
-        if trainer.partial is None and trainer.records:
-            self.best_val = max(val_accs[:-1], default=-1.0)
+        self.best_val = max(val_accs[:-1] if rewrite else val_accs, default=-1.0)
+        if rewrite:
             self.write_epoch()
-        else:
-            self.best_val = max(val_accs, default=-1.0)
 
     def _save_state(self) -> None:
         tensors, meta = self.trainer.state()
         self.run.save_state(tensors, meta | self.resume_facts)
 
     def write_epoch(self) -> None:
-        self.on_main(self._write_epoch)
+        self.group.from_main(self._write_epoch)
 
     def _write_epoch(self) -> None:
         trainer, run = self.trainer, self.run
         self._save_state()
         header = self.header | {"epoch": trainer.epoch}
-        checkpoint_id = run.save_checkpoint("last", trainer.final_model, header)
+        checkpoint_id = run.save_checkpoint("last", trainer.model, header)
         if trainer.test_logits is not None:  # this epoch's scoring: the commands after reuse it
             with contextlib.suppress(OSError):  # a cache: without it they score the test set again
                 run.save_test_logits(trainer.test_logits, checkpoint_id, self.test_fingerprint)
         val_acc = trainer.records[-1].get("val_acc", -1.0)
         if trainer.validation is not None and val_acc > self.best_val:
-            run.save_checkpoint("best", trainer.final_model, header)
+            run.save_checkpoint("best", trainer.model, header)
             self.best_val = val_acc
         run.write_json(run.metrics_path, {"epochs": trainer.records})
 
@@ -222,61 +236,9 @@ class EpochWriter:
                 interrupted_by=signal.Signals(number).name,
             )
 
-        self.on_main(save)
+        self.group.from_main(save)
         return interrupted(
             number,
             f"{where}; the training state is saved",
             hint=f"resume with 'cifarcam train --run {run.name} --resume'",
         )
-
-
-def train_loop(
-    config: TrainConfig,
-    run: RunDir,
-    prepared: Prepared,
-    state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
-    callbacks: TrainCallbacks,
-    stop: StopSignal | None,
-    group: Group = SINGLE,
-) -> list[dict[str, float]]:
-    """Train from `state` (None: from the start) to config.epochs, saving after every epoch;
-    returns the per-epoch records. The caller holds the run's lock (rank 0 under torchrun)."""
-    if not group.is_main:
-        callbacks = TrainCallbacks()  # rank 0 reports for all
-    trainer = build_trainer(config, prepared, group)
-    writer = EpochWriter(run, trainer, prepared, group)
-    if state is not None:
-        writer.restore(state)
-    if callbacks.on_start:
-        start = {
-            "start_epoch": trainer.epoch + 1,
-            "epochs": config.epochs,
-            "epoch_images": trainer.epoch_images,
-        }
-        callbacks.on_start(run.read_meta() | start)
-    try:
-        for record in trainer.epochs(callbacks.on_step, stop.requested if stop else None):
-            writer.write_epoch()
-            if callbacks.on_epoch:
-                callbacks.on_epoch(record)
-    except StopRequested:
-        raise group.raise_together(writer.write_stop(stop)) from None
-    except TrainingDiverged as error:  # found by all ranks at the same step
-        reason = error.message
-        writer.on_main(lambda: _mark_failed(run, saved_epochs(run), reason))
-        raise group.raise_together(error) from None
-    except KeyboardInterrupt:
-        if group.is_main:
-            run.update_meta(status="interrupted", ended_at=now_iso(), completed_epochs=saved_epochs(run))
-        raise
-    except BaseException as error:
-        if group.is_main:
-            _mark_failed(run, saved_epochs(run), _reason(error))
-        raise
-    if group.is_main:
-        run.update_meta(status="finished", ended_at=now_iso(), completed_epochs=trainer.epoch)
-    return trainer.records
-
-
-def _mark_failed(run: RunDir, completed_epochs: int, reason: str) -> None:
-    run.update_meta(status="failed", ended_at=now_iso(), completed_epochs=completed_epochs, error=reason)

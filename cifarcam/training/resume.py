@@ -1,7 +1,6 @@
-"""What a saved training state may continue under: `cifarcam train --resume` checks the run's
-config.json and data against what the state recorded, and tells a finished run, or one whose
-last epoch's files were not all written, from one to continue.
-"""
+"""What a saved training state may continue under: `train --resume` checks config.json and the data
+against the state's records, and tells a finished run, or one whose last epoch's files were not all
+written, from one to continue."""
 
 from __future__ import annotations
 
@@ -17,22 +16,14 @@ from cifarcam.runs.rundir import RunDir
 # Settings a resumed run may take from an edited config.json: where the data and caches are,
 # and how fast it runs; everything else decides what the saved state means.
 RESUME_MAY_CHANGE = frozenset(
-    {
-        "data",
-        "data_dir",
-        "device",
-        "precision",
-        "channels_last",
-        "compile",
-        "cuda_graphs",
-        "cudnn_benchmark",
-        "workers",
-    }
+    {"data", "data_dir", "device", "precision", "channels_last", "cuda_graphs", "cudnn_benchmark", "workers"}
 )
 
 
-def check_same_config(run: RunDir, config: TrainConfig, state_meta: dict[str, Any]) -> None:
-    """The saved state continues only under the settings it was trained with, which it records."""
+def check_same_config(run: RunDir, config: TrainConfig, state_meta: dict[str, Any] | None) -> None:
+    """The saved state continues only under the settings it records (`state_meta` None: none saved)."""
+    if state_meta is None:
+        return
     saved = state_meta["config"]
     now = config.model_dump(mode="json")
     changed = [key for key in now if key not in RESUME_MAY_CHANGE and saved.get(key) != now[key]]
@@ -47,15 +38,14 @@ def check_same_config(run: RunDir, config: TrainConfig, state_meta: dict[str, An
 
 
 def check_same_data(run: RunDir, then: dict[str, Any], now: dict[str, Any]) -> None:
-    """A saved state continues only on the data it started with: the class names, image counts and
-    digest of the training images it records."""
+    """A saved state continues only on the data it records: class names, image counts, training digest."""
     for field, what in (
         ("classes", "classes"),
         ("train_images", "training images"),
         ("val_images", "validation images"),
         ("train_fingerprint", "training images' digest"),
     ):
-        if field in then and then[field] != now[field]:
+        if then[field] != now[field]:
             raise RunError(
                 f"the data at '{now['data']}' has changed since run '{run.name}' started: "
                 f"{what} {then[field]} then, {now[field]} now",
@@ -76,9 +66,8 @@ def finished_without_state(run: RunDir, config: TrainConfig) -> list[dict[str, A
 
 
 def derived_files_saved(run: RunDir, state: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> bool:
-    """Whether the checkpoints and metrics.json are those of the saved state's epoch: metrics.json
-    is the last file an epoch writes (`save_epoch_end`), so its last record tells, unless the last
-    checkpoint was deleted since."""
+    """Whether the checkpoints and metrics.json are those of the saved state's epoch: metrics.json,
+    the last file an epoch writes, tells, unless the last checkpoint was deleted since."""
     if not run.checkpoint_path("last").exists():
         return False
     try:

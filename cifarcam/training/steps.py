@@ -1,11 +1,12 @@
-"""Training and inference loops. They return plain dicts; the caller decides what to write."""
+"""The training steps: the optimizer and its one-cycle schedule, the batches cut from the dataset
+on its device, and the loop over them."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,19 +72,12 @@ def device_batches(
     generator: torch.Generator,
     group: Group = SINGLE,
 ) -> Iterator[Batch]:
-    """Batches cut from the in-memory dataset in `order` and augmented on its device.
-
-    With several ranks, every rank cuts the same global batch and keeps its rows of it; the
-    augmentation draws are those of the whole batch, so the images are the same as in one process.
-    """
+    """Batches cut from the in-memory dataset in `order` and augmented on its device. With several
+    ranks, each keeps its rows of every global batch, augmented as in one process."""
     for start in range(0, len(order), batch_size):
         batch_idx = order[start : start + batch_size]
-        if not group.distributed:
-            x = augment_batch(normalize(train.images[batch_idx], mean, std), augment, generator)
-            yield Batch(x, train.labels[batch_idx])
-            continue
         rows = group.rows(len(batch_idx))
-        scale = group.world_size / len(batch_idx)
+        scale = group.world_size / len(batch_idx) if group.distributed else None
         if rows.start == rows.stop:
             rows, scale = slice(0, 1), 0.0
         mine = batch_idx[rows]
@@ -159,18 +153,13 @@ def train_steps(
 ) -> bool:
     """Train on `batches`, adding to `tally`. Returns False if `should_stop` ended it early.
 
-    With several ranks, `should_stop` must answer the same on every rank (a collective), and
-    the divergence checks are collectives too, so all ranks stop at the same step.
+    With several ranks, `should_stop` and the divergence checks are collectives, so all ranks stop
+    at the same step. The tallied loss is the plain cross-entropy per sample (what test_loss
+    measures), even under label smoothing; the host reads the device only every few steps.
 
-    The tallied loss is the plain cross-entropy per sample (what test_loss measures too),
-    even when the optimised objective adds label smoothing. The host reads the device
-    only every few steps (progress, divergence check), never on every step.
-
-    `gemm_weight_grad`: on the CPU in bf16, compute the weight gradients of convolutions with
-    small output maps as one GEMM each (`conv_weight_grad`); leave it off for a compiled model.
-
-    `autotune_rows`: only batches of this many rows (the full ones) may use cuDNN's benchmark
-    mode (`cudnn_autotune`); None: every batch may.
+    `gemm_weight_grad`: on the CPU in bf16, small-map convolution weight gradients as one GEMM
+    each (`conv_weight_grad`); leave it off for a compiled model. `autotune_rows`: only batches of
+    this many rows (the full ones) may use cuDNN's benchmark mode; None: every batch may.
     """
     model.train()
     device = tally.loss_sum.device
@@ -193,7 +182,8 @@ def train_steps(
                 loss.backward()
             else:
                 (loss * scale).backward()
-                _divide_gradients(optimizer, scale)
+                grads = [p.grad for pg in optimizer.param_groups for p in pg["params"] if p.grad is not None]
+                torch._foreach_div_(grads, scale)
         optimizer.step()
         scheduler.step()
         tally.steps += 1
@@ -216,11 +206,6 @@ def train_steps(
     return True
 
 
-def _divide_gradients(optimizer: torch.optim.Optimizer, divisor: float) -> None:
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    torch._foreach_div_(grads, divisor)
-
-
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -228,25 +213,11 @@ def train_one_epoch(
     batches: Iterable[Batch],
     steps: int,
     device: torch.device,
-    label_smoothing: float = 0.0,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = True,
-    on_step: StepCallback | None = None,
-    gemm_weight_grad: bool = True,
+    *options: Any,
+    **keyword_options: Any,
 ) -> dict[str, float]:
-    """One pass over `batches`; returns the per-sample mean loss and accuracy."""
+    """torchvision's `train_one_epoch`: one pass over `batches`, returning the per-sample mean loss
+    and accuracy; `options` are those of `train_steps` after its `total_steps`."""
     tally = Tally.zeros(device)
-    train_steps(
-        model,
-        optimizer,
-        scheduler,
-        batches,
-        tally,
-        steps,
-        label_smoothing,
-        amp_dtype,
-        channels_last,
-        on_step,
-        gemm_weight_grad=gemm_weight_grad,
-    )
+    train_steps(model, optimizer, scheduler, batches, tally, steps, *options, **keyword_options)
     return tally.result()

@@ -3,12 +3,11 @@ that can be saved and restored exactly (between epochs or in the middle of one).
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +19,6 @@ from cifarcam.errors import TrainingDiverged
 from cifarcam.evaluation.inference import predict, score, score_sums
 from cifarcam.training.cuda_graphs import GraphedTraining
 from cifarcam.training.distributed import SINGLE, Group
-from cifarcam.training.ema import WeightAverage
 from cifarcam.training.steps import (
     Batch,
     NonFiniteLoss,
@@ -31,10 +29,6 @@ from cifarcam.training.steps import (
     one_cycle,
     train_steps,
 )
-
-
-def _any_rank(group: Group, asked: Callable[[], bool]) -> bool:
-    return group.any(asked())
 
 
 class StopRequested(Exception):
@@ -52,10 +46,9 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 
 def epoch_order(count: int, per_epoch: int, seed: int, epoch: int) -> torch.Tensor:
-    """The training indices of `epoch` (1-based): positions (epoch-1)*per_epoch onwards of a
-    stream of seeded shuffles of range(count), one after another. Each image comes once per
-    shuffle, so epochs of fewer images than `count` go through all of them in turn. With
-    per_epoch == count, epoch e is exactly shuffle e."""
+    """The training indices of `epoch` (1-based): positions (epoch-1)*per_epoch onwards of a stream of
+    seeded shuffles of range(count). Each image comes once per shuffle, so shorter epochs go through
+    all of them in turn; with per_epoch == count, epoch e is exactly shuffle e."""
     start = (epoch - 1) * per_epoch
     passes = range(start // count, (start + per_epoch - 1) // count + 1)
     shuffles = [
@@ -78,11 +71,9 @@ class PartialEpoch:
 
 
 class Trainer:
-    """One training run: model, optimizer, LR schedule and random streams.
-
-    `epochs()` yields one flat metrics record per epoch; `state()`/`load_state()` capture
-    everything needed to continue bit-for-bit, between epochs or in the middle of one.
-    The splits must already be on the training device.
+    """One training run: model, optimizer, LR schedule and random streams, over splits already on
+    the training device. `epochs()` yields one flat metrics record per epoch; `state()` and
+    `load_state()` continue bit-for-bit, between epochs or in the middle of one.
 
     With a `group` of several ranks (torchrun), every rank holds the whole dataset, draws the
     same order and augmentation, and trains on its rows of each global batch through
@@ -110,49 +101,19 @@ class Trainer:
         rows = group.rows(config.batch_size)
         self.full_batch_rows = rows.stop - rows.start  # this rank's share of a full batch
         self.optimizer = make_optimizer(model, config)
-        total_steps = self.steps_per_epoch * config.epochs
-        self.lr_factor = one_cycle(total_steps, config.warmup)
+        self.lr_factor = one_cycle(self.steps_per_epoch * config.epochs, config.warmup)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
-        forward_model = model
+        self.forward_model: nn.Module = model  # what the steps call: `model`, or DDP or CUDA graphs on it
         if group.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            forward_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        if config.compile:
-            forward_model = cast(nn.Module, torch.compile(forward_model, dynamic=False))
-        elif config.cuda_graphs and self.device.type == "cuda" and not group.distributed:
-            forward_model = GraphedTraining(model, config.batch_size, amp_dtype)
-        self.forward_model = forward_model
-        self.average = (
-            WeightAverage(model, config.ema_decay, round(config.ema_start * total_steps))
-            if config.ema_decay > 0
-            else None
-        )
+            self.forward_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        elif config.cuda_graphs and self.device.type == "cuda":
+            self.forward_model = GraphedTraining(model, config.batch_size, amp_dtype)
         self.epoch = 0  # completed epochs
         self.records: list[dict[str, float]] = []
         self.partial: PartialEpoch | None = None
-        # The final model's test-set logits from the latest `evaluate` (None under torchrun,
-        # where each rank scores its share), for the run's prediction cache
+        # The latest `evaluate`'s test logits, for the run's cache (None under torchrun: ranks score shares)
         self.test_logits: torch.Tensor | None = None
-
-    @property
-    def final_model(self) -> nn.Module:
-        """The model that is evaluated and saved: the weight average once it has started."""
-        if self.average is not None and self.average.started:
-            return self.average.model
-        return self.model
-
-    # -- training ---------------------------------------------------------------------
-    def _after_step(self, on_step: StepCallback | None) -> StepCallback | None:
-        average = self.average
-        if average is None:
-            return on_step
-
-        def after_step(step: int, steps: int, loss: float | None) -> None:
-            average.update(int(self.scheduler.last_epoch))  # optimizer steps over the whole run
-            if on_step is not None:
-                on_step(step, steps, loss)
-
-        return after_step
 
     def _batches(self, epoch: int) -> tuple[Iterable[Batch], PartialEpoch | None]:
         config = self.config
@@ -187,64 +148,24 @@ class Trainer:
     def epochs(
         self, on_step: StepCallback | None = None, should_stop: Callable[[], bool] | None = None
     ) -> Iterator[dict[str, float]]:
-        """Train the remaining epochs. Raises StopRequested when `should_stop` ends one early;
-        `state()` then holds the partial epoch (on-device augmentation) or the last whole one.
-        """
-        config, group = self.config, self.group
-        on_step = self._after_step(on_step)
-        if should_stop is not None and group.distributed:
-            should_stop = functools.partial(_any_rank, group, should_stop)  # all ranks stop at the same step
-        for epoch in range(self.epoch + 1, config.epochs + 1):
+        """Train the remaining epochs. Raises StopRequested when `should_stop` (which must answer
+        the same on every rank) ends one early; `state()` then holds the partial epoch (on-device
+        augmentation) or the last whole one."""
+        for epoch in range(self.epoch + 1, self.config.epochs + 1):
             # A stop asked for during the last step of an epoch (every step, with one-step
             # epochs), while it was scored and saved, or before a resumed run's first step
             if should_stop is not None and should_stop():
                 raise StopRequested
-            started = time.perf_counter()
             # The LR at the epoch's first step, computed as LambdaLR does (also after a resume).
             lr = float(self.scheduler.base_lrs[0]) * self.lr_factor((epoch - 1) * self.steps_per_epoch)
-            record: dict[str, float] = {"epoch": epoch, "lr": lr}
-            batches, partial = self._batches(epoch)
-            tally = partial.tally if partial is not None else Tally.zeros(self.device)
-            already = partial.started_s if partial is not None else 0.0
-            try:
-                finished = train_steps(
-                    self.forward_model,
-                    self.optimizer,
-                    self.scheduler,
-                    batches,
-                    tally,
-                    self.steps_per_epoch,
-                    config.label_smoothing,
-                    self.amp_dtype,
-                    config.channels_last,
-                    on_step,
-                    should_stop,
-                    group,
-                    gemm_weight_grad=not config.compile,
-                    autotune_rows=self.full_batch_rows,
-                )
-            except NonFiniteLoss as error:
-                raise TrainingDiverged(
-                    f"training diverged: the loss became NaN or infinite at epoch {epoch}, step {error.step}",
-                    hint=f"try a lower learning rate (--lr, now {config.lr})"
-                    + (" or --precision bf16" if self.amp_dtype == torch.float16 else ""),
-                ) from None
-            if not finished:
-                if partial is not None:
-                    partial.started_s = already + time.perf_counter() - started
-                    partial.tally = partial.tally.reduced(group)  # what rank 0 saves
-                self.partial = partial
-                raise StopRequested
-            self.partial = None
-            record.update(tally.reduced(group).result())
-            train_time = already + time.perf_counter() - started
+            train_metrics, train_time = self._train_epoch(epoch, on_step, should_stop)
             evaluated_at = time.perf_counter()
-            record.update(self.evaluate())
+            record: dict[str, float] = {"epoch": epoch, "lr": lr, **train_metrics, **self.evaluate()}
             if not all(math.isfinite(value) for value in record.values()):
                 # the training loss stayed finite, but the weights or BatchNorm statistics did not
                 raise TrainingDiverged(
                     f"training diverged: the model's test loss is NaN or infinite after epoch {epoch}",
-                    hint=f"try a lower learning rate (--lr, now {config.lr})",
+                    hint=f"try a lower learning rate (--lr, now {self.config.lr})",
                 )
             record["epoch_time_s"] = round(train_time, 3)
             record["eval_time_s"] = round(time.perf_counter() - evaluated_at, 3)
@@ -252,11 +173,52 @@ class Trainer:
             self.records.append(record)
             yield record
 
+    def _train_epoch(
+        self, epoch: int, on_step: StepCallback | None, should_stop: Callable[[], bool] | None
+    ) -> tuple[dict[str, float], float]:
+        """The training loss and accuracy of `epoch` and its training seconds, both from its start
+        when it continues a stopped one; StopRequested when `should_stop` ends it early."""
+        config, group = self.config, self.group
+        started = time.perf_counter()
+        batches, partial = self._batches(epoch)
+        tally = partial.tally if partial is not None else Tally.zeros(self.device)
+        already = partial.started_s if partial is not None else 0.0
+        try:
+            finished = train_steps(
+                self.forward_model,
+                self.optimizer,
+                self.scheduler,
+                batches,
+                tally,
+                self.steps_per_epoch,
+                config.label_smoothing,
+                self.amp_dtype,
+                config.channels_last,
+                on_step,
+                should_stop,
+                group,
+                autotune_rows=self.full_batch_rows,
+            )
+        except NonFiniteLoss as error:
+            raise TrainingDiverged(
+                f"training diverged: the loss became NaN or infinite at epoch {epoch}, step {error.step}",
+                hint=f"try a lower learning rate (--lr, now {config.lr})"
+                + (" or --precision bf16" if self.amp_dtype == torch.float16 else ""),
+            ) from None
+        if not finished:
+            if partial is not None:
+                partial.started_s = already + time.perf_counter() - started
+                partial.tally = partial.tally.reduced(group)  # what rank 0 saves
+            self.partial = partial
+            raise StopRequested
+        self.partial = None
+        return tally.reduced(group).result(), already + time.perf_counter() - started
+
     def evaluate(self) -> dict[str, float]:
         """Per-sample mean loss and accuracy on the test (and validation) split."""
         result: dict[str, float] = {}
         splits = {"test": self.test} | ({"val": self.validation} if self.validation is not None else {})
-        group, model = self.group, self.final_model
+        group, model = self.group, self.model
         group.broadcast_buffers(model)  # every rank scores rank 0's model, the one saved
         for prefix, split in splits.items():
             rows = group.rows(len(split))
@@ -278,7 +240,6 @@ class Trainer:
             result[f"{prefix}_loss"], result[f"{prefix}_acc"] = scores["loss"], scores["acc"]
         return result
 
-    # -- state --------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and JSON-able metadata from which `load_state` continues exactly."""
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
@@ -286,8 +247,6 @@ class Trainer:
         for index, values in optimizer_state["state"].items():
             for name, value in values.items():
                 tensors[f"optimizer.{index}.{name}"] = value
-        if self.average is not None:
-            tensors |= {f"average.{k}": v for k, v in self.average.state().items()}
         tensors["rng.torch"] = torch.get_rng_state()
         meta: dict[str, Any] = {
             "epoch": self.epoch,
@@ -316,13 +275,10 @@ class Trainer:
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.model.load_state_dict(_prefixed(tensors, "model."))
         optimizer_state: dict[str, Any] = {"state": {}, "param_groups": meta["optimizer_param_groups"]}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                optimizer_state["state"].setdefault(int(index), {})[name] = value.to(self.device)
+        for key, value in _prefixed(tensors, "optimizer.").items():
+            index, name = key.split(".", 1)
+            optimizer_state["state"].setdefault(int(index), {})[name] = value.to(self.device)
         self.optimizer.load_state_dict(optimizer_state)
-        if self.average is not None:
-            self.average.load_state(_prefixed(tensors, "average."))
         self.scheduler.load_state_dict(meta["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
         self.epoch = int(meta["epoch"])
@@ -346,18 +302,3 @@ class Trainer:
             self.partial = PartialEpoch(
                 int(partial["epoch"]), order, tally, generator, float(partial["started_s"])
             )
-
-
-def fit(
-    model: nn.Module,
-    train: Split,
-    test: Split,
-    config: TrainConfig,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    validation: Split | None = None,
-    amp_dtype: torch.dtype | None = None,
-    on_step: StepCallback | None = None,
-) -> Iterator[dict[str, float]]:
-    """Train for config.epochs from scratch, yielding one metrics record per epoch."""
-    yield from Trainer(model, train, test, config, mean, std, validation, amp_dtype).epochs(on_step)

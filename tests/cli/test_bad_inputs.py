@@ -62,13 +62,6 @@ def damage_run(run: Path, how: str) -> None:
         (run / "config.json").write_text("{")
     elif how == "bad_evaluation":
         (run / "evaluation.json").write_text('{"accuracy": 0.')
-    elif how == "null_metric":
-        metrics = json.loads((run / "metrics.json").read_text())
-        metrics["epochs"][0]["test_acc"] = None
-        (run / "metrics.json").write_text(json.dumps(metrics))
-    elif how == "bad_faithfulness":
-        (run / "gradcam").mkdir(exist_ok=True)
-        (run / "gradcam" / "metrics.json").write_text("[1, 2]")
     elif how == "no_metrics":
         (run / "metrics.json").unlink()
     elif how == "no_state":  # of a run that has not finished (a finished one has nothing to resume)
@@ -148,13 +141,6 @@ CASES = [
         "Error: checkpoint '{runs}/tiny/checkpoints/last.safetensors' is corrupt or truncated",
     ),
     (
-        "checkpoint of another width",
-        "run:other_width",
-        "misclassified --run tiny",
-        1,
-        "Error: checkpoint '{runs}/tiny/checkpoints/last.safetensors' holds resnet18 width 8, but the run's config.json says resnet18 width 16",
-    ),
-    (
         "malformed config JSON",
         "file:{",
         "train --run r --data {tree} --config {tmp}/c.json",
@@ -188,13 +174,6 @@ CASES = [
         "train --run r --data {tree} --label-smoothing 1",
         2,
         "Error: invalid value for 'label_smoothing': Input should be less than 1 (got 1.0)",
-    ),
-    (
-        "EMA decay of 1",
-        None,
-        "train --run r --data {tree} --ema-decay 1",
-        2,
-        "Error: invalid value for 'ema_decay': Input should be less than 1 (got 1.0)",
     ),
     (
         "fp16 without CUDA",
@@ -369,9 +348,9 @@ CASES = [
     (
         "--resume with a --no- option",
         None,
-        "train --run tiny --resume --no-compile --width 8",
+        "train --run tiny --resume --no-nesterov --width 8",
         2,
-        "Error: --resume continues with the run's own config.json; leave out --width, --no-compile",
+        "Error: --resume continues with the run's own config.json; leave out --width, --no-nesterov",
     ),
     (
         "--resume of a missing run",
@@ -477,13 +456,6 @@ CASES = [
         "Error: --target '²' is not pred, true, both, a class name or a class index 0-9",
     ),
     (
-        "--metrics over a faithfulness file that is not one",
-        "run:bad_faithfulness",
-        "gradcam --run tiny --metrics --steps 2",
-        1,
-        "Error: '{runs}/tiny/gradcam/metrics.json' is not a cifarcam faithfulness file (an object whose 'results' are rows)",
-    ),
-    (
         "unknown preset",
         None,
         "train --run r --preset turbo",
@@ -509,7 +481,7 @@ CASES = [
         "file:{",
         "predict --run tiny --cam --out {runs}/tiny/cams {tmp}/c.json",
         2,
-        "Error: --out '{runs}/tiny/cams' is inside the run directory; predictions never write there",
+        "Error: --out '{runs}/tiny/cams' is inside run 'tiny'; predictions never write into a run",
     ),
     (
         "compare --out inside a run of another runs directory",
@@ -580,13 +552,6 @@ CASES = [
         "train --run new --data {tree} --config {tmp}/c.json",
         2,
         "Error: invalid value for 'albumentations': not an albumentations pipeline (parameter 'p': Input should be a valid number, unable to parse string as a number (got 'half'))",
-    ),
-    (
-        "metrics.json with a null",
-        "run:null_metric",
-        "plot --run tiny",
-        1,
-        "Error: '{runs}/tiny/metrics.json' is malformed: its epoch record 1 has null for 'test_acc', not a number",
     ),
     *(
         (
@@ -768,37 +733,3 @@ def test_a_failed_save_is_not_counted_as_a_completed_epoch(
     meta = json.loads((runs / "r" / "meta.json").read_text())
     assert (meta["status"], meta["completed_epochs"]) == ("failed", 1)
     assert [e["epoch"] for e in json.loads((runs / "r" / "metrics.json").read_text())["epochs"]] == [1]
-
-
-@pytest.mark.parametrize(
-    ("environment", "line"),
-    [
-        ({"WORLD_SIZE": "abc"}, "Error: the environment variable WORLD_SIZE='abc' is not a whole number"),
-        ({"WORLD_SIZE": ""}, "Error: the environment variable WORLD_SIZE='' is not a whole number"),
-        (
-            {"WORLD_SIZE": "2"},
-            "Error: WORLD_SIZE is set but RANK is not: start several processes with torchrun",
-        ),
-        (
-            {"WORLD_SIZE": "2", "RANK": "0"},
-            "Error: WORLD_SIZE is set but MASTER_ADDR is not: start several processes with torchrun",
-        ),
-    ],
-    ids=["text", "empty", "no rank", "no master address"],
-)
-def test_torchrun_variables_set_by_hand_are_one_error_line(
-    environment: dict[str, str],
-    line: str,
-    tmp_path: Path,
-    synthetic_tree: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
-    result = runner.invoke(app, tiny_train_args(tmp_path / "runs", synthetic_tree))
-    assert result.exit_code == 2, result.output
-    assert result.stderr.splitlines()[0].startswith(line), result.stderr
-    assert len(result.stderr.splitlines()) == 2  # and a hint
-    assert not (tmp_path / "runs").exists()

@@ -94,19 +94,6 @@ def test_overwrite_is_refused_while_a_command_reads_the_run(
     assert snapshot(runs / "tiny") != before
 
 
-def test_resume_keeps_a_readers_file_in_flight(trained_runs: Path, tmp_path: Path) -> None:
-    """A temporary file of a command still writing is not a killed writer's leftover."""
-    runs = copy_tree(trained_runs, tmp_path / "runs")
-    run = RunDir(runs, "tiny")
-    in_flight = run.path / ".evaluation.json.1234.tmp"
-    in_flight.write_text("{")
-    with run.reading():
-        run.remove_temporaries()
-    assert in_flight.exists()
-    run.remove_temporaries()
-    assert not in_flight.exists()
-
-
 def test_reading_a_missing_run_leaves_no_lock_file(tmp_path: Path) -> None:
     with RunDir(tmp_path, "typo").reading():
         pass

@@ -120,42 +120,6 @@ def test_hidden_folders_are_not_classes_and_file_names_need_not_be_utf8(tmp_path
     assert torch.equal(loaded.train.images.sort(0).values, data.train.images.sort(0).values)
 
 
-def test_a_class_folder_named_in_another_encoding_is_refused(tmp_path: Path) -> None:
-    import os
-
-    root = write_image_folder(synthetic_dataset(20, 10, seed=4), tmp_path / "tree")
-    for split in ("train", "test"):
-        os.rename(root / split / "class1", os.fsencode(root / split) + b"/cl\xe4ss1")
-    with pytest.raises(DataError) as caught:
-        load_image_folder(root, tmp_path / "cache")
-    assert caught.value.message == (
-        f"class folder b'cl\\xe4ss1' in '{root / 'train'}' has a name that is not printable UTF-8 text; "
-        "rename it"
-    )
-
-
-@pytest.mark.parametrize("damage", ["truncated", "another_tree"])
-def test_a_damaged_or_foreign_cache_is_decoded_again(tmp_path: Path, damage: str) -> None:
-    root = write_image_folder(synthetic_dataset(20, 10, seed=5), tmp_path / "tree")
-    cache = tmp_path / "cache"
-    first = load_image_folder(root, cache)
-    (cached,) = (cache / "imagefolder").glob("*.npz")
-    if damage == "truncated":
-        cached.write_bytes(cached.read_bytes()[: cached.stat().st_size // 2])
-    else:
-        other = synthetic_dataset(30, 10, seed=6)  # valid arrays of other images
-        arrays = {
-            f"{s}_{p}": getattr(getattr(other, s), p).numpy()
-            for s in ("train", "test")
-            for p in ("images", "labels")
-        }
-        with cached.open("wb") as handle:
-            np.savez(handle, **arrays)
-    again = load_image_folder(root, cache)
-    assert torch.equal(again.train.images, first.train.images)
-    assert torch.equal(again.test.labels, first.test.labels)
-
-
 @pytest.mark.parametrize(
     ("damage", "message"),
     [

@@ -1,10 +1,12 @@
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_train_args
 from torch import nn
 
-from cifarcam.config import AugmentConfig, build_config
+from cifarcam.config import AugmentConfig, TrainConfig, build_config
 from cifarcam.data.datasets import Split, normalize, synthetic_dataset
 from cifarcam.devices import FP16_LOSS_SCALE, autocast_dtype, training_dtype
 from cifarcam.errors import ConfigError
@@ -19,9 +21,22 @@ from cifarcam.training.steps import (
     train_one_epoch,
     train_steps,
 )
-from cifarcam.training.trainer import epoch_order, fit
+from cifarcam.training.trainer import Trainer, epoch_order
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def fit(
+    model: nn.Module,
+    train: Split,
+    test: Split,
+    config: TrainConfig,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    amp_dtype: torch.dtype | None = None,
+) -> Iterator[dict[str, float]]:
+    """Train for config.epochs from scratch, yielding one metrics record per epoch."""
+    return Trainer(model, train, test, config, mean, std, amp_dtype=amp_dtype).epochs()
 
 
 def linear_model() -> nn.Module:
@@ -314,7 +329,6 @@ class NanAfter(nn.Module):
 
 def test_divergence_names_epoch_and_step() -> None:
     from cifarcam.errors import TrainingDiverged
-    from cifarcam.training.trainer import Trainer
 
     data = synthetic_dataset(100, 20, seed=4)
     config = build_config({"epochs": 3, "batch_size": 25, "lr": 0.05, "width": 4})
@@ -375,7 +389,7 @@ def test_fp32_channels_last_training_on_cpu_with_narrow_projection_shortcuts(wid
         "import torch, torch.nn.functional as F\n"
         "from cifarcam.config import build_config\n"
         "from cifarcam.data.datasets import synthetic_dataset\n"
-        "from cifarcam.training.trainer import fit\n"
+        "from cifarcam.training.trainer import Trainer\n"
         "from cifarcam.models.resnet import build_model\n"
         "from cifarcam.devices import memory_format\n"
         f"width = {width}\n"
@@ -386,7 +400,8 @@ def test_fp32_channels_last_training_on_cpu_with_narrow_projection_shortcuts(wid
         "for batch in (7, 33):  # sizes that crashed on the Xeon\n"
         "    config = build_config({'epochs': 2, 'batch_size': batch, 'width': width, 'lr': 0.05})\n"
         "    model = build_model('resnet18', width).to(memory_format=layout)\n"
-        "    epochs.append(len(list(fit(model, data.train, data.test, config, (0.5,) * 3, (0.25,) * 3))))\n"
+        "    trainer = Trainer(model, data.train, data.test, config, (0.5,) * 3, (0.25,) * 3)\n"
+        "    epochs.append(len(list(trainer.epochs())))\n"
         "# every convolution of the model, on the input it gets, against float64 NCHW\n"
         "inputs = {}\n"
         "convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}\n"
@@ -447,21 +462,6 @@ def test_projection_shortcut_is_a_strided_1x1_convolution() -> None:
         + norm(F.conv2d(x, conv.weight, stride=2))
     )
     assert torch.allclose(block(x), expected, atol=1e-6)
-
-
-def test_compile_flag_trains_the_same_parameters() -> None:
-    """torch.compile (inductor, needs a C compiler; about a minute on 2 cores) wraps the model for
-    the training steps only; the weights it updates are the model's own, so checkpoints are unchanged."""
-    data = synthetic_dataset(64, 32, seed=4)
-    config = build_config({"epochs": 1, "batch_size": 32, "width": 4, "lr": 0.05, "compile": True})
-    torch.manual_seed(0)
-    model = build_model("resnet18", 4)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    records = list(fit(model, data.train, data.test, config, MEAN, STD, amp_dtype=torch.bfloat16))
-    assert torch.isfinite(torch.tensor(records[0]["train_loss"]))
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    assert not torch.equal(after["conv1.weight"], before["conv1.weight"])
 
 
 def test_fp16_training_scales_the_loss_and_leaves_true_gradients() -> None:
