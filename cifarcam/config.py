@@ -59,8 +59,19 @@ class TrainConfig(_Settings):
         "split over processes trains exactly as the whole batch).",
     )
     epochs: int = Field(20, ge=1, le=10_000, description="Training epochs.")
-    batch_size: int = Field(512, ge=1, le=65_536, description="Images per training step.")
-    lr: float = Field(0.4, gt=0, le=100, description="Peak learning rate of the one-cycle schedule.")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=65_536,
+        description="Images per training step (unset: 512, halved down to 64 while the run would "
+        "take fewer than 1,000 steps).",
+    )
+    lr: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Peak learning rate of the one-cycle schedule (unset: 0.4 x batch size / 512).",
+    )
     warmup: float = Field(0.2, ge=0, le=1, description="Fraction of all steps spent rising to the peak lr.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     nesterov: bool = Field(True, description="Nesterov momentum.")
@@ -215,6 +226,25 @@ def merge_overrides(
             value = merged[key] | value
         merged[key] = value
     return merged
+
+
+FULL_BATCH, FULL_LR = 512, 0.4  # the default recipe's batch size and peak learning rate
+MIN_STEPS, MIN_BATCH = 1000, 64
+
+
+def batch_and_lr(config: TrainConfig, train_images: int) -> tuple[int, float]:
+    """The batch size and peak learning rate of a run: as configured, or, where left unset, sized
+    to the run. A few steps of a large batch at a large learning rate diverge and leave
+    BatchNorm's running statistics unlike the network they describe, so the batch is halved from
+    512 (down to 64) while the run would take fewer than MIN_STEPS steps, and the learning rate
+    follows the batch size (0.4 at 512)."""
+    per_epoch = min(config.epoch_images or train_images, train_images)
+    batch = config.batch_size
+    if batch is None:
+        batch = FULL_BATCH
+        while batch > MIN_BATCH and -(-per_epoch // batch) * config.epochs < MIN_STEPS:
+            batch //= 2
+    return batch, config.lr if config.lr is not None else FULL_LR * batch / FULL_BATCH
 
 
 def data_dir_path(config: TrainConfig) -> Path | None:

@@ -3,7 +3,14 @@ from pathlib import Path
 
 import pytest
 
-from cifarcam.config import TrainConfig, build_config, merge_overrides, read_config_file
+from cifarcam.config import (
+    TrainConfig,
+    batch_and_lr,
+    build_config,
+    merge_overrides,
+    preset_values,
+    read_config_file,
+)
 from cifarcam.errors import ConfigError
 
 
@@ -140,3 +147,21 @@ def test_a_pipeline_that_changes_the_images_size_or_type_is_a_config_error(
     )
     keeps = A.to_dict(A.Compose([A.HorizontalFlip(p=0.5), A.CoarseDropout(p=0.5)]))
     assert build_config({"albumentations": keeps}).albumentations == keeps
+
+
+@pytest.mark.parametrize(
+    ("values", "train_images", "expected"),
+    [
+        ({}, 50_000, (512, 0.4)),  # the full run: 98 steps x 20 epochs
+        ({"epoch_images": 25_000}, 50_000, (256, 0.2)),  # 49 x 20 = 980 steps at 512
+        ({"epochs": 20}, 10_000, (128, 0.1)),
+        ({"epochs": 2}, 2_000, (64, 0.05)),  # `train --help`'s example: 64 steps, the smallest batch
+        ({"epochs": 2, "batch_size": 100}, 2_000, (100, 0.078125)),  # the lr follows a given batch
+        ({"epochs": 2, "lr": 0.1}, 2_000, (64, 0.1)),
+        (preset_values("quick"), 50_000, (256, 0.4)),
+    ],
+)
+def test_batch_and_lr_left_unset_are_sized_to_the_run(
+    values: dict, train_images: int, expected: tuple[int, float]
+) -> None:
+    assert batch_and_lr(build_config(values), train_images) == expected

@@ -25,6 +25,8 @@ _DEFAULTS_SHOWN = {
     "data_dir": "$CIFARCAM_DATA_DIR or ~/.cache/cifarcam",
     "subset": "all",
     "epoch_images": "all",
+    "batch_size": "sized to the run",
+    "lr": "sized to the run",
 }
 
 
@@ -195,6 +197,11 @@ def _training_progress(shown: bool = True) -> Iterator[Any]:
             f"Training on {meta['device']} ({meta['precision']}), {meta['train_images']} training images"
             f"{per_epoch}, {meta['test_images']} test images, data: {meta['data']}{resumed}"
         )
+        if meta.get("sized_to_run") and epoch["n"] == 1:
+            console.print(
+                f"Batch size {meta['batch_size']} and peak lr {meta['lr']:g} for a run of "
+                f"{meta['steps']} steps (set --batch-size and --lr to choose them)"
+            )
         if meta["device"] == "cpu" and meta["precision"] == "bfloat16" and not cpu_supports_bf16():
             console.print(
                 "Note: this CPU has no native bf16 (AVX512-bf16 or AMX), so bf16 is emulated and "

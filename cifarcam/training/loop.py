@@ -101,6 +101,9 @@ def train_loop(
                 "start_epoch": trainer.epoch + 1,
                 "epochs": config.epochs,
                 "epoch_images": trainer.epoch_images,
+                "batch_size": trainer.batch_size,
+                "lr": trainer.lr,
+                "steps": trainer.steps_per_epoch * config.epochs,
             }
             callbacks.on_start(run.read_meta() | start)
         stopping = (lambda: group.any(stop.requested())) if stop else None  # all ranks stop at one step

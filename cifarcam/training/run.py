@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import cifarcam
-from cifarcam.config import TrainConfig, config_to_json, data_dir_path
+from cifarcam.config import TrainConfig, batch_and_lr, config_to_json, data_dir_path
 from cifarcam.data.datasets import load_dataset, split_train
 from cifarcam.devices import precision_name, resolve_device, training_dtype
 from cifarcam.errors import RunError, UsageError
@@ -40,14 +40,18 @@ def train(
     group: Group = SINGLE,
 ) -> list[dict[str, float]]:
     """Train a model as configured, writing config, meta, metrics and checkpoints into `run`."""
-    config_json = config_to_json(config)  # what can fail is done before an earlier run is replaced
+    config_to_json(config)  # what can fail is done before an earlier run is replaced
     group.from_main(run.refuse_nesting)
 
-    def begin(prepared: Prepared) -> Beginning:
+    def begin(prepared: Prepared, sized: TrainConfig) -> Beginning:
         run.start_training(overwrite)
-        atomic_write_text(run.config_path, config_json)
+        atomic_write_text(run.config_path, config_to_json(sized))
         environment = _environment(prepared, command, group)
-        run.update_meta(status="running", started_at=now_iso(), ended_at=None, **environment)
+        # which of batch_size and lr were left unset and sized to the run (`batch_and_lr`)
+        sized_to_run = [name for name in ("batch_size", "lr") if getattr(config, name) is None]
+        run.update_meta(
+            status="running", started_at=now_iso(), ended_at=None, sized_to_run=sized_to_run, **environment
+        )
         return None, None
 
     return _load_lock_and_train(config, run, begin, callbacks, stop, group)
@@ -66,27 +70,30 @@ def resume(
     # again with the whole state, under the run's lock)
     group.from_main(lambda: resumption.check_same_config(run, config, run.read_state_meta()))
 
-    begin = functools.partial(_begin_resume, run, config, command, group)
+    begin = functools.partial(_begin_resume, run, command, group)
     return _load_lock_and_train(config, run, begin, callbacks, stop, group)
 
 
 def _load_lock_and_train(
     config: TrainConfig,
     run: RunDir,
-    begin: Callable[[Prepared], Beginning],
+    begin: Callable[[Prepared, TrainConfig], Beginning],
     callbacks: TrainCallbacks | None,
     stop: StopSignal | None,
     group: Group,
 ) -> list[dict[str, float]]:
-    """Load the data, lock the run and `begin` it on rank 0, then train; the lock is held throughout."""
+    """Load the data, size the batch and lr to it where unset, lock the run and `begin` it on
+    rank 0, then train; the lock is held throughout."""
     prepared = group.agree(lambda: _prepare(config, group))
+    batch_size, lr = batch_and_lr(config, len(prepared.train))
+    config = config.model_copy(update={"batch_size": batch_size, "lr": lr})
     with contextlib.ExitStack() as held:
 
         def lock_and_begin() -> Beginning:
             if stop is not None and stop.signal is not None:  # while the data loaded: nothing touched
                 raise interrupted(stop.signal, f"before training started; run '{run.name}' was not changed")
             held.enter_context(run.lock())
-            return begin(prepared)
+            return begin(prepared, config)
 
         state, finished = group.from_main(lock_and_begin)
         if finished is not None:
@@ -95,7 +102,7 @@ def _load_lock_and_train(
 
 
 def _begin_resume(
-    run: RunDir, config: TrainConfig, command: str, group: Group, prepared: Prepared
+    run: RunDir, command: str, group: Group, prepared: Prepared, config: TrainConfig
 ) -> Beginning:
     """The saved state of `run` to continue from, with meta.json saying it runs again."""
     run.remove_temporaries()

@@ -35,7 +35,7 @@ def one_cycle(total_steps: int, warmup: float) -> Callable[[int], float]:
     return factor
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
     """Nesterov SGD; BatchNorm weights and all biases skip weight decay unless configured."""
     decayed = [p for p in model.parameters() if p.ndim > 1 or config.decay_norm_and_bias]
     exempt = [p for p in model.parameters() if not (p.ndim > 1 or config.decay_norm_and_bias)]
@@ -44,7 +44,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
         groups.append({"params": exempt, "weight_decay": 0.0})
     return torch.optim.SGD(
         groups,
-        lr=config.lr,
+        lr=lr,
         momentum=config.momentum,
         nesterov=config.nesterov and config.momentum > 0,
         foreach=True,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifarcam.config import TrainConfig
+from cifarcam.config import TrainConfig, batch_and_lr
 from cifarcam.data.albumentations import albumentations_batches
 from cifarcam.data.datasets import Split, normalize
 from cifarcam.errors import TrainingDiverged
@@ -97,10 +97,11 @@ class Trainer:
         self.config, self.mean, self.std, self.amp_dtype = config, mean, std, amp_dtype
         self.device = train.images.device
         self.epoch_images = min(config.epoch_images or len(train), len(train))
-        self.steps_per_epoch = (self.epoch_images + config.batch_size - 1) // config.batch_size
-        rows = group.rows(config.batch_size)
+        self.batch_size, self.lr = batch_and_lr(config, len(train))
+        self.steps_per_epoch = (self.epoch_images + self.batch_size - 1) // self.batch_size
+        rows = group.rows(self.batch_size)
         self.full_batch_rows = rows.stop - rows.start  # this rank's share of a full batch
-        self.optimizer = make_optimizer(model, config)
+        self.optimizer = make_optimizer(model, config, self.lr)
         self.lr_factor = one_cycle(self.steps_per_epoch * config.epochs, config.warmup)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.forward_model: nn.Module = model  # what the steps call: `model`, or DDP or CUDA graphs on it
@@ -108,7 +109,7 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         elif config.cuda_graphs and self.device.type == "cuda":
-            self.forward_model = GraphedTraining(model, config.batch_size, amp_dtype)
+            self.forward_model = GraphedTraining(model, self.batch_size, amp_dtype)
         self.epoch = 0  # completed epochs
         self.records: list[dict[str, float]] = []
         self.partial: PartialEpoch | None = None
@@ -122,7 +123,7 @@ class Trainer:
                 self.train,
                 epoch_order(len(self.train), self.epoch_images, config.seed, epoch),
                 config.albumentations,
-                config.batch_size,
+                self.batch_size,
                 config.workers,
                 _epoch_seed(config.seed, epoch, 0),
             )
@@ -135,8 +136,8 @@ class Trainer:
             partial = PartialEpoch(epoch, order, Tally.zeros(self.device), augment_generator, 0.0)
         batches = device_batches(
             self.train,
-            partial.order[partial.tally.steps * config.batch_size :],
-            config.batch_size,
+            partial.order[partial.tally.steps * self.batch_size :],
+            self.batch_size,
             self.mean,
             self.std,
             config.augment,
@@ -165,7 +166,7 @@ class Trainer:
                 # the training loss stayed finite, but the weights or BatchNorm statistics did not
                 raise TrainingDiverged(
                     f"training diverged: the model's test loss is NaN or infinite after epoch {epoch}",
-                    hint=f"try a lower learning rate (--lr, now {self.config.lr})",
+                    hint=f"try a lower learning rate (--lr, now {self.lr:g})",
                 )
             record["epoch_time_s"] = round(train_time, 3)
             record["eval_time_s"] = round(time.perf_counter() - evaluated_at, 3)
@@ -202,7 +203,7 @@ class Trainer:
         except NonFiniteLoss as error:
             raise TrainingDiverged(
                 f"training diverged: the loss became NaN or infinite at epoch {epoch}, step {error.step}",
-                hint=f"try a lower learning rate (--lr, now {config.lr})"
+                hint=f"try a lower learning rate (--lr, now {self.lr:g})"
                 + (" or --precision bf16" if self.amp_dtype == torch.float16 else ""),
             ) from None
         if not finished:

@@ -25,7 +25,13 @@ def test_train_has_an_option_for_every_config_field_with_its_default() -> None:
     from cifarcam.config import TrainConfig
 
     params = {param.name: param for param in typer.main.get_command(app).commands["train"].params}  # type: ignore[attr-defined]
-    shown_as = {"data_dir": "$CIFARCAM_DATA_DIR or ~/.cache/cifarcam", "subset": "all", "epoch_images": "all"}
+    shown_as = {
+        "data_dir": "$CIFARCAM_DATA_DIR or ~/.cache/cifarcam",
+        "subset": "all",
+        "epoch_images": "all",
+        "batch_size": "sized to the run",
+        "lr": "sized to the run",
+    }
     for name, field in TrainConfig.model_fields.items():
         if name in ("augment", "albumentations"):  # nested settings: config files only
             assert name not in params
@@ -305,3 +311,18 @@ def test_train_notes_emulated_bf16_on_a_cpu_without_it(
     assert result.exit_code == 0, result.output
     noted = "bf16 is emulated and slower than fp32" in result.output
     assert noted == (precision == "bf16" and not cpu_supports_bf16())
+
+
+def test_the_help_example_learns(cifar_tree: Path, tmp_path: Path) -> None:
+    """`train --help`'s example: 2 epochs of 2,000 images at width 16. Left unset, the batch size
+    and learning rate are sized to its 64 steps, and it trains far beyond chance (10%; 10,000
+    test images put a chance run within a point of it), to a plausible test loss (chance: 2.3)."""
+    runs = tmp_path / "runs"
+    args = ["--subset", "2000", "--width", "16", "--epochs", "2", "--device", "cpu"]
+    result = invoke("train", "--run", "r1", "--runs-dir", str(runs), "--data", str(cifar_tree), *args)
+    assert result.exit_code == 0, result.output
+    assert "Batch size 64 and peak lr 0.05 for a run of 64 steps" in result.stdout
+    config = json.loads((runs / "r1" / "config.json").read_text())
+    assert (config["batch_size"], config["lr"]) == (64, 0.05)  # resume continues with them
+    last = json.loads((runs / "r1" / "metrics.json").read_text())["epochs"][-1]
+    assert last["test_acc"] >= 0.2 and last["test_loss"] < 2.1

@@ -362,7 +362,7 @@ def test_divergence_keeps_the_last_good_checkpoint_and_marks_the_run_failed(
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
         "Error: training diverged: the loss became NaN or infinite at epoch 2, step 2",
-        "Hint: try a lower learning rate (--lr, now 0.4)",
+        "Hint: try a lower learning rate (--lr, now 0.078125)",
     ]
     meta = json.loads((runs / "r" / "meta.json").read_text())
     assert meta["status"] == "failed" and meta["error"].startswith("training diverged")
