@@ -233,11 +233,9 @@ MIN_STEPS, MIN_BATCH = 1000, 64
 
 
 def batch_and_lr(config: TrainConfig, train_images: int) -> tuple[int, float]:
-    """The batch size and peak learning rate of a run: as configured, or, where left unset, sized
-    to the run. A few steps of a large batch at a large learning rate diverge and leave
-    BatchNorm's running statistics unlike the network they describe, so the batch is halved from
-    512 (down to 64) while the run would take fewer than MIN_STEPS steps, and the learning rate
-    follows the batch size (0.4 at 512)."""
+    """The batch size and peak lr of a run: as configured or, where unset, sized to it. A few steps
+    of a large batch at a large lr diverge and leave BatchNorm's statistics stale, so the batch is
+    halved from 512 (down to 64) while the run takes fewer than MIN_STEPS steps; lr = 0.4 x batch / 512."""
     per_epoch = min(config.epoch_images or train_images, train_images)
     batch = config.batch_size
     if batch is None:

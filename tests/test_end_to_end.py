@@ -41,6 +41,10 @@ def test_train_evaluate_misclassified_gradcam_plot(cifar_tree: Path, tmp_path: P
         "16",
         "--epochs",
         "2",
+        "--batch-size",  # 8 steps at a large lr: without the shared data, the synthetic stand-in
+        "512",  # must still leave test images misclassified
+        "--lr",
+        "0.4",
         "--device",
         "cpu",
         env=env,

@@ -83,50 +83,61 @@ def build(explorer: RunExplorer) -> gr.Blocks:
             )
 
         shown = [current, model_input, transform, topk, cam]
-
-        def explain(
-            image: ImageInput | None, layer: str, method: str, target: str, alpha: float
-        ) -> tuple[Any, Any]:
-            if image is None:
-                return None, None
-            try:
-                explanation = explorer.explain(image, layer, method, target, alpha)
-            except CifarcamError as error:
-                raise gr.Error(error.message) from None
-            label = f"{method} at {layer} for '{explanation.target}' (red = high)"
-            return dict(explanation.top), gr.Image(value=explanation.overlay, label=label)
-
-        def show(image: ImageInput, about: str, *settings: Any) -> tuple[Any, ...]:
-            return (image, enlarge(image.pixels), about, *explain(image, *settings))
-
-        def on_upload(path: str | None, *settings: Any) -> tuple[Any, ...]:
-            if path is None:
-                return NOTHING
-            try:
-                image = read_image(Path(path))
-            except CifarcamError as error:
-                raise gr.Error(error.message) from None
-            return show(image, f"Upload: {image.describe()}", *settings)
-
-        def on_test_image(index: float | None, *settings: Any) -> tuple[Any, ...]:
-            number = int(index or 0)
-            try:
-                image = explorer.test_image(number)
-            except CifarcamError as error:
-                raise gr.Error(error.message) from None
-            return show(image, f"Test image #{number}, true class: {explorer.test_label(number)}", *settings)
-
-        def on_mistake(selected: gr.SelectData, *settings: Any) -> tuple[Any, ...]:
-            mistake = explorer.mistakes[int(selected.index)]
-            return show(explorer.test_image(mistake.index), f"Test image {mistake.caption()}", *settings)
-
-        upload.upload(on_upload, [upload, *controls], shown)
+        act = Actions(explorer)
+        upload.upload(act.on_upload, [upload, *controls], shown)
         upload.clear(lambda: NOTHING, None, shown)
-        pick.click(on_test_image, [test_index, *controls], shown)
-        gallery.select(on_mistake, controls, shown)
+        pick.click(act.on_test_image, [test_index, *controls], shown)
+        gallery.select(act.on_mistake, controls, shown)
         for control in controls:  # a dragged slider changes many times: explain the last value only
-            control.change(explain, [current, *controls], [topk, cam], trigger_mode="always_last")
+            control.change(act.explain, [current, *controls], [topk, cam], trigger_mode="always_last")
     return demo
+
+
+class Actions:
+    """An uploaded or picked image shown as the model sees it, with its top classes and CAM."""
+
+    def __init__(self, explorer: RunExplorer) -> None:
+        self.explorer = explorer
+
+    def explain(
+        self, image: ImageInput | None, layer: str, method: str, target: str, alpha: float
+    ) -> tuple[Any, Any]:
+        if image is None:
+            return None, None
+        try:
+            explanation = self.explorer.explain(image, layer, method, target, alpha)
+        except CifarcamError as error:
+            raise gr.Error(error.message) from None
+        label = f"{method} at {layer} for '{explanation.target}' (red = high)"
+        return dict(explanation.top), gr.Image(value=explanation.overlay, label=label)
+
+    def show(self, image: ImageInput, about: str, *settings: Any) -> tuple[Any, ...]:
+        return (image, enlarge(image.pixels), about, *self.explain(image, *settings))
+
+    def on_upload(self, path: str | None, *settings: Any) -> tuple[Any, ...]:
+        if path is None:
+            return NOTHING
+        try:
+            image = read_image(Path(path))
+        except CifarcamError as error:
+            raise gr.Error(error.message) from None
+        return self.show(image, f"Upload: {image.describe()}", *settings)
+
+    def on_test_image(self, index: float | None, *settings: Any) -> tuple[Any, ...]:
+        number = int(index or 0)
+        try:
+            image = self.explorer.test_image(number)
+        except CifarcamError as error:
+            raise gr.Error(error.message) from None
+        return self.show(
+            image, f"Test image #{number}, true class: {self.explorer.test_label(number)}", *settings
+        )
+
+    def on_mistake(self, selected: gr.SelectData, *settings: Any) -> tuple[Any, ...]:
+        mistake = self.explorer.mistakes[int(selected.index)]
+        return self.show(
+            self.explorer.test_image(mistake.index), f"Test image {mistake.caption()}", *settings
+        )
 
 
 def launch(demo: gr.Blocks, host: str, port: int) -> str:

@@ -77,7 +77,6 @@ class RunDir:
         self.report_path = self.path / "report.html"
         self._readers_lock_path = runs_dir / f".{name}.readers.lock"
 
-    # -- existence and lifecycle -------------------------------------------------------
     def require(self) -> RunDir:
         if not self.path.is_dir():
             raise RunError(
@@ -131,7 +130,6 @@ class RunDir:
         except OSError as error:
             raise RunError(f"cannot create run directory '{self.path}': {error.strerror}") from None
 
-    # -- JSON records ------------------------------------------------------------------
     def write_json(self, path: Path, value: Any) -> None:
         atomic_write_json(path, value)
 
@@ -163,7 +161,6 @@ class RunDir:
         self.write_json(self.meta_path, meta)
         return meta
 
-    # -- who may change the run at once (cifarcam.runs.locks) -------------------------------
     def lock(self) -> contextlib.AbstractContextManager[None]:
         """The one `train` of this run (an exclusive lock for the block)."""
         return locks.training(self.runs_dir, self.name)
@@ -184,7 +181,6 @@ class RunDir:
                 for leftover in self.path.rglob(".*.tmp"):
                     leftover.unlink(missing_ok=True)
 
-    # -- full training state (for --resume) ---------------------------------------------
     def save_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         write_safetensors(self.state_path, tensors, state_metadata(meta))
 
@@ -209,7 +205,6 @@ class RunDir:
         except _UNREADABLE:
             return None
 
-    # -- checkpoints -------------------------------------------------------------------
     def checkpoint_path(self, kind: str) -> Path:
         return self.checkpoints_dir / f"{kind}.safetensors"
 
@@ -220,7 +215,6 @@ class RunDir:
         write_safetensors(self.checkpoint_path(kind), tensors, checkpoint_metadata(info, checkpoint_id))
         return checkpoint_id
 
-    # -- cached test-set logits ----------------------------------------------------------
     def save_test_logits(self, logits: torch.Tensor, checkpoint_id: str, test_fingerprint: str) -> None:
         """Keep a checkpoint's float32 logits (N, classes) on a test set (`Split.fingerprint`)."""
         tensors = {"logits": logits.detach().float().cpu().contiguous()}

@@ -47,7 +47,6 @@ def train(
         run.start_training(overwrite)
         atomic_write_text(run.config_path, config_to_json(sized))
         environment = _environment(prepared, command, group)
-        # which of batch_size and lr were left unset and sized to the run (`batch_and_lr`)
         sized_to_run = [name for name in ("batch_size", "lr") if getattr(config, name) is None]
         run.update_meta(
             status="running", started_at=now_iso(), ended_at=None, sized_to_run=sized_to_run, **environment

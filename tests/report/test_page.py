@@ -149,7 +149,7 @@ def test_compare_writes_curves_and_the_config_differences(two_runs: Path, tmp_pa
         last = records[-1]
         assert f"{name} finished {len(records)} {last['train_loss']:.4g} {last['test_loss']:.4g}" in text
     differences = (
-        "width 8 4 epochs 2 3 batch_size 64 100 lr 0.05 0.4 val_split 50 0 meta.train_images 350 400"
+        "width 8 4 epochs 2 3 batch_size 64 100 lr 0.05 0.07812 val_split 50 0 meta.train_images 350 400"
     )
     assert differences in text
     shared = text.split("value in every run", 1)[1]  # shared settings, listed once

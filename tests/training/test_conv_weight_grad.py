@@ -144,7 +144,7 @@ def test_a_training_epoch_with_and_without_the_gemm_weight_gradients_agrees() ->
     models, calls = [], []
     for use_gemm in (False, True):
         model = copy.deepcopy(start)
-        optimizer = make_optimizer(model, config)
+        optimizer = make_optimizer(model, config, 0.05)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         batches = device_batches(
             data.train, torch.arange(96), 32, MEAN, STD, config.augment, torch.Generator().manual_seed(3)

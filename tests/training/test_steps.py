@@ -108,11 +108,11 @@ def test_only_full_batches_and_chunks_use_cudnn_benchmark_mode(monkeypatch: pyte
 
 def test_norm_and_bias_weight_decay_switch() -> None:
     model = build_model("resnet18", 4)
-    groups = make_optimizer(model, build_config({"decay_norm_and_bias": False})).param_groups
+    groups = make_optimizer(model, build_config({"decay_norm_and_bias": False}), 0.4).param_groups
     assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
     assert all(p.ndim == 4 or p.ndim == 2 for p in groups[0]["params"])
     assert all(p.ndim == 1 for p in groups[1]["params"])
-    assert len(make_optimizer(model, build_config({})).param_groups) == 1
+    assert len(make_optimizer(model, build_config({}), 0.4).param_groups) == 1
 
 
 @pytest.mark.parametrize(
