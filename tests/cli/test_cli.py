@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import copy_tree, invoke, tiny_train_args
-from typer.testing import CliRunner
 
-runner = CliRunner()
 COMMANDS = ["train", "evaluate", "misclassified", "gradcam", "sanity", "plot", "report", "predict", "app"]
 
 

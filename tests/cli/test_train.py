@@ -9,12 +9,9 @@ from pathlib import Path
 
 import pytest
 from conftest import copy_tree, invoke, tiny_train_args
-from typer.testing import CliRunner
 
 from cifarcam.cli import app
 from cifarcam.runs.rundir import RunDir
-
-runner = CliRunner()
 
 
 def test_train_has_an_option_for_every_config_field_with_its_default() -> None:

@@ -17,7 +17,6 @@ import pytest
 import torch
 from conftest import copy_tree, invoke, snapshot, tiny_train_args
 from PIL import Image
-from typer.testing import CliRunner
 
 from cifarcam.data.datasets import synthetic_dataset
 from cifarcam.errors import DataError
@@ -25,8 +24,6 @@ from cifarcam.evaluation.images import decode_image, read_image, to_model_input
 from cifarcam.evaluation.inference import predict as engine_predict
 from cifarcam.evaluation.predict import Predictor
 from cifarcam.runs.rundir import RunDir
-
-runner = CliRunner()
 
 
 def a_photo(seed: int = 0) -> np.ndarray:

@@ -20,12 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import copy_tree, invoke, snapshot
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from cifarcam.runs.rundir import RunDir
-
-runner = CliRunner()
-
 
 TRAIN_OPTIONS = ["--width", "8", "--epochs", "5", "--batch-size", "32", "--device", "cpu", "--seed", "7"]
 # Epochs of 300 of the 400 images: most epochs start or end inside a shuffle, which a resumed
