@@ -19,6 +19,7 @@ for _command in (
     train.train,
     results.evaluate,
     results.misclassified,
+    results.label_issues,
     results.gradcam,
     results.sanity,
     results.plot,

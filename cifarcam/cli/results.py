@@ -1,4 +1,5 @@
-"""Commands that read a trained run: evaluate, misclassified, gradcam, sanity and plot."""
+"""Commands that read a trained run: evaluate, misclassified, label-issues, gradcam, sanity and
+plot."""
 
 from __future__ import annotations
 
@@ -69,12 +70,50 @@ def misclassified(
     from cifarcam.evaluation import commands as evaluation
 
     rundir = run_dir(runs_dir, run)
-    entries = guarded(lambda: evaluation.misclassified(rundir, count, checkpoint, device))
-    table = Table("test index", "true", "predicted", "confidence")
-    for entry in entries:
-        table.add_row(str(entry["index"]), entry["true"], entry["pred"], f"{entry['confidence']:.1%}")
+    mistakes = guarded(lambda: evaluation.misclassified(rundir, count, checkpoint, device))
+    table = Table("test index", "true", "predicted", "confidence", "label")
+    for entry in mistakes.entries:
+        mark = "likely wrong" if entry["likely_label_issue"] else ""
+        table.add_row(str(entry["index"]), entry["true"], entry["pred"], f"{entry['confidence']:.1%}", mark)
     console.print(table)
+    if mistakes.unmarked_because:
+        console.print(f"Likely label errors are not marked: {mistakes.unmarked_because}")
     console.print(f"Wrote {rundir.misclassified_json} and {rundir.misclassified_png}")
+
+
+def label_issues(
+    run: RunOpt,
+    runs_dir: RunsDirOpt = Path("runs"),
+    count: Annotated[
+        int, typer.Option("--count", help="How many to show in the gallery; the JSON lists all found.")
+    ] = 20,
+    checkpoint: CheckpointOpt = "last",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Find test images whose label is likely wrong (cleanlab); write label_issues.json and .png.
+
+    Confident learning on the model's test-set probabilities, ranked by label quality (the
+    probability of the given label). Needs the optional extra: pip install "cifarcam\\[labels]".
+
+    Example: cifarcam label-issues --run r1 --count 20
+    """
+    from cifarcam.evaluation import commands as evaluation
+
+    rundir = run_dir(runs_dir, run)
+    entries = guarded(lambda: evaluation.label_issues(rundir, count, checkpoint, device))
+    table = Table("test index", "given", "suggested", "quality", "confidence")
+    for entry in entries[:count]:
+        table.add_row(
+            str(entry["index"]),
+            entry["given"],
+            entry["suggested"],
+            f"{entry['quality']:.3f}",
+            f"{entry['confidence']:.1%}",
+        )
+    console.print(table)
+    console.print(f"{len(entries)} likely label errors in the test set")
+    written = [rundir.label_issues_json] + ([rundir.label_issues_png] if entries else [])
+    console.print("Wrote " + " and ".join(str(path) for path in written))
 
 
 def gradcam(

@@ -1,14 +1,16 @@
-"""The `evaluate` and `misclassified` commands over a trained run, as library calls the CLI
+"""The `evaluate`, `misclassified` and `label-issues` commands over a trained run, as library calls the CLI
 wraps. Nothing here prints: results come back as values."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from cifarcam.errors import RunError, UsageError
 from cifarcam.evaluation.inference import score
+from cifarcam.evaluation.label_issues import find_label_issues, label_issue_entries, label_issue_marks
 from cifarcam.evaluation.loading import load_run, test_logits
 from cifarcam.report import figures
 from cifarcam.runs.files import atomic_write_files, json_bytes
@@ -88,10 +90,17 @@ def mistake_entries(
     ]
 
 
+@dataclass
+class Mistakes:
+    entries: list[dict[str, Any]]
+    unmarked_because: str | None  # why likely label errors are not marked; None: they are
+
+
 @reads_run
 def misclassified(
     run: RunDir, count: int = 10, checkpoint: str = "last", device_name: str = "auto"
-) -> list[dict[str, Any]]:
+) -> Mistakes:
+    """The `count` most confident mistakes, each marked when its label is a likely label error."""
     if count < 1:
         raise UsageError("--count must be at least 1")
     loaded = load_run(run, checkpoint, device_name)
@@ -99,13 +108,57 @@ def misclassified(
     labels = loaded.test.labels.cpu()
     indices = select_misclassified(probs, labels, count)
     entries = mistake_entries(probs, labels, loaded.info.classes, indices)
-    gallery = figures.misclassified_gallery(
+    marks, unmarked_because = label_issue_marks(probs, labels, loaded.info.classes)
+    for entry, index in zip(entries, indices, strict=True):
+        entry["likely_label_issue"] = None if marks is None else bool(marks[index])
+    captions = [
+        f"#{e['index']} true: {e['true']}\npred: {e['pred']} ({e['confidence']:.0%})"
+        + ("\nlikely label error" if e["likely_label_issue"] else "")
+        for e in entries
+    ]
+    gallery = figures.image_grid(
         loaded.test_display(indices),
-        [entry["true"] for entry in entries],
-        [entry["pred"] for entry in entries],
-        [entry["confidence"] for entry in entries],
+        captions,
         f"run {run.name}: the {count} most confident mistakes on the test set "
-        f"({checkpoint} checkpoint, epoch {loaded.info.epoch})",
+        f"({checkpoint} checkpoint, epoch {loaded.info.epoch}; red: likely label error)",
+        [bool(e["likely_label_issue"]) for e in entries],
     )
     atomic_write_files({run.misclassified_png: gallery, run.misclassified_json: json_bytes(entries)})
+    return Mistakes(entries, unmarked_because)
+
+
+@reads_run
+def label_issues(
+    run: RunDir, count: int = 20, checkpoint: str = "last", device_name: str = "auto"
+) -> list[dict[str, Any]]:
+    """Every likely label error of the test set, most likely first, into label_issues.json; the
+    first `count` of them into label_issues.png."""
+    if count < 1:
+        raise UsageError("--count must be at least 1")
+    loaded = load_run(run, checkpoint, device_name)
+    probs = torch.softmax(test_logits(loaded), dim=1)
+    labels = loaded.test.labels.cpu()
+    issues = find_label_issues(probs, labels, loaded.info.classes)
+    entries = label_issue_entries(issues, probs, labels, loaded.info.classes)
+    document = {
+        "checkpoint": checkpoint,
+        "epoch": loaded.info.epoch,
+        "test_images": len(labels),
+        "method": "cleanlab find_label_issues on the test-set probabilities, ranked by "
+        "self-confidence (quality: the probability given to the given label; lower is more likely wrong)",
+        "issues": entries,
+    }
+    files = {run.label_issues_json: json_bytes(document)}
+    shown = entries[:count]
+    if shown:
+        captions = [f"#{e['index']} given: {e['given']}\nsuggested: {e['suggested']}" for e in shown]
+        files[run.label_issues_png] = figures.image_grid(
+            loaded.test_display(issues.indices[:count]),
+            [f"{caption} ({e['confidence']:.0%})" for caption, e in zip(captions, shown, strict=True)],
+            f"run {run.name}: the {len(shown)} likely label errors ranked first of {len(entries)} found "
+            f"in {len(labels)} test images ({checkpoint} checkpoint, epoch {loaded.info.epoch})",
+        )
+    atomic_write_files(files)
+    if not shown:  # a gallery left by an earlier checkpoint would contradict the JSON
+        run.label_issues_png.unlink(missing_ok=True)
     return entries

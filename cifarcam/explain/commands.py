@@ -17,6 +17,7 @@ from cifarcam.data.datasets import IMAGE_SIZE
 from cifarcam.devices import autocast_dtype, precision_name
 from cifarcam.errors import UsageError
 from cifarcam.evaluation.commands import select_misclassified
+from cifarcam.evaluation.label_issues import label_issue_marks
 from cifarcam.evaluation.loading import LoadedRun, load_run, test_logits
 from cifarcam.explain import stored_maps
 from cifarcam.explain.extractor import CamExtractor, check_layers, guided_backprop, guided_grad_cam
@@ -199,6 +200,7 @@ def gradcam(
     if all_images:  # the gallery shows up to --count mistakes, and none when there are none
         count = min(count, int((pred_all != labels).sum()))
     mistakes = select_misclassified(probs, labels, count)
+    label_issues, _ = label_issue_marks(probs, labels, loaded.info.classes)
     indices = torch.arange(len(probs)) if all_images else mistakes
     explained = explain_images(
         loaded, indices, pred_all[indices], methods, layers, targets, batch_size, on_progress, amp_dtype
@@ -215,7 +217,16 @@ def gradcam(
         if len(rows):
             stem = stored_maps.gallery_stem(methods, layers)
             files |= stored_maps.gallery_files(
-                run, loaded, explained, rows, targets, groups, confidence_all[indices], stem, checkpoint
+                run,
+                loaded,
+                explained,
+                rows,
+                targets,
+                groups,
+                confidence_all[indices],
+                stem,
+                checkpoint,
+                None if label_issues is None else label_issues[indices],
             )
         if metrics:
             selection = "all test images" if all_images else f"{count} most confident mistakes"

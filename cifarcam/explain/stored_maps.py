@@ -84,6 +84,14 @@ def maps_files(
     return files
 
 
+def target_heading(key: str, label_issue: bool) -> str:
+    """What a gallery column explains: for an image whose label is a likely label error, the
+    given label and the suggested one (the prediction) rather than a "true class"."""
+    if label_issue and key in ("pred", "true"):
+        return "suggested label" if key == "pred" else "given label"
+    return {"pred": "pred class", "true": "true class"}.get(key, key.replace(":", " "))
+
+
 def gallery_files(
     run: RunDir,
     loaded: LoadedRun,
@@ -94,27 +102,34 @@ def gallery_files(
     confidence: torch.Tensor,
     stem: str,
     checkpoint: str,
+    label_issues: torch.Tensor | None = None,
 ) -> dict[Path, bytes]:
-    """The gallery (PNG) of the mistakes in `rows` and its JSON: indices, classes, confidence."""
+    """The gallery (PNG) of the mistakes in `rows` and its JSON: indices, classes, confidence.
+    `label_issues` (a bool per explained image, None: not known) marks likely label errors: their
+    rows are red, and their "true" and "pred" columns are headed "given label" and "suggested label"."""
     classes = loaded.info.classes
     indices = explained.indices[rows]
     pred_names = [classes[int(p)] for p in explained.pred[rows]]
     true_names = [classes[int(t)] for t in explained.true[rows]]
+    marked = [False] * len(rows) if label_issues is None else label_issues[rows].tolist()
     columns = []
     for method, layer in groups:
         for key in targets:
             tiles = explained.maps[(key, method, layer)][rows].numpy()
             where = f"{method} {layer}".strip()
-            heading = {"pred": "pred class", "true": "true class"}.get(key, key.replace(":", " "))
-            columns.append(figures.GalleryColumn(f"{where}\n{heading}", tiles))
+            headings = [f"{where}\n{target_heading(key, flag)}" for flag in marked]
+            columns.append(figures.GalleryColumn(headings, tiles))
     labels = [
-        f"#{int(i)} true: {t}\npred: {p} ({c:.0%})"
-        for i, t, p, c in zip(indices, true_names, pred_names, confidence[rows].tolist(), strict=True)
+        f"#{int(i)} true: {t}\npred: {p} ({c:.0%})" + ("\nlikely label error" if flag else "")
+        for i, t, p, c, flag in zip(
+            indices, true_names, pred_names, confidence[rows].tolist(), marked, strict=True
+        )
     ]
     methods = list(dict.fromkeys(m for m, _ in groups))
     title = (
         f"run {run.name}: {', '.join(methods)} for the {len(rows)} most confident mistakes "
-        f"({checkpoint} checkpoint, epoch {loaded.info.epoch}; red = high)"
+        f"({checkpoint} checkpoint, epoch {loaded.info.epoch}; red = high; "
+        "labels in red: likely label errors)"
     )
     record = {
         "title": title,
@@ -127,8 +142,9 @@ def gallery_files(
         "true": true_names,
         "pred": pred_names,
         "confidence": confidence[rows].tolist(),
+        "likely_label_issue": None if label_issues is None else marked,
     }
-    gallery = figures.cam_gallery(loaded.test_display(indices), columns, labels, title)
+    gallery = figures.cam_gallery(loaded.test_display(indices), columns, labels, title, marked)
     return {
         run.gradcam_dir / f"{stem}.png": gallery,
         run.gradcam_dir / f"{stem}.json": json_bytes(record),

@@ -21,6 +21,7 @@ from cifarcam.runs.files import atomic_write_files
 from cifarcam.runs.rundir import RunDir, reads_run
 
 TILE_INCHES = 1.6
+MARK_COLOUR = "#c00000"  # captions of likely label errors
 CURVE_LABELS = {"loss": "loss (per-sample mean)", "acc": "accuracy (%)"}
 # A decorator: draw with every text taken literally, so a class or run name like '$x_y$' is not
 # mathtext (which would fail on '$x_y_z$').
@@ -87,32 +88,29 @@ def plot_curves(epochs: Sequence[dict[str, Any]]) -> tuple[bytes, bytes]:
 
 
 @_plain_text
-def misclassified_gallery(
-    images: np.ndarray,
-    true: Sequence[str],
-    pred: Sequence[str],
-    confidence: Sequence[float],
-    title: str,
+def image_grid(
+    images: np.ndarray, captions: Sequence[str], title: str, marked: Sequence[bool] | None = None
 ) -> bytes:
-    """A grid (PNG) of (3,H,W) [0,1] images, each titled with its true and predicted label."""
+    """A grid (PNG) of (3,H,W) [0,1] images, five to a row, each under its caption; the captions
+    of `marked` images (likely label errors) in red."""
     count = len(images)
     columns = min(5, count)
     rows = (count + columns - 1) // columns
     # constrained layout keeps the title just above the grid, however many rows there are
-    figure = Figure(figsize=(columns * TILE_INCHES, rows * TILE_INCHES * 1.25 + 0.4), layout="constrained")
+    figure = Figure(figsize=(columns * TILE_INCHES, rows * TILE_INCHES * 1.3 + 0.4), layout="constrained")
     axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
     for index, ax in enumerate(axes):
         ax.axis("off")
         if index < count:
-            label = f"true: {true[index]}\npred: {pred[index]} ({confidence[index]:.0%})"
-            _tile(ax, to_hwc(images[index]), label, fontsize=8)
+            colour = MARK_COLOUR if marked is not None and marked[index] else "black"
+            _tile(ax, to_hwc(images[index]), captions[index], fontsize=8, colour=colour)
     figure.suptitle(textwrap.fill(title, 70), fontsize=9)
     return png_bytes(figure)
 
 
-def _tile(ax: Axes, image: np.ndarray, title: str, fontsize: int) -> None:
+def _tile(ax: Axes, image: np.ndarray, title: str, fontsize: int, colour: str = "black") -> None:
     ax.imshow(image, interpolation="nearest")
-    ax.set_title(title, fontsize=fontsize)
+    ax.set_title(title, fontsize=fontsize, color=colour)
     ax.axis("off")
 
 
@@ -126,9 +124,9 @@ def attribution_image(attribution: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class GalleryColumn:
-    """One gallery column: a heading and, per row, a (H, W) map in [0, 1] or a (3, H, W) attribution."""
+    """One gallery column: per row, a heading and a (H, W) map in [0, 1] or a (3, H, W) attribution."""
 
-    heading: str
+    headings: Sequence[str]
     tiles: np.ndarray
 
 
@@ -138,19 +136,22 @@ def cam_gallery(
     columns: Sequence[GalleryColumn],
     row_labels: Sequence[str],
     title: str,
+    marked: Sequence[bool] | None = None,
 ) -> bytes:
-    """A PNG, one row per image: the input, then per column a map's JET overlay or an attribution."""
+    """A PNG, one row per image: the input, then per column a map's JET overlay or an attribution;
+    the labels of `marked` rows (likely label errors) in red."""
     count = len(images)
     width = 1 + len(columns)
     figure = Figure(figsize=(width * TILE_INCHES, count * TILE_INCHES * 1.2 + 0.8), layout="constrained")
     axes = figure.subplots(count, width, squeeze=False)
     for row, row_axes in enumerate(axes):
         picture = to_hwc(images[row])
-        _tile(row_axes[0], picture, row_labels[row], fontsize=7)
+        colour = MARK_COLOUR if marked is not None and marked[row] else "black"
+        _tile(row_axes[0], picture, row_labels[row], fontsize=7, colour=colour)
         for ax, column in zip(row_axes[1:], columns, strict=True):
             tile = column.tiles[row]
             shown = attribution_image(tile) if tile.ndim == 3 else overlay(picture, tile)
-            _tile(ax, shown, column.heading, fontsize=7)
+            _tile(ax, shown, column.headings[row], fontsize=7, colour=colour)
     figure.suptitle(textwrap.fill(title, 18 * width), fontsize=9)
     return png_bytes(figure)
 

@@ -25,6 +25,7 @@ SECTIONS = {
     "curves": "Curves",
     "evaluation": "Evaluation",
     "misclassified": "Misclassified test images",
+    "label-issues": "Likely label errors",
     "gradcam": "Grad-CAM",
     "faithfulness": "Faithfulness",
     "sanity": "Sanity checks",
@@ -78,6 +79,10 @@ class RunReport:
     confusion: Picture | None = None
     misclassified: Picture | None = None
     mistakes: Table | None = None
+    marked_mistakes: list[int] = field(default_factory=list)  # test indices of likely label errors
+    label_issues: Picture | None = None
+    label_issue_table: Table | None = None
+    label_issue_facts: list[tuple[str, str]] = field(default_factory=list)
     gradcam: list[Picture] = field(default_factory=list)
     faithfulness: Table | None = None
     sanity: list[SanityCheck] = field(default_factory=list)
@@ -202,9 +207,46 @@ def _add_evaluation(report: RunReport, evaluation: dict[str, Any]) -> None:
 
 def _mistakes_table(mistakes: list[dict[str, Any]]) -> Table:
     return Table(
-        ["test index", "true", "predicted", "confidence"],
-        [[fmt(m["index"]), m["true"], m["pred"], percent(m["confidence"])] for m in mistakes],
+        ["test index", "true", "predicted", "confidence", "label"],
+        [
+            [
+                fmt(m["index"]),
+                m["true"],
+                m["pred"],
+                percent(m["confidence"]),
+                "likely wrong" if m.get("likely_label_issue") else "",
+            ]
+            for m in mistakes
+        ],
     )
+
+
+# Rows of the report's label-issue table: the first of label_issues.json, whose gallery shows them.
+LABEL_ISSUE_ROWS = 50
+
+
+def _add_label_issues(report: RunReport, run: RunDir, document: dict[str, Any]) -> None:
+    issues = document["issues"]
+    report.label_issue_facts = [
+        ("found", f"{len(issues)} of {fmt(document['test_images'])} test images"),
+        *facts_of(document, ("checkpoint", "epoch", "method")),
+    ]
+    report.label_issue_table = Table(
+        ["rank", "test index", "given", "suggested", "quality", "confidence"],
+        [
+            [
+                str(rank),
+                fmt(i["index"]),
+                i["given"],
+                i["suggested"],
+                fmt(i["quality"]),
+                percent(i["confidence"]),
+            ]
+            for rank, i in enumerate(issues[:LABEL_ISSUE_ROWS], start=1)
+        ],
+    )
+    if run.label_issues_png.exists():
+        report.label_issues = picture_file(run.label_issues_png, "The likely label errors ranked first")
 
 
 def _galleries(run: RunDir) -> list[Picture]:
@@ -253,6 +295,11 @@ def gather(run: RunDir) -> RunReport:
         faithfulness=table_of(faithfulness["results"]) if faithfulness is not None else None,
         sanity=_sanity_checks(run),
     )
+    if mistakes is not None:
+        report.marked_mistakes = [m["index"] for m in mistakes if m.get("likely_label_issue")]
+    label_issues = read_optional(run, run.label_issues_json)
+    if label_issues is not None:
+        _add_label_issues(report, run, label_issues)
     evaluation = read_optional(run, run.evaluation_path)
     if evaluation is not None:
         _add_evaluation(report, evaluation)

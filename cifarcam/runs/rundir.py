@@ -1,7 +1,8 @@
 """The run directory: its paths, JSON records, status and checkpoints. Its layout is the contract
 between commands: config.json, meta.json, metrics.json, evaluation.json, misclassified.json/.png,
-checkpoints/{last,best,state}.safetensors, predictions.safetensors, plots/*.png, gradcam/ (named
-by explain/stored_maps.py), sanity/*.{json,png}, report.html; every file is written atomically."""
+label_issues.json/.png, checkpoints/{last,best,state}.safetensors, predictions.safetensors,
+plots/*.png, gradcam/ (named by explain/stored_maps.py), sanity/*.{json,png}, report.html; every
+file is written atomically."""
 
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ class RunDir:
         self.evaluation_path = self.path / "evaluation.json"
         self.misclassified_json = self.path / "misclassified.json"
         self.misclassified_png = self.path / "misclassified.png"
+        self.label_issues_json = self.path / "label_issues.json"
+        self.label_issues_png = self.path / "label_issues.png"
         self.checkpoints_dir = self.path / "checkpoints"
         self.state_path = self.checkpoints_dir / "state.safetensors"
         self.gradcam_dir = self.path / "gradcam"

@@ -5,7 +5,7 @@ from cifarcam.report.figures import (
     GalleryColumn,
     attribution_image,
     cam_gallery,
-    misclassified_gallery,
+    image_grid,
     overlay,
     plot_curves,
     sanity_plot,
@@ -35,9 +35,9 @@ def test_figures_are_pngs() -> None:
     loss, accuracy = plot_curves(epochs)
     images = np.random.default_rng(0).random((4, 3, 32, 32))
     names = ["cat", "dog", "ship", "frog"]
-    mistakes = misclassified_gallery(images, names, names[::-1], [0.9, 0.8, 0.7, 0.6], "t")
+    mistakes = image_grid(images, names, "t")
     maps = np.random.default_rng(1).random((4, 32, 32))
-    columns = [GalleryColumn("gradcam pred", maps), GalleryColumn("guided", images - 0.5)]
+    columns = [GalleryColumn(["gradcam pred"] * 4, maps), GalleryColumn(["guided"] * 4, images - 0.5)]
     gallery = cam_gallery(images, columns, names, "t")
     rows = [
         {"randomized": s, "spearman": v, "spearman_std": 0.1, "ssim": v, "ssim_std": 0.1}
@@ -68,8 +68,8 @@ def test_names_with_dollar_signs_are_drawn_as_text_not_mathtext() -> None:
     images = np.random.default_rng(0).random((4, 3, 32, 32))
     epochs = [{"epoch": 1, "lr": 0.1, "train_loss": 1.0, "test_loss": 1.2, "train_acc": 0.5, "test_acc": 0.4}]
     pngs = [
-        misclassified_gallery(images, names, names[::-1], [0.9, 0.8, 0.7, 0.6], "$x_y_z$ mistakes"),
-        cam_gallery(images, [GalleryColumn("gradcam", images[:, 0])], names, "t"),
+        image_grid(images, names, "$x_y_z$ mistakes"),
+        cam_gallery(images, [GalleryColumn(names, images[:, 0])], names, "t"),
         confusion_heatmap([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], names),
         compare_curves({"$x_y_z$": epochs, "$$": epochs}),
     ]
