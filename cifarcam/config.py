@@ -192,23 +192,56 @@ def build_config(values: Any) -> TrainConfig:
     raise ConfigError(f"{message} (got {given!r})")
 
 
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Read a JSON config file into a dict (validated later, after CLI overrides)."""
+    """Read a JSON or, by its suffix, YAML config file into a dict (validated later, after the
+    command-line options are merged in)."""
+    kind = "YAML" if path.suffix.lower() in YAML_SUFFIXES else "JSON"
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
     except OSError as error:
         raise ConfigError(f"cannot read config file '{path}': {error.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"config file '{path}' is not UTF-8 text (a JSON object is expected)") from None
-    except json.JSONDecodeError as error:
-        raise ConfigError(
-            f"config file '{path}' is not valid JSON: {error.msg} at line {error.lineno}"
-        ) from None
+        raise ConfigError(f"config file '{path}' is not UTF-8 text ({kind} is expected)") from None
+    if kind == "YAML":
+        values = _parse_yaml(path, text)
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(
+                f"config file '{path}' is not valid JSON: {error.msg} at line {error.lineno}"
+            ) from None
     if not isinstance(values, dict):
-        raise ConfigError(f"config file '{path}' must hold a JSON object")
+        raise ConfigError(f"config file '{path}' must hold a {kind} mapping of settings")
     return values
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "unreadable"
+        raise ConfigError(f"config file '{path}' is not valid YAML: {problem}{where}") from None
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    """The configuration as a YAML config file: every field, in TrainConfig's order."""
+    import yaml
+
+    header = (
+        "# cifarcam train configuration: pass it back with --config FILE.yaml\n"
+        "# batch_size and lr null: sized to the run (docs/cli.md)\n"
+    )
+    return header + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
 def merge_overrides(
@@ -228,6 +261,7 @@ def merge_overrides(
     return merged
 
 
+SIZED_TO_RUN = ("batch_size", "lr")  # left unset (None), they are sized to the run
 FULL_BATCH, FULL_LR = 512, 0.4  # the default recipe's batch size and peak learning rate
 MIN_STEPS, MIN_BATCH = 1000, 64
 

@@ -144,7 +144,8 @@ def tiny_train_args(runs: Path, tree: Path, run: str = "r", epochs: int = 3) -> 
 
 @pytest.fixture(scope="session")
 def reported_runs(tmp_path_factory: pytest.TempPathFactory, trained_runs: Path) -> Path:
-    """A copy of 'tiny' with everything a report shows: evaluation, mistakes, Grad-CAM, CAM checks, the report."""
+    """A copy of 'tiny' with everything a report shows: evaluation, mistakes, label issues, Grad-CAM,
+    CAM checks, the report."""
     from cifarcam.evaluation import commands as evaluation
     from cifarcam.explain import commands as explain
     from cifarcam.report.page import write_report
@@ -154,6 +155,7 @@ def reported_runs(tmp_path_factory: pytest.TempPathFactory, trained_runs: Path) 
     run = RunDir(runs, "tiny")
     evaluation.evaluate(run, device_name="cpu")
     evaluation.misclassified(run, count=5, device_name="cpu")
+    evaluation.label_issues(run, count=5, device_name="cpu")
     explain.gradcam(
         run, ["gradcam", "gradcam++"], ["layer4"], count=5, metrics=True, steps=4, device_name="cpu"
     )

@@ -86,11 +86,34 @@ def test_round_trip_through_json(tmp_path: Path) -> None:
     ("content", "message"),
     [
         ("{not json", "is not valid JSON: Expecting property name enclosed in double quotes at line 1"),
-        ("[1, 2]", "must hold a JSON object"),
+        ("[1, 2]", "must hold a JSON mapping of settings"),
     ],
 )
 def test_malformed_config_files(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        read_config_file(path)
+
+
+def test_yaml_config_files_are_read_like_json(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("# a comment\nwidth: 16\naugment:\n  cutout: 8\nepoch_images: null\n")
+    assert read_config_file(path) == {"width": 16, "augment": {"cutout": 8}, "epoch_images": None}
+    assert build_config(read_config_file(path)).augment.cutout == 8
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("width: [16\n", r"is not valid YAML: expected ',' or '\]', but got '<stream end>' at line 2"),
+        ("- 1\n- 2\n", "must hold a YAML mapping of settings"),
+        ("", "must hold a YAML mapping of settings"),
+        ("!!python/object:os.system {}\n", "is not valid YAML: "),  # safe_load builds no objects
+    ],
+)
+def test_malformed_yaml_config_files(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.yml"
     path.write_text(content)
     with pytest.raises(ConfigError, match=message):
         read_config_file(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 import shlex
 import signal
@@ -16,8 +17,16 @@ from typing import Annotated, Any, get_args
 
 import typer
 
-from cifarcam.cli.base import RunOpt, RunsDirOpt, console, progress_bar, run_dir, signals_handled, user_errors
-from cifarcam.config import TrainConfig, build_config, merge_overrides, preset_values, read_config_file
+from cifarcam.cli.base import RunsDirOpt, console, progress_bar, run_dir, signals_handled, user_errors
+from cifarcam.config import (
+    SIZED_TO_RUN,
+    TrainConfig,
+    build_config,
+    config_to_yaml,
+    merge_overrides,
+    preset_values,
+    read_config_file,
+)
 from cifarcam.errors import StoppedAtOnce, TrainingInterrupted, UsageError, interrupt_exit_code
 
 # What --help shows as the default of the options whose default, None, says nothing.
@@ -50,7 +59,9 @@ def _config_options() -> list[inspect.Parameter]:
 
 
 def train(
-    run: RunOpt,
+    run: Annotated[
+        str | None, typer.Option("--run", help="Run name: a folder under --runs-dir.", show_default=False)
+    ] = None,
     runs_dir: RunsDirOpt = Path("runs"),
     preset: Annotated[
         list[str] | None,
@@ -64,17 +75,27 @@ def train(
         list[Path] | None,
         typer.Option(
             "--config",
-            help="JSON config file; it overrides --preset, command-line options override it "
-            "(repeatable: later files override earlier ones).",
+            help="JSON or YAML (.yaml, .yml) config file; it overrides --preset, command-line "
+            "options override it (repeatable: later files override earlier ones).",
         ),
     ] = None,
+    print_config: Annotated[
+        bool,
+        typer.Option(
+            "--print-config",
+            help="Print the resolved configuration (presets, config files, then options) as YAML "
+            "and exit; --run is not needed.",
+        ),
+    ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an earlier training of this run.")
     ] = False,
     resume: Annotated[
         bool,
         typer.Option(
-            "--resume", help="Continue an interrupted run from its last saved state, with its own config."
+            "--resume",
+            help="Continue an interrupted run from its last saved state, with its own config (other "
+            "options may be given if they equal it).",
         ),
     ] = False,
     **overrides: Any,
@@ -86,32 +107,24 @@ def train(
     from cifarcam.training import run as pipeline
     from cifarcam.training.distributed import process_group
 
+    with user_errors():
+        if print_config:
+            typer.echo(config_to_yaml(_resolve(preset, config, overrides)[0]), nl=False)
+            return
+        if run is None:  # optional for --print-config only; said as the other commands say it
+            raise UsageError("Missing option '--run'.", hint="see 'cifarcam train --help'")
     command = shlex.join(["cifarcam", *sys.argv[1:]])
     with user_errors(), process_group() as group, user_errors(group.rank):
         rundir = run_dir(runs_dir, run)
         try:
             if resume:
-                given = [
-                    f"--{'no-' * (v is False)}{k.replace('_', '-')}"
-                    for k, v in overrides.items()
-                    if v is not None
-                ]
-                given += (
-                    ["--preset"] * bool(preset) + ["--config"] * bool(config) + ["--overwrite"] * overwrite
-                )
-                if given:
-                    raise UsageError(
-                        f"--resume continues with the run's own config.json; leave out {', '.join(given)}"
-                    )
+                if overwrite:
+                    raise UsageError("--resume continues a run and --overwrite replaces it; give one")
+                if preset or config or any(value is not None for value in overrides.values()):
+                    _check_same_as_run(rundir, *_resolve(preset, config, overrides))
                 start = functools.partial(pipeline.resume, rundir)
             else:
-                # Presets, then config files, each in the order given and over the ones before.
-                layers = [preset_values(name) for name in preset or []]
-                layers += [read_config_file(path) for path in config or []]
-                base: dict[str, Any] = {}
-                for layer in layers:
-                    base = merge_overrides(base, layer, given_none=True)
-                resolved = build_config(merge_overrides(base, overrides))
+                resolved = _resolve(preset, config, overrides)[0]
                 start = functools.partial(pipeline.train, resolved, rundir, overwrite)
             with _stop_on_signals(group) as stop, _training_progress(group.is_main) as callbacks:
                 records = start(command, callbacks, stop, group)
@@ -131,6 +144,49 @@ def train(
                 f"Finished: test accuracy {last['test_acc']:.2%}, test loss {last['test_loss']:.4f}. "
                 f"Run directory: {rundir.path}"
             )
+
+
+def _resolve(
+    presets: list[str] | None, files: list[Path] | None, overrides: dict[str, Any]
+) -> tuple[TrainConfig, set[str]]:
+    """The configuration from presets, then config files, each over the ones before, then the
+    options given; and the names of the fields they set."""
+    layers = [preset_values(name) for name in presets or []]
+    layers += [read_config_file(path) for path in files or []]
+    base: dict[str, Any] = {}
+    for layer in layers:
+        base = merge_overrides(base, layer, given_none=True)
+    merged = merge_overrides(base, overrides)
+    return build_config(merged), set(merged)
+
+
+def _check_same_as_run(rundir: Any, requested: TrainConfig, given: set[str]) -> None:
+    """`--resume` with the options that started the run (the shell's up-arrow) is accepted; an
+    option whose value differs from the run's config is refused, naming both values."""
+    from cifarcam.evaluation.loading import read_config
+
+    saved = read_config(rundir).model_dump(mode="json")
+    wanted = requested.model_dump(mode="json")
+    differing = [
+        f"{_as_option(name, wanted[name])} (the run has {_as_option(name, saved[name])})"
+        for name in TrainConfig.model_fields
+        if name in given
+        and wanted[name] != saved[name]
+        and not (name in SIZED_TO_RUN and wanted[name] is None)  # sized when it was trained
+    ]
+    if differing:
+        raise UsageError(
+            "--resume continues with the run's own config; these differ from it: " + "; ".join(differing),
+            hint="leave them out to resume, or train a new run with them",
+        )
+
+
+def _as_option(name: str, value: Any) -> str:
+    """A config value as the option that sets it: --epochs 5, --no-nesterov, --augment {...}."""
+    dashed = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{'no-' * (not value)}{dashed}"
+    return f"--{dashed} {value if isinstance(value, int | float) else json.dumps(value)}"
 
 
 _signature = inspect.signature(train, eval_str=True)
@@ -201,6 +257,11 @@ def _training_progress(shown: bool = True) -> Iterator[Any]:
             console.print(
                 f"Batch size {meta['batch_size']} and peak lr {meta['lr']:g} for a run of "
                 f"{meta['steps']} steps (set --batch-size and --lr to choose them)"
+            )
+        if not meta["tensorboard"] and epoch["n"] <= epoch["total"]:
+            console.print(
+                "TensorBoard logging is off: the tensorboard package is not installed "
+                '(pip install "cifarcam[tensorboard]")'
             )
         if meta["device"] == "cpu" and meta["precision"] == "bfloat16" and not cpu_supports_bf16():
             console.print(

@@ -13,6 +13,7 @@ from cifarcam.evaluation.inference import score
 from cifarcam.evaluation.label_issues import find_label_issues, label_issue_entries, label_issue_marks
 from cifarcam.evaluation.loading import load_run, test_logits
 from cifarcam.report import figures
+from cifarcam.runs import tensorboard
 from cifarcam.runs.files import atomic_write_files, json_bytes
 from cifarcam.runs.rundir import RunDir, reads_run
 
@@ -124,6 +125,7 @@ def misclassified(
         [bool(e["likely_label_issue"]) for e in entries],
     )
     atomic_write_files({run.misclassified_png: gallery, run.misclassified_json: json_bytes(entries)})
+    tensorboard.log_gallery(run, "misclassified", gallery, loaded.info.epoch)
     return Mistakes(entries, unmarked_because)
 
 
@@ -159,6 +161,8 @@ def label_issues(
             f"in {len(labels)} test images ({checkpoint} checkpoint, epoch {loaded.info.epoch})",
         )
     atomic_write_files(files)
-    if not shown:  # a gallery left by an earlier checkpoint would contradict the JSON
+    if shown:
+        tensorboard.log_gallery(run, "label_issues", files[run.label_issues_png], loaded.info.epoch)
+    else:  # a gallery left by an earlier checkpoint would contradict the JSON
         run.label_issues_png.unlink(missing_ok=True)
     return entries

@@ -26,6 +26,7 @@ from cifarcam.explain.methods import METHODS, check_methods
 from cifarcam.explain.sanity import cascading_randomization, similarity_table
 from cifarcam.explain.stored_maps import GUIDED, Explanations
 from cifarcam.report import figures
+from cifarcam.runs import tensorboard
 from cifarcam.runs.files import atomic_write_files, json_bytes
 from cifarcam.runs.rundir import RunDir, reads_run
 
@@ -234,6 +235,9 @@ def gradcam(
                 run, scores, selection, steps, checkpoint, precision_name(amp_dtype)
             )
         atomic_write_files(files)
+    for path, content in files.items():
+        if path.suffix == ".png":
+            tensorboard.log_gallery(run, f"gradcam/{path.stem}", content, loaded.info.epoch)
     return GradcamOutcome(list(files), scores, len(rows))
 
 

@@ -1,13 +1,16 @@
 """The run directory: its paths, JSON records, status and checkpoints. Its layout is the contract
-between commands: config.json, meta.json, metrics.json, evaluation.json, misclassified.json/.png,
-label_issues.json/.png, checkpoints/{last,best,state}.safetensors, predictions.safetensors,
-plots/*.png, gradcam/ (named by explain/stored_maps.py), sanity/*.{json,png}, report.html; every
-file is written atomically."""
+between commands: config.json, meta.json, metrics.json/.csv, evaluation.json,
+misclassified.json/.png, label_issues.json/.png, checkpoints/{last,best,state}.safetensors,
+predictions.safetensors, plots/*.png, gradcam/ (named by explain/stored_maps.py),
+sanity/*.{json,png}, report.html, tensorboard/; every file but TensorBoard's append-only event
+files is written atomically."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
+import io
 import json
 import re
 import shutil
@@ -21,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from cifarcam.errors import CheckpointError, RunError, RunLocked, UsageError
 from cifarcam.runs import locks
-from cifarcam.runs.files import atomic_write_files, atomic_write_json
+from cifarcam.runs.files import atomic_write_files, atomic_write_json, json_bytes
 from cifarcam.runs.formats import (
     CheckpointInfo,
     checkpoint_info,
@@ -65,6 +68,7 @@ class RunDir:
         self.config_path = self.path / "config.json"
         self.meta_path = self.path / "meta.json"
         self.metrics_path = self.path / "metrics.json"
+        self.metrics_csv = self.path / "metrics.csv"
         self.evaluation_path = self.path / "evaluation.json"
         self.misclassified_json = self.path / "misclassified.json"
         self.misclassified_png = self.path / "misclassified.png"
@@ -77,6 +81,7 @@ class RunDir:
         self.predictions_path = self.path / "predictions.safetensors"
         self.plots_dir = self.path / "plots"
         self.sanity_dir = self.path / "sanity"
+        self.tensorboard_dir = self.path / "tensorboard"
         self.report_path = self.path / "report.html"
         self._readers_lock_path = runs_dir / f".{name}.readers.lock"
 
@@ -157,6 +162,16 @@ class RunDir:
                 f"run '{self.name}' has no metrics.json", hint=f"run 'cifarcam train --run {self.name}' first"
             )
         return self.read_json(self.metrics_path)["epochs"]  # `train` writes it once an epoch is done
+
+    def write_metrics(self, epochs: list[dict[str, Any]]) -> None:
+        """metrics.json and metrics.csv (a row per epoch, the same fields), replaced together."""
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for e in epochs for k in e)))
+        writer.writeheader()
+        writer.writerows(epochs)
+        atomic_write_files(
+            {self.metrics_path: json_bytes({"epochs": epochs}), self.metrics_csv: table.getvalue().encode()}
+        )
 
     def update_meta(self, **fields: Any) -> dict[str, Any]:
         meta = self.read_meta() if self.meta_path.exists() else {}

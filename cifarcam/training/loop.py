@@ -18,6 +18,7 @@ from cifarcam.data.datasets import CIFAR10_MEAN, CIFAR10_STD, Dataset, Split
 from cifarcam.devices import memory_format
 from cifarcam.errors import CifarcamError, TrainingDiverged, TrainingInterrupted
 from cifarcam.models.resnet import build_model
+from cifarcam.runs import tensorboard
 from cifarcam.runs.rundir import RunDir, now_iso
 from cifarcam.training.distributed import SINGLE, Group
 from cifarcam.training.steps import StepCallback
@@ -91,11 +92,16 @@ def train_loop(
     has marked the run running in meta.json, which says at the end how training ended."""
     if not group.is_main:
         callbacks = TrainCallbacks()  # rank 0 reports for all
+    log = None
     try:
         trainer = build_trainer(config, prepared, group)
         writer = EpochWriter(run, trainer, prepared, group)
         if state is not None:
             writer.restore(state)
+        if group.is_main:
+            log = tensorboard.writer(run, first_epoch=trainer.epoch + 1)
+            if log is not None and trainer.epoch == 0:
+                tensorboard.log_config(log, config.model_dump(mode="json"))
         if callbacks.on_start:
             start = {
                 "start_epoch": trainer.epoch + 1,
@@ -104,22 +110,30 @@ def train_loop(
                 "batch_size": trainer.batch_size,
                 "lr": trainer.lr,
                 "steps": trainer.steps_per_epoch * config.epochs,
+                "tensorboard": log is not None,
             }
             callbacks.on_start(run.read_meta() | start)
         stopping = (lambda: group.any(stop.requested())) if stop else None  # all ranks stop at one step
         try:
             for record in trainer.epochs(callbacks.on_step, stopping):
                 writer.write_epoch()
+                if log is not None:
+                    tensorboard.log_epoch(log, record, trainer.epoch_images)
                 if callbacks.on_epoch:
                     callbacks.on_epoch(record)
         except StopRequested:
             raise group.raise_together(writer.write_stop(stop)) from None
         except TrainingDiverged as error:  # found by all ranks at the same step
             raise group.raise_together(error) from None
+        if log is not None:
+            tensorboard.log_hparams(log, config.model_dump(mode="json"), trainer.records[-1])
     except BaseException as error:
         if group.is_main:
             _record_failure(run, error)
         raise
+    finally:
+        if log is not None:
+            log.close()
     if group.is_main:
         run.update_meta(status="finished", ended_at=now_iso(), completed_epochs=len(trainer.records))
     return trainer.records
@@ -167,7 +181,7 @@ def build_trainer(config: TrainConfig, prepared: Prepared, group: Group = SINGLE
 
 class EpochWriter:
     """What a training writes into its run: after each epoch the training state (the commit point),
-    then the checkpoints, test logits and metrics.json derived from it; at a stop, the partial
+    then the checkpoints, test logits and metrics.json/.csv derived from it; at a stop, the partial
     epoch's state. Under torchrun rank 0 writes, and every rank learns whether the write failed."""
 
     def __init__(self, run: RunDir, trainer: Trainer, prepared: Prepared, group: Group) -> None:
@@ -217,7 +231,7 @@ class EpochWriter:
         if trainer.validation is not None and val_acc > self.best_val:
             run.save_checkpoint("best", trainer.model, header)
             self.best_val = val_acc
-        run.write_json(run.metrics_path, {"epochs": trainer.records})
+        run.write_metrics(trainer.records)
 
     def write_stop(self, stop: StopSignal | None) -> TrainingInterrupted:
         """Save a stopped training (mid-epoch: the state, so resume continues at the next step)

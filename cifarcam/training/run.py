@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import cifarcam
-from cifarcam.config import TrainConfig, batch_and_lr, config_to_json, data_dir_path
+from cifarcam.config import SIZED_TO_RUN, TrainConfig, batch_and_lr, config_to_json, data_dir_path
 from cifarcam.data.datasets import load_dataset, split_train
 from cifarcam.devices import precision_name, resolve_device, training_dtype
 from cifarcam.errors import RunError, UsageError
@@ -47,7 +47,7 @@ def train(
         run.start_training(overwrite)
         atomic_write_text(run.config_path, config_to_json(sized))
         environment = _environment(prepared, command, group)
-        sized_to_run = [name for name in ("batch_size", "lr") if getattr(config, name) is None]
+        sized_to_run = [name for name in SIZED_TO_RUN if getattr(config, name) is None]
         run.update_meta(
             status="running", started_at=now_iso(), ended_at=None, sized_to_run=sized_to_run, **environment
         )

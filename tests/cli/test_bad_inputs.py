@@ -343,14 +343,22 @@ CASES = [
         None,
         "train --run tiny --resume --epochs 5",
         2,
-        "Error: --resume continues with the run's own config.json; leave out --epochs",
+        "Error: --resume continues with the run's own config; these differ from it: --epochs 5 (the run has --epochs 2)",
     ),
     (
         "--resume with a --no- option",
         None,
-        "train --run tiny --resume --no-nesterov --width 8",
+        "train --run tiny --resume --no-nesterov --width 8 --data {tree}",
         2,
-        "Error: --resume continues with the run's own config.json; leave out --width, --no-nesterov",
+        "Error: --resume continues with the run's own config; these differ from it: "
+        '--data "{tree}" (the run has --data "{tree0}"); --no-nesterov (the run has --nesterov)',
+    ),
+    (
+        "--resume with --overwrite",
+        None,
+        "train --run tiny --resume --overwrite",
+        2,
+        "Error: --resume continues a run and --overwrite replaces it; give one",
     ),
     (
         "--resume of a missing run",
@@ -582,7 +590,7 @@ CASES = [
         "binary_file",
         "train --run r --data {tree} --config {tmp}/c.json",
         2,
-        "Error: config file '{tmp}/c.json' is not UTF-8 text (a JSON object is expected)",
+        "Error: config file '{tmp}/c.json' is not UTF-8 text (JSON is expected)",
     ),
 ]
 if not torch.cuda.is_available():
@@ -692,7 +700,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(
 
     def fsync(fd: int) -> None:
         calls["n"] += 1
-        if calls["n"] > 6:  # config, meta, then state/last/metrics of epoch 1 succeed
+        if calls["n"] > 7:  # config, meta, then state/last/logits/metrics.json/.csv of epoch 1 succeed
             raise OSError(28, "No space left on device")
         real_fsync(fd)
 

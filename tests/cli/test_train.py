@@ -3,14 +3,17 @@ SIGINT/SIGTERM, divergence."""
 
 from __future__ import annotations
 
+import csv
 import json
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import copy_tree, invoke, tiny_train_args
 
 from cifarcam.cli import app
+from cifarcam.config import TrainConfig
 from cifarcam.runs.rundir import RunDir
 
 
@@ -64,6 +67,67 @@ def test_finished_run_is_not_retrained_without_overwrite(trained_runs: Path, tmp
         "Hint: pass --overwrite to replace it, or choose another --run name",
     ]
     assert (runs / "tiny" / "checkpoints" / "last.safetensors").read_bytes() == before
+
+
+def test_print_config_round_trips_through_a_yaml_file(tmp_path: Path) -> None:
+    """The printed configuration, saved and passed back, resolves to the same configuration."""
+    result = invoke("train", "--print-config", "--preset", "quick", "--epochs", "3", "--no-nesterov")
+    assert result.exit_code == 0, result.output
+    printed = result.stdout
+    values = yaml.safe_load(printed)
+    assert values["width"] == 16 and values["epochs"] == 3 and values["nesterov"] is False
+    assert values["batch_size"] == 256 and values["augment"] == {"flip": True, "translate": 2, "cutout": 0}
+    assert list(values) == list(TrainConfig.model_fields)  # every field, in the documented order
+    saved = tmp_path / "c.yaml"
+    saved.write_text(printed)
+    again = invoke("train", "--print-config", "--config", str(saved))
+    assert again.exit_code == 0 and again.stdout == printed
+
+
+def test_print_config_names_a_wrong_field_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("width: wide\n")
+    result = invoke("train", "--print-config", "--config", str(path))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "Error: invalid value for 'width': Input should be a valid integer, unable to parse string as an "
+        "integer (got 'wide')"
+    ]
+
+
+def test_train_without_run_names_the_missing_option() -> None:
+    result = invoke("train", "--epochs", "1")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[0] == "Error: Missing option '--run'."
+
+
+def test_resume_accepts_the_options_the_run_was_started_with(synthetic_tree: Path, tmp_path: Path) -> None:
+    """The shell's up-arrow: the command that trained the run, with --resume appended."""
+    runs = tmp_path / "runs"
+    args = tiny_train_args(runs, synthetic_tree, epochs=2)
+    assert invoke(*args).exit_code == 0
+    trained = (runs / "r" / "checkpoints" / "last.safetensors").read_bytes()
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "Finished: test accuracy" in result.output  # nothing left to train: its results stand
+    assert (runs / "r" / "checkpoints" / "last.safetensors").read_bytes() == trained
+    refused = invoke(*args, "--resume", "--width", "8", "--lr", "0.1")
+    assert refused.exit_code == 2
+    assert refused.stderr.splitlines()[0] == (
+        "Error: --resume continues with the run's own config; these differ from it: --width 8 (the run "
+        "has --width 4); --lr 0.1 (the run has --lr 0.078125)"
+    )
+
+
+def test_metrics_csv_holds_the_rows_of_metrics_json(trained_runs: Path) -> None:
+    run = trained_runs / "tiny"
+    epochs = json.loads((run / "metrics.json").read_text())["epochs"]
+    with (run / "metrics.csv").open(newline="") as table:
+        rows = list(csv.DictReader(table))
+    assert len(rows) == len(epochs) == 2
+    for row, record in zip(rows, epochs, strict=True):
+        assert list(row) == list(record)
+        assert {key: float(value) for key, value in row.items()} == pytest.approx(record, rel=1e-12)
 
 
 def test_best_checkpoint_with_val_split_and_evaluate_output(trained_runs: Path, tmp_path: Path) -> None:

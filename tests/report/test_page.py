@@ -14,7 +14,7 @@ from conftest import HOSTILE_CLASS, copy_tree, tiny_train_args
 from typer.testing import CliRunner
 
 from cifarcam.cli import app
-from cifarcam.report.page import CSP, SECTIONS
+from cifarcam.report.page import CSP, LABEL_ISSUE_ROWS, SECTIONS
 
 runner = CliRunner()
 
@@ -60,8 +60,8 @@ def test_report_shows_every_section_of_a_real_run(reported_runs: Path) -> None:
     assert not page.all("script") and not page.all("link")
     assert all(a["href"].startswith("#") for a in page.all("a"))
     images = [decode_png(a["src"]) for a in page.all("img")]
-    # curves, confusion matrix, misclassified, one Grad-CAM gallery, one sanity plot
-    assert len(images) == 5
+    # curves, confusion matrix, misclassified, label issues, one Grad-CAM gallery, one sanity plot
+    assert len(images) == 6
     assert all(image.shape[0] > 100 and image.shape[1] > 100 for image in images)
     assert 'class="missing"' not in html  # every input is there, so no section asks for a command
 
@@ -72,6 +72,10 @@ def test_report_shows_every_section_of_a_real_run(reported_runs: Path) -> None:
         assert f"{name} {accuracy * 100:.2f}%" in text
     for mistake in json.loads((run / "misclassified.json").read_text()):
         assert f"{mistake['index']} {mistake['true']} {mistake['pred']} {mistake['confidence']:.2%}" in text
+    issues = json.loads((run / "label_issues.json").read_text())["issues"]
+    assert f"found {len(issues)} of 200 test images" in text
+    for rank, issue in enumerate(issues[:LABEL_ISSUE_ROWS], start=1):
+        assert f"{rank} {issue['index']} {issue['given']} {issue['suggested']}" in text
     meta = json.loads((run / "meta.json").read_text())
     assert f"torch {meta['torch_version']}" in text and "status finished" in text
     assert "methods gradcam, gradcam++ layers layer4 targets pred, true" in text  # what its columns show
@@ -97,7 +101,7 @@ def test_sections_without_inputs_name_the_command(trained_runs: Path, tmp_path: 
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == f"Wrote {runs / 'tiny' / 'report.html'}"
     text = Page((runs / "tiny" / "report.html").read_text()).section_text()
-    for command in ("evaluate", "misclassified", "gradcam", "gradcam", "sanity"):
+    for command in ("evaluate", "misclassified", "label-issues", "gradcam", "sanity"):
         assert "produces it" in text and f"cifarcam {command} --run tiny" in text
     assert "cifarcam gradcam --run tiny --metrics" in text
     assert "No gradcam/metrics.json yet" in text and "No sanity check (sanity/*.json) yet" in text
