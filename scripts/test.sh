@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,app,labels,tensorboard]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,app,labels,tensorboard,export]"
 .venv/bin/ruff check cifarcam tests benchmarks
 .venv/bin/ruff format --check cifarcam tests benchmarks
 .venv/bin/mypy

@@ -26,6 +26,7 @@ for _command in (
     share.report,
     share.compare,
     share.predict,
+    share.export,
 ):
     app.command()(_command)
 app.command(name="app")(share.app_command)

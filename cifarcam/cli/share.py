@@ -1,4 +1,4 @@
-"""Commands that present runs: report, compare, predict and the app."""
+"""Commands that present runs: report, compare, predict, export and the app."""
 
 from __future__ import annotations
 
@@ -138,6 +138,36 @@ def predict(
         if not as_json:
             typer.echo(f"{failed} of {len(results)} files failed", err=True)
         raise typer.Exit(EXIT_RUNTIME)
+
+
+def export(
+    run: RunOpt,
+    runs_dir: RunsDirOpt = Path("runs"),
+    checkpoint: CheckpointOpt = "last",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for model.onnx and MODEL_CARD.md.", show_default="RUN/export"),
+    ] = None,
+    check_images: Annotated[
+        int, typer.Option("--check-images", help="Test images the ONNX model is checked on against PyTorch.")
+    ] = 1000,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Export a checkpoint as ONNX (checked with onnxruntime) and write its MODEL_CARD.md.
+
+    Needs the optional extra: pip install "cifarcam\\[export]".
+
+    Example: cifarcam export --run r1 --checkpoint last
+    """
+    from cifarcam.export.commands import export as export_run
+
+    outcome = guarded(lambda: export_run(run_dir(runs_dir, run), checkpoint, out, check_images, device))
+    agreement = outcome.agreement
+    console.print(
+        f"Checked against PyTorch on {agreement.images} test images: largest logit difference "
+        f"{agreement.max_difference:.2g}, top-1 agreement {agreement.top1_agreement:.2%}"
+    )
+    console.print("Wrote " + ", ".join(str(p) for p in outcome.paths))
 
 
 def app_command(

@@ -86,6 +86,7 @@ class RunReport:
     gradcam: list[Picture] = field(default_factory=list)
     faithfulness: Table | None = None
     sanity: list[SanityCheck] = field(default_factory=list)
+    model_card: str | None = None  # the exported model's card, relative to the report
 
 
 def fmt(value: Any) -> str:
@@ -294,6 +295,7 @@ def gather(run: RunDir) -> RunReport:
         gradcam=_galleries(run),
         faithfulness=table_of(faithfulness["results"]) if faithfulness is not None else None,
         sanity=_sanity_checks(run),
+        model_card=("export/MODEL_CARD.md" if (run.export_dir / "MODEL_CARD.md").exists() else None),
     )
     if mistakes is not None:
         report.marked_mistakes = [m["index"] for m in mistakes if m.get("likely_label_issue")]

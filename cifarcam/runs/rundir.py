@@ -2,7 +2,7 @@
 between commands: config.json, meta.json, metrics.json/.csv, evaluation.json,
 misclassified.json/.png, label_issues.json/.png, checkpoints/{last,best,state}.safetensors,
 predictions.safetensors, plots/*.png, gradcam/ (named by explain/stored_maps.py),
-sanity/*.{json,png}, report.html, tensorboard/; every file but TensorBoard's append-only event
+sanity/*.{json,png}, report.html, tensorboard/, export/; every file but TensorBoard's append-only event
 files is written atomically."""
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class RunDir:
         self.plots_dir = self.path / "plots"
         self.sanity_dir = self.path / "sanity"
         self.tensorboard_dir = self.path / "tensorboard"
+        self.export_dir = self.path / "export"
         self.report_path = self.path / "report.html"
         self._readers_lock_path = runs_dir / f".{name}.readers.lock"
 

@@ -1,0 +1,1 @@
+"""Exporting a trained run for use outside cifarcam: ONNX and a model card."""
