@@ -76,7 +76,7 @@ def test_report_in_a_browser(browser: Any, reported_runs: Path) -> None:
         assert element.tag_name == "section" and element.is_displayed()
         assert element.find_element("tag name", "h2").text == title
     shown = images(browser)
-    assert len(shown) == 5
+    assert len(shown) == 6  # curves, confusion, mistakes, label issues, Grad-CAM, sanity
     for image in shown:
         assert image["src"] == "data:image/png;base64,"
         assert image["complete"] and image["width"] > 100 and image["height"] > 100, image
