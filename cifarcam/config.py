@@ -38,16 +38,19 @@ class AugmentConfig(_Settings):
     cutout: int = Field(0, ge=0, le=32)  # side of the zeroed square; 0 = off
 
 
+TORCHVISION_SETS = ("cifar10", "cifar100")  # the `data` values that torchvision downloads
+
+
 class TrainConfig(_Settings):
     """Everything that decides what `cifarcam train` does. Saved as the run's config.json."""
 
     data: str = Field(
         "cifar10",
-        description="'cifar10' (torchvision download) or PATH of an image-folder tree "
-        "(PATH/train/<class>/*, PATH/test/<class>/*).",
+        description="'cifar10' or 'cifar100' (torchvision download) or PATH of an image-folder "
+        "tree (PATH/train/<class>/*, PATH/test/<class>/*).",
     )
     data_dir: str | None = Field(
-        None, description="Where CIFAR-10 is downloaded and decoded images are cached."
+        None, description="Where CIFAR-10/100 are downloaded and decoded images are cached."
     )
     model: Literal["resnet18", "resnet34"] = Field("resnet18", description="resnet18 or resnet34.")
     width: int = Field(
@@ -128,10 +131,10 @@ class TrainConfig(_Settings):
     @classmethod
     def _absolute_path(cls, value: str | None, info: ValidationInfo) -> str | None:
         """Paths are kept absolute (~ expanded), so later commands find them from any folder."""
-        if value is None or (info.field_name == "data" and value == "cifar10"):
+        if value is None or (info.field_name == "data" and value in TORCHVISION_SETS):
             return value
         if not value.strip():
-            raise ValueError("an empty path; give a folder (or, for data, 'cifar10')")
+            raise ValueError("an empty path; give a folder (or, for data, 'cifar10' or 'cifar100')")
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:  # undecodable bytes of the file system, kept as surrogates

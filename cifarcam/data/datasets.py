@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cifarcam.config import TORCHVISION_SETS
 from cifarcam.errors import DataError, UsageError
 from cifarcam.runs.files import atomic_open
 
@@ -67,22 +68,25 @@ def default_data_dir() -> Path:
 
 
 def load_dataset(source: str, data_dir: Path | None = None) -> Dataset:
-    """Load "cifar10" (torchvision, downloaded on first use) or an image-folder tree path."""
+    """Load "cifar10" or "cifar100" (torchvision, downloaded on first use) or an image-folder tree."""
     data_dir = data_dir or default_data_dir()
-    if source == "cifar10":
-        return load_torchvision_cifar10(data_dir)
+    if source in TORCHVISION_SETS:
+        return load_torchvision(source, data_dir)
     return load_image_folder(Path(source), data_dir)
 
 
-def load_torchvision_cifar10(data_dir: Path) -> Dataset:
-    from torchvision.datasets import CIFAR10
+def load_torchvision(name: str, data_dir: Path) -> Dataset:
+    """CIFAR-10 or CIFAR-100 (its 100 fine classes) through torchvision, downloaded on first use."""
+    from torchvision.datasets import CIFAR10, CIFAR100
 
+    kind = CIFAR100 if name == "cifar100" else CIFAR10
+    title = name.upper().replace("CIFAR", "CIFAR-")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        splits = [CIFAR10(root=str(data_dir), train=train, download=True) for train in (True, False)]
+        splits = [kind(root=str(data_dir), train=train, download=True) for train in (True, False)]
     except Exception as error:  # torchvision raises URLError, RuntimeError, OSError...
         raise DataError(
-            f"could not download CIFAR-10 into '{data_dir}': {error}",
+            f"could not download {title} into '{data_dir}': {error}",
             hint="offline? pass --data PATH with an image-folder copy (PATH/train/<class>/*, "
             "PATH/test/<class>/*)",
         ) from None
@@ -93,7 +97,7 @@ def load_torchvision_cifar10(data_dir: Path) -> Dataset:
         )
         for split in splits
     )
-    return Dataset(train, test, list(splits[0].classes), source="cifar10 (torchvision)")
+    return Dataset(train, test, list(splits[0].classes), source=f"{name} (torchvision)")
 
 
 def _list_tree(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]], str]:

@@ -209,14 +209,15 @@ def confusion_heatmap(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -
     """Rows = true class, columns = predicted; colour = share of the row, numbers = counts."""
     counts = np.asarray(matrix, dtype=np.float64)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    size = max(3.5, 0.42 * len(classes) + 1.6)
+    size = max(3.5, min(16.0, 0.42 * len(classes) + 1.6))  # CIFAR-100's 100 classes: 16 inches
     figure = Figure(figsize=(size + 0.9, size))
     axes = figure.subplots()
     image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
     ticks = range(len(classes))
     labels = [textwrap.shorten(name, 24, placeholder="...") for name in classes]
-    axes.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=8)
-    axes.set_yticks(ticks, labels, fontsize=8)
+    fontsize = 8 if len(classes) <= 30 else 5
+    axes.set_xticks(ticks, labels, rotation=45 if len(classes) <= 30 else 90, ha="right", fontsize=fontsize)
+    axes.set_yticks(ticks, labels, fontsize=fontsize)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
     if len(classes) <= 20:  # the counts, where they fit
