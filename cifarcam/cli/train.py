@@ -79,6 +79,15 @@ def train(
             "options override it (repeatable: later files override earlier ones).",
         ),
     ] = None,
+    nproc_per_node: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc-per-node",
+            help="Train in N processes on this machine (one per GPU, or gloo on the CPU), started "
+            "through PyTorch's launcher like torchrun; several machines: torchrun (docs/distributed.md).",
+            show_default="1",
+        ),
+    ] = None,
     print_config: Annotated[
         bool,
         typer.Option(
@@ -113,6 +122,15 @@ def train(
             return
         if run is None:  # optional for --print-config only; said as the other commands say it
             raise UsageError("Missing option '--run'.", hint="see 'cifarcam train --help'")
+        if nproc_per_node is not None:
+            if nproc_per_node < 1:
+                raise UsageError(f"--nproc-per-node must be at least 1 (got {nproc_per_node})")
+            if "WORLD_SIZE" in os.environ:
+                raise UsageError("--nproc-per-node starts the processes itself; under torchrun leave it out")
+    if nproc_per_node is not None and nproc_per_node > 1:
+        from cifarcam.training.distributed import launch
+
+        raise typer.Exit(launch(nproc_per_node, _without_nproc(sys.argv[1:])))
     command = shlex.join(["cifarcam", *sys.argv[1:]])
     with user_errors(), process_group() as group, user_errors(group.rank):
         rundir = run_dir(runs_dir, run)
@@ -144,6 +162,19 @@ def train(
                 f"Finished: test accuracy {last['test_acc']:.2%}, test loss {last['test_loss']:.4f}. "
                 f"Run directory: {rundir.path}"
             )
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line each launched process runs: this one less --nproc-per-node."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            kept.append(arg)
+    return kept
 
 
 def _resolve(

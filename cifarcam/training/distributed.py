@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -152,3 +154,31 @@ def process_group() -> Iterator[Group]:
             # Each rank now exits with its own code; torchrun would SIGTERM the slower ones.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         dist.destroy_process_group()
+
+
+def launch(processes: int, argv: list[str]) -> int:
+    """Run `python -m cifarcam ARGV` in `processes` processes on this machine through PyTorch's
+    elastic launcher, as `torchrun --standalone --nproc-per-node N` does (one thread each unless
+    OMP_NUM_THREADS says otherwise); returns 0, or the exit code of the first rank that failed
+    (which printed why), or 128 + the signal that stopped the launcher."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the processes share this machine's cores
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "cifarcam", *argv)
+    except ChildFailedError as error:
+        return error.get_first_failure()[1].exitcode
+    except SignalException as error:  # the ranks were sent SIGTERM: they save and stop
+        return 128 + int(error.sigval)
+    return 0

@@ -112,7 +112,9 @@ def test_groupnorm_weights_after_one_epoch_equal_one_process_and_the_run_is_usab
         "checkpoints",
         "config.json",
         "meta.json",
+        "metrics.csv",
         "metrics.json",
+        "tensorboard",
     ]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "last.safetensors",
@@ -132,6 +134,42 @@ def test_groupnorm_weights_after_one_epoch_equal_one_process_and_the_run_is_usab
     )
     assert explained.exit_code == 0, explained.output
     assert (run / "gradcam" / "gradcam_layer4.png").exists()
+
+
+def test_nproc_per_node_trains_the_run_torchrun_trains(tmp_path: Path, small_tree: Path) -> None:
+    """`cifarcam train --nproc-per-node 2` starts the ranks itself, through PyTorch's launcher,
+    with no `--` and no torchrun: the same run, to the bit, as torchrun's 2 processes."""
+    runs = tmp_path / "runs"
+    options = ["--runs-dir", str(runs), "--data", str(small_tree), "--subset", "201", "--epochs", "1"]
+    options += ["--batch-size", "100", "--width", "8", "--lr", "0.01", "--norm", "group"]
+    options += ["--precision", "fp32", "--device", "cpu"]
+    launched = subprocess.run(
+        [sys.executable, "-m", "cifarcam", "train", "--run", "own", "--nproc-per-node", "2", *options],
+        env=environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stdout.count("Finished: test accuracy") == 1  # rank 0 reports for both
+    assert train(["train", "--run", "torchrun", *options], tmp_path, 2).returncode == 0
+    assert max_weight_difference(runs / "own", runs / "torchrun") == 0.0
+    assert json.loads((runs / "own" / "meta.json").read_text())["world_size"] == 2
+    ours, theirs = records(runs / "own"), records(runs / "torchrun")
+    assert [{k: v for k, v in r.items() if "time" not in k} for r in ours] == [
+        {k: v for k, v in r.items() if "time" not in k} for r in theirs
+    ]
+
+
+def test_nproc_per_node_under_torchrun_is_refused(tmp_path: Path, small_tree: Path) -> None:
+    env = environment(tmp_path) | {"WORLD_SIZE": "2"}
+    result = CliRunner().invoke(
+        app, ["train", "--run", "r", "--runs-dir", str(tmp_path), "--nproc-per-node", "2"], env=env
+    )
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[0] == (
+        "Error: --nproc-per-node starts the processes itself; under torchrun leave it out"
+    )
 
 
 def test_resnet18_with_batchnorm_reaches_the_accuracy_of_one_process(
