@@ -153,10 +153,13 @@ def label_issues(
     files = {run.label_issues_json: json_bytes(document)}
     shown = entries[:count]
     if shown:
-        captions = [f"#{e['index']} given: {e['given']}\nsuggested: {e['suggested']}" for e in shown]
+        captions = [
+            f"#{e['index']} given: {e['given']}\nsuggested: {e['suggested']} ({e['confidence']:.0%})"
+            for e in shown
+        ]
         files[run.label_issues_png] = figures.image_grid(
             loaded.test_display(issues.indices[:count]),
-            [f"{caption} ({e['confidence']:.0%})" for caption, e in zip(captions, shown, strict=True)],
+            captions,
             f"run {run.name}: the {len(shown)} likely label errors ranked first of {len(entries)} found "
             f"in {len(labels)} test images ({checkpoint} checkpoint, epoch {loaded.info.epoch})",
         )
