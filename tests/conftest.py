@@ -89,6 +89,14 @@ def snapshot(folder: Path) -> dict[str, str]:
     }
 
 
+def assert_only_locks_added(before: dict[str, str], folder: Path) -> None:
+    """Every file of the `before` snapshot is still in `folder`, unchanged, and the only files
+    added are lock files."""
+    after = snapshot(folder)
+    assert {k: after.get(k) for k in before} == before
+    assert all(k.endswith(".lock") for k in set(after) - set(before))
+
+
 def copy_tree(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target

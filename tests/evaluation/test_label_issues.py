@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_tree, invoke, snapshot, tiny_train_args, write_image_folder
+from conftest import (
+    assert_only_locks_added,
+    copy_tree,
+    invoke,
+    snapshot,
+    tiny_train_args,
+    write_image_folder,
+)
 
 from cifarcam.data.datasets import load_dataset, synthetic_dataset
 from cifarcam.evaluation.label_issues import MIN_IMAGES_PER_CLASS, find_label_issues
@@ -124,7 +131,7 @@ def test_without_cleanlab_label_issues_is_one_line_and_misclassified_says_why(
         "Error: finding label issues needs cleanlab, which is not installed",
         'Hint: pip install "cifarcam[labels]"',
     ]
-    assert {k: v for k, v in snapshot(runs).items() if k in before} == before
+    assert_only_locks_added(before, runs)
     assert not (runs / "tiny" / "label_issues.json").exists()
 
     result = invoke("misclassified", "--run", "tiny", "--runs-dir", str(runs), "--count", "3")

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from conftest import copy_tree, invoke, snapshot
+from conftest import assert_only_locks_added, copy_tree, invoke, snapshot
 
 from cifarcam.data.datasets import load_dataset, normalize
 from cifarcam.runs.rundir import RunDir
@@ -89,10 +89,7 @@ def test_without_the_export_extra_export_is_one_line_and_writes_nothing(
         "Error: export needs onnx, onnxscript and onnxruntime, which are not installed",
         'Hint: pip install "cifarcam[export]"',
     ]
-    after = snapshot(runs)
-    assert {k: after.get(k) for k in before} == before and all(
-        k.endswith(".lock") for k in set(after) - set(before)
-    )
+    assert_only_locks_added(before, runs)
 
 
 def test_export_never_writes_into_another_run(trained_runs: Path, tmp_path: Path) -> None:
@@ -104,7 +101,4 @@ def test_export_never_writes_into_another_run(trained_runs: Path, tmp_path: Path
     assert result.stderr.splitlines()[0] == (
         f"Error: --out '{runs / 'other' / 'x'}' is inside run 'other'; export writes into its own run only"
     )
-    after = snapshot(runs)
-    assert {k: after.get(k) for k in before} == before and all(
-        k.endswith(".lock") for k in set(after) - set(before)
-    )
+    assert_only_locks_added(before, runs)
